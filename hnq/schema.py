@@ -1,0 +1,96 @@
+"""Pydantic models for everything that crosses a process boundary: the Celery task message, the
+result record (one per input image), the job summary and the manifest. JSON only."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hnq.errors import ErrorCode
+
+#: Bumped when a message or record changes incompatibly; workers refuse messages of another version.
+SCHEMA_VERSION = 1
+
+
+class Label(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(description="ImageNet class index, 0..999")
+    label: str = Field(description="human-readable ImageNet class name")
+    score: float = Field(description="softmax probability")
+
+
+class RecordError(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: ErrorCode
+    message: str
+
+
+class ResultRecord(BaseModel):
+    """One line of output per input URI: a top-5 label list or an explained error."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+    uri: str
+    status: Literal["ok", "error"]
+    top5: list[Label] | None = None
+    error: RecordError | None = None
+    model: str
+    job_id: str | None = None
+    etag: str | None = Field(None, description="source object's ETag where the store gives one")
+    size: int | None = Field(None, description="source object's size in bytes where known")
+
+    @classmethod
+    def failure(cls, uri: str, code: ErrorCode | str, message: str, model: str, **kw) -> "ResultRecord":
+        return cls(uri=uri, status="error", error=RecordError(code=ErrorCode(code), message=message),
+                   model=model, **kw)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+class ChunkTask(BaseModel):
+    """The body of one Celery task: a chunk of URIs of one job."""
+
+    model_config = ConfigDict(extra="forbid")
+    v: int = SCHEMA_VERSION
+    job_id: str
+    chunk: int = Field(ge=0, description="chunk index within the job; names the output part")
+    uris: list[str] = Field(min_length=1)
+    model: str
+    dest: str | None = Field(None, description="s3://… or file://… output prefix; None = Redis results")
+
+
+JobStateName = Literal["queued", "running", "done", "cancelled", "failed", "lost"]
+
+
+class JobInfo(BaseModel):
+    """What `hardnet status JOB --json` prints."""
+
+    job_id: str
+    state: JobStateName
+    model: str | None = None
+    dest: str | None = None
+    total: int | None = Field(None, description="URIs submitted (None while still listing)")
+    chunks: int | None = None
+    chunks_done: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    dead_chunks: int = 0
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    rate: float | None = Field(None, description="images per second since the first chunk started")
+    eta_s: float | None = None
+
+
+class Manifest(BaseModel):
+    """DEST/JOB_ID/manifest.json, written by the worker that finishes the last chunk."""
+
+    job_id: str
+    model: str
+    state: JobStateName
+    total: int
+    succeeded: int
+    failed: int
+    parts: list[str]
+    created_at: datetime

@@ -1,0 +1,109 @@
+"""Real throwaway servers for tests: a redis-server on a free port and moto's S3 server on
+127.0.0.1. Nothing here reaches beyond loopback."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class RedisServer:
+    """A redis-server process we own. ``persist=True`` turns on AOF so a restart keeps the data."""
+
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
+        self.port = port or free_port()
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.persist = persist
+        self.pidfile = self.workdir / f"redis-{self.port}.pid"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.workdir), "--daemonize", "yes", "--pidfile", str(self.pidfile),
+                "--logfile", str(self.workdir / f"redis-{self.port}.log")]
+        if self.persist:
+            args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        else:
+            args += ["--save", "", "--appendonly", "no"]
+        subprocess.run(args, check=True)
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"] if not self.persist
+                       else ["redis-cli", "-p", str(self.port), "shutdown"],
+                       capture_output=True, timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    time.sleep(0.05)
+            except OSError:
+                return
+
+    def flush(self) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], capture_output=True, check=True)
+
+
+class MotoS3:
+    """moto's S3 in server mode on 127.0.0.1 (a real HTTP endpoint, as boto3 sees it)."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+
+    def start(self) -> "MotoS3":
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.url + "/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Environment that points boto3 (ours and the workers') at the loopback S3 server."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # never read the developer's real credentials or config
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
