@@ -35,6 +35,8 @@ class ResultRecord(BaseModel):
     top5: list[Label] | None = None
     error: RecordError | None = None
     model: str
+    weights: str | None = Field(
+        None, description="'official', 'random' (labels meaningless) or the checkpoint's file name")
     job_id: str | None = None
     etag: str | None = Field(None, description="source object's ETag where the store gives one")
     size: int | None = Field(None, description="source object's size in bytes where known")

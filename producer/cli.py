@@ -1,0 +1,411 @@
+"""`hardnet` — the command line. The producer commands never import torch; `classify`, `worker`
+and `demo` import the worker side lazily."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from hnq.errors import ConfigError, ErrorCode, HardnetError, ImageError
+
+# Exit codes (documented in the README).
+EXIT_OK = 0
+EXIT_ERROR = 1            # unexpected failure
+EXIT_USAGE = 2            # bad arguments or configuration
+EXIT_SOME_FAILED = 3      # the job/command finished, but some images could not be labelled
+EXIT_JOB_FAILED = 4       # the job itself failed, was cancelled, or its state was lost
+
+MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
+
+
+def _err(msg: str) -> None:
+    print(f"hardnet: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- classify
+def cmd_classify(a: argparse.Namespace) -> int:
+    from hnq.storage import FetchPolicy
+    from producer.sources import chunked, expand_sources
+    from worker.model.weights import weights_from_env
+    from worker.pipeline.fetch import Loader
+    from worker.pipeline.predict import Classifier
+    from worker.pipeline.run import classify_uris
+
+    weights = a.weights or weights_from_env()
+    clf = Classifier(a.model, weights, device=a.device, batch_size=a.batch_size, fast_jpeg=a.fast_jpeg)
+    if clf.weights == "random":
+        _err("WARNING: random (untrained) weights: the labels below are meaningless")
+    # A local command for the user's own files: local paths anywhere, http(s) to any host.
+    policy = FetchPolicy(allow_http=True, http_allow_hosts=("*",), allow_private_networks=True,
+                         file_roots=None)
+    loader = Loader(clf, policy, fetch_threads=8)
+    emit = (lambda r: print(r.to_json(), flush=True)) if a.json else _print_human
+    failed = 0
+    batch: list[str] = []
+
+    def flush():
+        nonlocal failed
+        for rec in classify_uris(loader, batch):
+            failed += rec.status != "ok"
+            emit(rec)
+        batch.clear()
+
+    try:
+        for src in a.inputs:
+            try:
+                for uri in expand_sources([src]):
+                    batch.append(uri)
+                    if len(batch) >= max(64, 2 * a.batch_size):
+                        flush()
+            except ConfigError as e:
+                # A missing or bad input is that input's error; every other one is still labelled.
+                flush()
+                failed += 1
+                emit(clf.record(src, error=ImageError(str(e), _config_error_code(str(e)))))
+        flush()
+    finally:
+        loader.shutdown()
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _config_error_code(msg: str) -> ErrorCode:
+    m = msg.lower()
+    if "not exist" in m or "not found" in m or "no such" in m:
+        return ErrorCode.not_found
+    if "scheme" in m:
+        return ErrorCode.unsupported_scheme
+    return ErrorCode.invalid_uri
+
+
+def _print_human(rec) -> None:
+    print(rec.uri)
+    if rec.status == "ok":
+        for t in rec.top5:
+            print(f"  {t.score:8.4f}  {t.label}")
+    else:
+        print(f"  ERROR {rec.error.code}: {rec.error.message}")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------ submit
+def _settings():
+    from producer.settings import ProducerSettings
+
+    return ProducerSettings()
+
+
+def _store(s):
+    from hnq.jobs import JobStore
+
+    return JobStore(s.broker_url, s.results_ttl_days)
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    from producer.sources import expand_sources, read_uri_list
+    from producer.submit import submit
+
+    s = _settings()
+    if not a.sources and not a.from_file:
+        raise ConfigError("nothing to submit: give SOURCE arguments or --from-file")
+
+    def uris():
+        if a.sources:
+            yield from expand_sources(a.sources)
+        if a.from_file:
+            yield from read_uri_list(a.from_file)
+
+    job = submit(s, uris(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size)
+    if a.json:
+        print(json.dumps({"job_id": job.job_id, "total": job.total, "chunks": job.chunks,
+                          "dest": job.dest, "model": job.model}), flush=True)
+    else:
+        print(job.job_id, flush=True)
+        _err(f"job {job.job_id}: {job.total} images in {job.chunks} chunks -> {job.dest or 'redis'}")
+    if not a.wait:
+        return EXIT_OK
+    return wait_for(s, job.job_id, json_out=a.json)
+
+
+def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = None) -> int:
+    store = _store(s)
+    start = time.monotonic()
+    tty = sys.stderr.isatty()
+    last = ""
+    while True:
+        info = store.info(job_id)
+        if info is None:
+            _err(f"job {job_id}: state lost (Redis no longer knows it; was it restarted without persistence?)")
+            return EXIT_JOB_FAILED
+        line = _progress_line(info)
+        if line != last:
+            print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
+            last = line
+        if info.state in ("done", "cancelled", "failed"):
+            break
+        if timeout and time.monotonic() - start > timeout:
+            _err(f"\ngave up waiting after {timeout:.0f}s; the job goes on (hardnet status {job_id})")
+            return EXIT_JOB_FAILED
+        time.sleep(s.poll_interval)
+    if tty:
+        print(file=sys.stderr)
+    summary = info.model_dump(mode="json")
+    if json_out:
+        print(json.dumps(summary), flush=True)
+    else:
+        _err(f"job {job_id} {info.state}: {info.succeeded} labelled, {info.failed} failed of {info.total}"
+             + (f", {info.dead_chunks} dead-lettered chunks (hardnet redrive {job_id})" if info.dead_chunks else ""))
+    if info.state != "done":
+        return EXIT_JOB_FAILED
+    return EXIT_SOME_FAILED if info.failed else EXIT_OK
+
+
+def _progress_line(info) -> str:
+    done = info.succeeded + info.failed
+    total = info.total
+    if total:
+        width = 30
+        fill = int(width * done / total)
+        bar = "#" * fill + "-" * (width - fill)
+        pct = f"{100 * done / total:5.1f}%"
+    else:
+        bar, pct = "listing...", ""
+    rate = f"{info.rate:.1f} img/s" if info.rate else "- img/s"
+    eta = f"ETA {info.eta_s:.0f}s" if info.eta_s is not None else ""
+    return (f"[{bar}] {pct} {info.state} ok={info.succeeded} failed={info.failed} "
+            f"total={total if total is not None else '?'} {rate} {eta}").rstrip()
+
+
+# ------------------------------------------------------------------------------------------ status
+def cmd_status(a: argparse.Namespace) -> int:
+    s = _settings()
+    store = _store(s)
+    if not a.job:
+        rows = [store.info(j) for j in store.recent(a.limit)]
+        rows = [r for r in rows if r]
+        if a.json:
+            print(json.dumps([r.model_dump(mode="json") for r in rows]))
+        else:
+            for r in rows:
+                print(f"{r.job_id}  {r.state:9}  {r.succeeded + r.failed}/{r.total if r.total is not None else '?'}"
+                      f"  failed={r.failed}  model={r.model}  dest={r.dest or 'redis'}")
+        return EXIT_OK
+    info = store.info(a.job)
+    if info is None:
+        return _lost(s, store, a.job, a.json)
+    dead = store.dead_letters(a.job)
+    if a.json:
+        d = info.model_dump(mode="json")
+        d["dead_letters"] = [{"chunk": x.chunk, "uris": len(x.uris), "attempts": x.attempts, "error": x.error}
+                             for x in dead]
+        print(json.dumps(d))
+    else:
+        for k, v in info.model_dump(mode="json").items():
+            if v is not None:
+                print(f"{k:13} {v}")
+        for x in dead:
+            print(f"dead chunk {x.chunk}: {len(x.uris)} URIs, {x.attempts} attempts, last error: {x.error}")
+        if dead:
+            print(f"re-drive with: hardnet redrive {a.job}")
+    return EXIT_OK
+
+
+def _lost(s, store, job_id: str, json_out: bool) -> int:
+    from producer.submit import LocalJobs
+
+    known = LocalJobs(s).get(job_id)
+    if known:
+        try:
+            run_id = store.r.info("server").get("run_id")
+        except Exception:  # noqa: BLE001
+            run_id = None
+        why = ("Redis was restarted since (run id changed) and kept no data: turn persistence on "
+               "(appendonly yes)" if run_id and known.get("run_id") and run_id != known["run_id"]
+               else "Redis no longer has it (flushed, expired or restarted without persistence)")
+        msg = f"job {job_id} was submitted from here but its state is lost: {why}"
+        state = "lost"
+    else:
+        msg = f"unknown job {job_id} (never submitted to this Redis, expired, or its state was lost)"
+        state = "unknown"
+    if json_out:
+        print(json.dumps({"job_id": job_id, "state": state, "error": msg}))
+    _err(msg)
+    return EXIT_JOB_FAILED
+
+
+# ----------------------------------------------------------------------------------------- results
+def cmd_results(a: argparse.Namespace) -> int:
+    from hnq.storage import open_destination
+
+    s = _settings()
+    store = _store(s)
+    info = store.info(a.job)
+    if info is None:
+        return _lost(s, store, a.job, False)
+    if info.chunks is None:
+        raise ConfigError(f"job {a.job} is still being listed; try again shortly")
+    dest = open_destination(info.dest) if info.dest else None
+    out = open(a.output, "w") if a.output else sys.stdout
+    missing = 0
+    try:
+        for c in range(info.chunks):
+            if dest:
+                data = dest.get(dest.part_path(a.job, c))
+                text = data.decode() if data is not None else None
+            else:
+                text = store.get_part(a.job, c)
+            if text is None:
+                missing += 1
+                continue
+            for line in text.splitlines():
+                if a.failed_only and '"status":"ok"' in line:
+                    continue
+                out.write(line + "\n")
+    finally:
+        if a.output:
+            out.close()
+    if missing:
+        _err(f"{missing} of {info.chunks} chunks have no results yet (job {info.state})")
+        return EXIT_SOME_FAILED if info.state == "done" else EXIT_OK
+    return EXIT_OK
+
+
+def cmd_cancel(a: argparse.Namespace) -> int:
+    s = _settings()
+    if not _store(s).cancel(a.job):
+        _err(f"unknown job {a.job}")
+        return EXIT_JOB_FAILED
+    _err(f"job {a.job} cancelled: chunks not yet started will be dropped")
+    return EXIT_OK
+
+
+def cmd_redrive(a: argparse.Namespace) -> int:
+    from producer.submit import requeue_dead
+
+    s = _settings()
+    n = requeue_dead(s, _store(s), a.job, a.chunk)
+    _err(f"re-sent {n} dead-lettered chunk(s) of job {a.job}")
+    return EXIT_OK if n else EXIT_SOME_FAILED
+
+
+# ------------------------------------------------------------------------------------------ worker
+def _export_worker_options(a: argparse.Namespace) -> None:
+    """CLI options become HARDNET_* variables so `celery -A worker.app` and we read one config."""
+    for opt, env in (("model", "HARDNET_MODEL"), ("weights", "HARDNET_WEIGHTS"), ("device", "HARDNET_DEVICE"),
+                     ("batch_size", "HARDNET_BATCH_SIZE")):
+        v = getattr(a, opt, None)
+        if v is not None:
+            os.environ[env] = str(v)
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    _export_worker_options(a)
+    from worker import tasks
+    from worker.app import app, settings
+
+    argv = ["worker", "--pool=solo", "--concurrency=1", "-Q", settings.queue,
+            f"--loglevel={a.loglevel}", "--without-gossip", "--without-mingle"]
+    if a.hostname:
+        argv.append(f"--hostname={a.hostname}")
+    argv += a.celery_args
+    app.worker_main(argv)
+    if tasks.recycle_requested.is_set():
+        # Memory guard tripped: start afresh in a new process image (same arguments).
+        _err("restarting the worker (memory guard)")
+        os.execv(sys.executable, [sys.executable, "-m", "producer.cli", *sys.argv[1:]])
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------- demo
+def cmd_demo(a: argparse.Namespace) -> int:
+    from producer.demo import run_demo
+
+    return run_demo(a)
+
+
+# ---------------------------------------------------------------------------------------- argparse
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hardnet", description="Label images with HarDNet, locally or on a worker fleet.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("classify", help="label local files, directories or URIs right here")
+    c.add_argument("inputs", nargs="+", metavar="PATH_OR_URI")
+    c.add_argument("--model", default="hardnet68", choices=MODELS)
+    c.add_argument("--weights", help="path, file:// or http(s):// checkpoint, or 'random' (default: official)")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--fast-jpeg", action="store_true", help="faster, very slightly different decode of big JPEGs")
+    c.add_argument("--json", action="store_true", help="one JSON object per image")
+    c.set_defaults(fn=cmd_classify)
+
+    s = sub.add_parser("submit", help="enqueue a job for the workers")
+    s.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="file, directory, file://, s3://bucket/key, s3://bucket/prefix/, http(s)://")
+    s.add_argument("--from-file", metavar="F", help="one URI per line ('-' = stdin)")
+    s.add_argument("--out", metavar="DEST", help="s3://bucket/prefix/, file:///dir/ or a directory (default: Redis)")
+    s.add_argument("--model", choices=MODELS)
+    s.add_argument("--chunk-size", type=int)
+    s.add_argument("--wait", action="store_true", help="show progress and wait for the end")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_submit)
+
+    st = sub.add_parser("status", help="a job's state, or the recent jobs")
+    st.add_argument("job", nargs="?")
+    st.add_argument("--limit", type=int, default=20)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    r = sub.add_parser("results", help="a job's records as JSON Lines")
+    r.add_argument("job")
+    r.add_argument("-o", "--output", metavar="FILE")
+    r.add_argument("--failed-only", action="store_true")
+    r.set_defaults(fn=cmd_results)
+
+    k = sub.add_parser("cancel", help="drop a job's chunks that have not started")
+    k.add_argument("job")
+    k.set_defaults(fn=cmd_cancel)
+
+    rd = sub.add_parser("redrive", help="send a job's dead-lettered chunks again")
+    rd.add_argument("job")
+    rd.add_argument("--chunk", type=int, help="only this chunk")
+    rd.set_defaults(fn=cmd_redrive)
+
+    w = sub.add_parser("worker", help="run a Celery worker (one per GPU); extra args go to celery")
+    w.add_argument("--model", choices=MODELS)
+    w.add_argument("--weights")
+    w.add_argument("--device")
+    w.add_argument("--batch-size", type=int)
+    w.add_argument("--hostname")
+    w.add_argument("--loglevel", default="INFO")
+    w.add_argument("celery_args", nargs=argparse.REMAINDER)
+    w.set_defaults(fn=cmd_worker)
+
+    d = sub.add_parser("demo", help="set up a local Redis + worker and label the bundled samples")
+    d.add_argument("--model", default="hardnet68", choices=MODELS)
+    d.add_argument("--weights", help="default: official, falling back to random if they cannot be downloaded")
+    d.add_argument("inputs", nargs="*", help="images or directories (default: the bundled samples)")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return a.fn(a)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except HardnetError as e:
+        _err(f"{e.code.value}: {e}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The Celery app of the workers (thin: configuration only; the work is in worker.tasks).
+
+    celery -A worker.app worker --pool=solo --concurrency=1 -Q hardnet      # one per GPU
+    hardnet worker                                                          # the same, wrapped
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from hnq.settings import celery_config
+from worker.settings import WorkerSettings
+
+settings = WorkerSettings()
+app = Celery("hardnet", include=["worker.tasks"])
+app.conf.update(celery_config(settings))

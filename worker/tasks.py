@@ -1,0 +1,172 @@
+"""Celery tasks: thin wrappers that validate the message and hand the chunk to the pipeline.
+
+Reliability rules (docs/reliability.md): acks_late + reject_on_worker_lost + prefetch 1, so a chunk
+is acknowledged only once its part is written; deliveries are counted in Redis, so a chunk that
+keeps failing (or keeps killing its worker) goes to the dead-letter list after `max_attempts`
+instead of being redelivered forever (celery#8969)."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+
+from celery import signals
+from pydantic import ValidationError
+
+from hnq.errors import ErrorCode, TransientError
+from hnq.jobs import JobStore
+from hnq.schema import ChunkTask, ResultRecord
+from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
+from hnq.storage import FetchPolicy
+from worker.app import app, settings
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("hardnet.worker")
+
+
+class Context:
+    """Per-process state, built lazily on the first chunk (never in a fork parent: CUDA)."""
+
+    def __init__(self, s: WorkerSettings):
+        from worker.pipeline.fetch import Loader
+        from worker.pipeline.predict import Classifier
+
+        self.s = s
+        self.store = JobStore(s.broker_url, s.results_ttl_days)
+        self.clf = Classifier(s.model, s.weights, device=s.device, batch_size=s.batch_size, amp=s.amp,
+                              fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
+        policy = FetchPolicy(
+            max_bytes=s.max_image_bytes, timeout_s=s.fetch_timeout, allow_http=s.allow_http,
+            http_allow_hosts=tuple(s.http_allow_hosts), allow_private_networks=s.allow_private_networks,
+            file_roots=tuple(s.file_roots) if s.file_roots is not None else ())
+        self.loader = Loader(self.clf, policy, s.fetch_threads, s.decode_threads)
+        log.info("worker ready: model=%s weights=%s device=%s batch=%d amp=%s",
+                 s.model, self.clf.weights, self.clf.device, s.batch_size, self.clf.amp)
+
+
+_ctx: Context | None = None
+_ctx_lock = threading.Lock()
+
+
+def context() -> Context:
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None:
+            _ctx = Context(settings)
+        return _ctx
+
+
+def _store() -> JobStore:
+    # The job store alone (no model): enough to drop cancelled chunks without loading weights.
+    return context().store if _ctx else JobStore(settings.broker_url, settings.results_ttl_days)
+
+
+def _dead_letter(store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
+    """Give up on a chunk: every URI gets a chunk_failed record (so the output still has one record
+    per URI), the chunk is counted as failed and listed as a dead letter that `hardnet redrive`
+    can send again."""
+    from worker.pipeline.write import write_manifest, write_part
+
+    log.error("chunk %s/%d dead-lettered after %d attempts: %s", task.job_id, task.chunk, attempts, error)
+    msg = f"chunk failed after {attempts} attempts: {error}"
+    records = [ResultRecord.failure(u, ErrorCode.chunk_failed, msg, task.model, job_id=task.job_id)
+               for u in task.uris]
+    try:
+        write_part(store, task.dest, task.job_id, task.chunk, records)
+    except Exception as e:  # noqa: BLE001 - the destination itself may be what is failing
+        log.error("could not write the failure records of %s/%d: %s", task.job_id, task.chunk, e)
+    finished = store.complete_chunk(task.job_id, task.chunk, 0, len(task.uris))
+    store.mark_dead(task.job_id, task.chunk, task.uris, error, attempts)
+    if finished:
+        _finalize(store, task.dest, task.job_id)
+
+
+def _finalize(store: JobStore, dest: str | None, job_id: str) -> None:
+    from worker.pipeline.write import write_manifest
+
+    write_manifest(store, dest, job_id)
+    store.mark_done(job_id)
+    log.info("job %s done", job_id)
+
+
+@app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def classify_chunk(self, payload: dict) -> dict | None:
+    try:
+        task = ChunkTask.model_validate(payload)
+    except ValidationError as e:
+        # Nothing to retry: a malformed message would fail the same way every time.
+        log.error("rejected a malformed chunk message: %s", e.errors(include_input=False))
+        return None
+    store = _store()
+    state, attempt = store.start_chunk(task.job_id, task.chunk)
+    if state == "cancelled":
+        log.info("chunk %s/%d dropped: job cancelled", task.job_id, task.chunk)
+        return None
+    if state == "missing":
+        log.warning("job %s unknown to Redis (state lost?): labelling chunk %d anyway", task.job_id, task.chunk)
+    if attempt > settings.max_attempts:
+        # Delivered again after max_attempts: the earlier deliveries failed or killed the worker.
+        err = store.last_error(task.job_id, task.chunk) or "the worker died while processing it (killed, crashed or out of memory)"
+        _dead_letter(store, task, err, attempt - 1)
+        return None
+
+    from worker.pipeline.run import classify_uris
+    from worker.pipeline.write import write_part
+
+    try:
+        ctx = context()
+        records = classify_uris(ctx.loader, task.uris, job_id=task.job_id)
+        write_part(store, task.dest, task.job_id, task.chunk, records)
+    except Exception as e:  # noqa: BLE001
+        err = f"{type(e).__name__}: {e}"
+        if state != "missing":
+            store.note_error(task.job_id, task.chunk, err)
+        if attempt >= settings.max_attempts:
+            if state != "missing":
+                _dead_letter(store, task, err, attempt)
+            return None
+        delay = min(settings.retry_backoff_max, 2 ** attempt) * random.uniform(0.5, 1.0)
+        level = logging.WARNING if isinstance(e, TransientError) else logging.ERROR
+        log.log(level, "chunk %s/%d attempt %d failed (%s); retrying in %.1fs",
+                 task.job_id, task.chunk, attempt, err, delay)
+        raise self.retry(exc=e, countdown=delay)
+
+    ok = sum(r.status == "ok" for r in records)
+    if state == "missing":
+        return {"ok": ok, "failed": len(records) - ok}
+    if store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok):
+        _finalize(store, task.dest, task.job_id)
+    return {"ok": ok, "failed": len(records) - ok}
+
+
+@app.task(name=TASK_FINALIZE, acks_late=True, reject_on_worker_lost=True)
+def finalize_job(job_id: str, dest: str | None = None) -> None:
+    """Sent by the producer when every chunk finished before it had counted them all."""
+    _finalize(_store(), dest, job_id)
+
+
+# --- memory guard -------------------------------------------------------------------------------
+#: Set when this process asked to be recycled; `hardnet worker` re-executes itself when it sees it.
+recycle_requested = threading.Event()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@signals.task_postrun.connect
+def _memory_guard(**_):
+    limit = settings.max_memory_per_child_mb
+    if not limit or recycle_requested.is_set():
+        return
+    rss = _rss_mb()
+    if rss > limit:
+        log.warning("worker RSS %.0f MiB exceeds HARDNET_MAX_MEMORY_PER_CHILD_MB=%d: restarting after this chunk",
+                    rss, limit)
+        recycle_requested.set()
+        # Warm shutdown: the current chunk is already acknowledged; nothing in flight is lost.
+        os.kill(os.getpid(), signal.SIGTERM)
