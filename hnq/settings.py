@@ -69,7 +69,6 @@ def celery_config(s: CommonSettings) -> dict:
                                    "interval_max": 5},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # reconnect forever, with Celery's backoff
-        worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,

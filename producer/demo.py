@@ -1,0 +1,118 @@
+"""`hardnet demo`: the whole system on one machine, for a first run. Uses the Redis at
+HARDNET_BROKER_URL if one answers there, else starts a throwaway redis-server; starts one worker;
+submits the bundled sample images; prints their top-5; stops what it started."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _reachable(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_redis(workdir: Path) -> tuple[str, int]:
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed and no Redis answers at HARDNET_BROKER_URL; "
+                         "install it (apt-get install -y redis-server) or run scripts/quickstart.sh")
+    port = _free_port()
+    subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                    "--save", "", "--appendonly", "no", "--daemonize", "yes",
+                    "--pidfile", str(workdir / "redis.pid"), "--logfile", str(workdir / "redis.log")],
+                   check=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        if _reachable(url):
+            return url, port
+        time.sleep(0.1)
+    raise SystemExit(f"redis-server did not start (see {workdir / 'redis.log'})")
+
+
+def _resolve_weights(model: str, weights: str | None) -> str:
+    """Official weights if they can be had; otherwise say so plainly and use random ones."""
+    if weights:
+        return weights
+    from worker.model.weights import WeightsError, load_state_dict, resolve_source
+
+    try:
+        load_state_dict(model, resolve_source(model, None), progress=True)
+        return "official"
+    except WeightsError as e:
+        _say(f"could not get the official {model} weights: {e}")
+        _say("RUNNING WITH RANDOM WEIGHTS: the labels below are meaningless (the plumbing is real)")
+        return "random"
+
+
+def run_demo(a) -> int:
+    from producer.settings import ProducerSettings
+    from producer.cli import EXIT_OK, EXIT_SOME_FAILED, wait_for, _print_human
+    from producer.sources import expand_sources
+    from producer.submit import submit
+    from hnq.jobs import JobStore
+    from hnq.schema import ResultRecord
+
+    inputs = a.inputs or [str(SAMPLES)]
+    roots = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in inputs]
+    workdir = Path(tempfile.mkdtemp(prefix="hardnet-demo-"))
+    started_redis = None
+    url = os.environ.get("HARDNET_BROKER_URL", "redis://localhost:6379/0")
+    if _reachable(url):
+        _say(f"using the Redis at {url}")
+    else:
+        url, started_redis = _start_redis(workdir)
+        _say(f"started redis-server on 127.0.0.1:{started_redis}")
+    weights = _resolve_weights(a.model, a.weights or os.environ.get("HARDNET_WEIGHTS"))
+    env = dict(os.environ, HARDNET_BROKER_URL=url, HARDNET_MODEL=a.model, HARDNET_FILE_ROOTS=",".join(roots))
+    env.pop("HARDNET_WEIGHTS", None)
+    if weights != "official":
+        env["HARDNET_WEIGHTS"] = weights
+    log = open(workdir / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO",
+                               "--hostname", f"demo-{os.getpid()}@%h"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    _say(f"started a worker (pid {worker.pid}, log {workdir / 'worker.log'})")
+    try:
+        os.environ["HARDNET_BROKER_URL"] = url
+        s = ProducerSettings()
+        job = submit(s, expand_sources(inputs), dest=None, model=a.model, chunk_size=4)
+        _say(f"submitted job {job.job_id}: {job.total} images in {job.chunks} chunks")
+        rc = wait_for(s, job.job_id, timeout=600)
+        store = JobStore(url)
+        for c in range(job.chunks):
+            for line in (store.get_part(job.job_id, c) or "").splitlines():
+                _print_human(ResultRecord.model_validate(json.loads(line)))
+        if weights == "random":
+            _say("reminder: random weights -> meaningless labels")
+        return rc if rc in (EXIT_OK, EXIT_SOME_FAILED) else rc
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if started_redis:
+            subprocess.run(["redis-cli", "-p", str(started_redis), "shutdown", "nosave"], capture_output=True)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent setup of a development/CI machine: redis-server (apt) and .venv with everything.
+# Re-running is cheap: the venv is reinstalled only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "[setup] installing redis-server" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.hardnet-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing hardnet-queue and its dependencies into .venv (torch is large: a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  # pip (not uv/poetry): it takes the pinned torch/torchvision wheels from the local disk where present.
+  .venv/bin/python -m pip install -q -e '.[worker,test]'
+  echo "$want" > "$stamp"
+fi
