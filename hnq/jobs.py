@@ -35,8 +35,8 @@ _COMPLETE = """
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 if prev then
   local pok, pf = string.match(prev, '(%d+) (%d+)')
-  redis.call('HINCRBY', KEYS[1], 'succeeded', -tonumber(pok))
-  redis.call('HINCRBY', KEYS[1], 'failed', -tonumber(pf))
+  redis.call('HINCRBY', KEYS[1], 'succeeded', 0 - tonumber(pok))
+  redis.call('HINCRBY', KEYS[1], 'failed', 0 - tonumber(pf))
 else
   redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
 end

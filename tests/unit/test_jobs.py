@@ -1,0 +1,70 @@
+"""Job state against a real redis-server: counters stay right under duplicate and late chunks."""
+from __future__ import annotations
+
+import pytest
+
+from hnq.jobs import JobStore
+
+
+@pytest.fixture
+def store(redis_url):
+    return JobStore(redis_url)
+
+
+def test_duplicate_completion_does_not_double_count(store):
+    store.create("j1", model="hardnet68", dest=None)
+    assert store.start_chunk("j1", 0) == ("queued", 1)
+    assert store.start_chunk("j1", 0) == ("running", 2)   # redelivered: second attempt
+    assert not store.complete_chunk("j1", 0, 30, 2)
+    assert not store.complete_chunk("j1", 0, 31, 1)      # the duplicate run replaces, not adds
+    info = store.info("j1")
+    assert (info.succeeded, info.failed, info.chunks_done, info.state) == (31, 1, 1, "running")
+    assert info.started_at is not None
+
+
+def test_last_chunk_finishes_only_once_sealed(store):
+    store.create("j2", model="hardnet68", dest=None)
+    store.start_chunk("j2", 0)
+    assert not store.complete_chunk("j2", 0, 4, 0)          # total unknown yet: not finished
+    store.start_chunk("j2", 1)
+    assert not store.complete_chunk("j2", 1, 3, 1)
+    assert store.seal("j2", total=8, chunks=2)              # everything already done: caller finalises
+    store.mark_done("j2")
+    info = store.info("j2")
+    assert info.state == "done" and info.total == 8 and info.finished_at is not None
+
+
+def test_seal_before_completion_and_dead_letters(store):
+    store.create("j3", model="hardnet68", dest="s3://b/p/")
+    assert not store.seal("j3", total=10, chunks=2)
+    store.complete_chunk("j3", 0, 5, 0)
+    # chunk 1 is dead-lettered: counted as failed, listed, and the job can still finish
+    assert store.complete_chunk("j3", 1, 0, 5)
+    store.mark_dead("j3", 1, ["s3://b/x"] * 5, "boom", 5)
+    info = store.info("j3")
+    assert (info.failed, info.dead_chunks) == (5, 1)
+    assert [d.chunk for d in store.dead_letters("j3")] == [1]
+    # a re-drive that succeeds replaces the failure and clears the dead letter
+    store.reset_attempts("j3", 1)
+    assert store.start_chunk("j3", 1)[1] == 1
+    assert store.complete_chunk("j3", 1, 5, 0)
+    info = store.info("j3")
+    assert (info.succeeded, info.failed, info.dead_chunks) == (10, 0, 0)
+    assert store.dead_letters("j3") == []
+
+
+def test_cancelled_job_never_finishes(store):
+    store.create("j4", model="hardnet68", dest=None)
+    store.seal("j4", total=1, chunks=1)
+    assert store.cancel("j4")
+    assert store.start_chunk("j4", 0)[0] == "cancelled"
+    assert not store.complete_chunk("j4", 0, 1, 0)
+    assert store.info("j4").state == "cancelled"
+    assert not store.cancel("nope")
+
+
+def test_redis_results_parts(store):
+    store.create("j5", model="m", dest=None)
+    store.put_part("j5", 0, b'{"uri":"a"}\n')
+    store.put_part("j5", 0, b'{"uri":"b"}\n')                # retried chunk overwrites
+    assert list(store.iter_parts("j5", 2)) == [(0, '{"uri":"b"}\n'), (1, None)]
