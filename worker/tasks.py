@@ -115,6 +115,7 @@ def classify_chunk(self, payload: dict) -> dict | None:
     from worker.pipeline.run import classify_uris
     from worker.pipeline.write import write_part
 
+    log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, len(task.uris))
     try:
         ctx = context()
         records = classify_uris(ctx.loader, task.uris, job_id=task.job_id)
@@ -134,6 +135,8 @@ def classify_chunk(self, payload: dict) -> dict | None:
         raise self.retry(exc=e, countdown=delay)
 
     ok = sum(r.status == "ok" for r in records)
+    log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB", task.job_id, task.chunk, ok,
+             len(records) - ok, _rss_mb())
     if state == "missing":
         return {"ok": ok, "failed": len(records) - ok}
     if store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok):
@@ -170,3 +173,13 @@ def _memory_guard(**_):
         recycle_requested.set()
         # Warm shutdown: the current chunk is already acknowledged; nothing in flight is lost.
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+@signals.worker_init.connect
+def _preload(sender=None, **_):
+    """Load the model before taking the first chunk: a worker whose weights can't be loaded stops
+    here with the reason, instead of failing (and dead-lettering) every chunk it takes. Not in a
+    prefork parent, where CUDA would then be unusable in the children."""
+    if "prefork" in str(getattr(sender, "pool_cls", "")).lower():
+        return
+    context()
