@@ -1,0 +1,98 @@
+"""Torch-free storage layer: fetch one input image from a local path / ``file://`` / ``s3://`` /
+``http(s)://`` URI under a :class:`FetchPolicy`, and write results to a :class:`Destination`
+(``s3://bucket/prefix/`` or a local directory).
+
+URI forms (see :mod:`hnq.uris`): **an ``s3://BUCKET/KEY`` URI carries the raw key, not
+percent-encoded** (``s3://b/a b+c%.jpg`` is the key ``a b+c%.jpg``; ``?`` and ``#`` are part of
+the key); a ``file://`` URI is percent-decoded; a plain path is taken as is.
+
+Errors of :func:`fetch`: :class:`~hnq.errors.ImageError` with a code from
+:class:`~hnq.errors.ErrorCode` for a problem with this one image (not_found, access_denied,
+too_large, unsupported_scheme, invalid_uri, forbidden, timeout, fetch_error);
+:class:`~hnq.errors.TransientError` for storage trouble that outlived the retries (the caller
+retries the whole chunk later; the image must not get a permanent error record).
+"""
+from __future__ import annotations
+
+import os
+
+from hnq.errors import ConfigError, ErrorCode, ImageError
+from hnq.storage.base import Destination, Fetched, FetchPolicy
+from hnq.storage.file import FileDestination, check_writable_dir, fetch_file
+from hnq.storage.http import fetch_http
+from hnq.storage.s3 import (S3Destination, check_bucket, fetch_s3, parse_destination,
+                            reset_s3_client, s3_client)
+from hnq.uris import InvalidURI, check_basic, file_uri_to_path, path_to_file_uri, scheme_of
+
+__all__ = [
+    "FetchPolicy", "Fetched", "fetch", "s3_client", "reset_s3_client", "Destination",
+    "S3Destination", "FileDestination", "open_destination", "validate_destination",
+    "check_writable",
+]
+
+_SUPPORTED = ("s3://BUCKET/KEY, file:///path or a local path, and http(s):// when enabled "
+              "(HARDNET_ALLOW_HTTP=1 and HARDNET_HTTP_ALLOW_HOSTS)")
+
+
+def fetch(uri: str, policy: FetchPolicy | None = None) -> Fetched:
+    """The bytes of one image. Zero bytes are returned as is (the decoder reports ``empty``)."""
+    policy = policy or FetchPolicy()
+    check_basic(uri)
+    scheme = scheme_of(uri)
+    if scheme == "s3":
+        return fetch_s3(uri, policy)
+    if scheme == "file":
+        return fetch_file(uri, policy)
+    if scheme in ("http", "https"):
+        return fetch_http(uri, policy)
+    raise ImageError(f"{uri[:200]}: unsupported URI scheme {scheme!r}; supported: {_SUPPORTED}",
+                     ErrorCode.unsupported_scheme)
+
+
+def validate_destination(dest: str) -> str:
+    """Normalised destination: ``s3://bucket/prefix/`` (trailing slash; ``s3://bucket/`` for the
+    bucket root) or ``file:///abs/dir/`` for a ``file://`` URI or a plain path (made absolute).
+    ConfigError with a clear message for anything else."""
+    if not isinstance(dest, str) or not dest.strip():
+        raise ConfigError("empty destination; give s3://BUCKET/PREFIX/ or a local directory")
+    dest = dest.strip()
+    if "\x00" in dest:
+        raise ConfigError("destination contains a NUL byte")
+    scheme = scheme_of(dest)
+    if scheme == "s3":
+        bucket, prefix = parse_destination(dest)
+        if prefix.startswith("/") or "//" in prefix:
+            raise ConfigError(f"invalid destination {dest!r}: empty path segment in the prefix")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        return f"s3://{bucket}/{prefix}"
+    if scheme == "file":
+        try:
+            path = file_uri_to_path(dest)
+        except InvalidURI as e:
+            raise ConfigError(f"invalid destination {dest!r}: {e}") from None
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"destination {dest!r} exists and is not a directory")
+        return path_to_file_uri(path).rstrip("/") + "/"
+    raise ConfigError(f"unsupported destination {dest!r}: results go to s3://BUCKET/PREFIX/, "
+                      "file:///DIR/ or a local directory")
+
+
+def open_destination(dest: str) -> Destination:
+    norm = validate_destination(dest)
+    if norm.startswith("s3://"):
+        bucket, prefix = parse_destination(norm)
+        return S3Destination(bucket, prefix)
+    return FileDestination(file_uri_to_path(norm))
+
+
+def check_writable(dest: str) -> None:
+    """Fail fast (ConfigError) before enqueueing: the bucket must exist and be reachable; a local
+    directory is created if needed and must be writable."""
+    d = open_destination(dest)
+    if isinstance(d, S3Destination):
+        check_bucket(d.bucket, d.dest)
+    else:
+        assert isinstance(d, FileDestination)
+        check_writable_dir(d.root)

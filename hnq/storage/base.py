@@ -1,0 +1,165 @@
+"""Types shared by the storage backends: the fetch policy, a fetched object, the destination
+interface and a capped reader."""
+from __future__ import annotations
+
+import abc
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hnq.errors import ErrorCode, ImageError
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_list(name: str) -> tuple[str, ...]:
+    raw = os.environ.get(name, "")
+    return tuple(x.strip() for x in raw.replace(";", ",").split(",") if x.strip())
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What :func:`hnq.storage.fetch` may do.
+
+    * ``max_bytes``: objects larger than this are ``too_large`` (checked on the announced size
+      first, and enforced while streaming: at most ``max_bytes + 1`` bytes are ever read).
+    * ``timeout_s``: per-socket-operation timeout and overall deadline of an http(s) fetch and
+      ``timeout`` of a local read deadline; S3 uses the client's own timeouts (see ``s3_client``).
+    * ``allow_http`` / ``http_allow_hosts``: http(s) URLs are fetched only when ``allow_http`` and
+      the host matches an entry (exact name, ``*.example.com`` or ``*``); empty = none.
+    * ``allow_private_networks``: http(s) to loopback, link-local (169.254.169.254), RFC 1918, ULA,
+      unspecified, multicast... addresses is refused unless True.
+    * ``file_roots``: None = local files anywhere; a tuple = only under those directories (after
+      resolving symlinks and ``..``); ``()`` = local files refused.
+    """
+
+    max_bytes: int = 50 * 2**20
+    timeout_s: float = 30.0
+    allow_http: bool = False
+    http_allow_hosts: tuple[str, ...] = ()
+    allow_private_networks: bool = False
+    file_roots: tuple[str, ...] | None = field(default=None)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "FetchPolicy":
+        """Build a policy from ``HARDNET_MAX_BYTES``, ``HARDNET_FETCH_TIMEOUT_S``,
+        ``HARDNET_ALLOW_HTTP``, ``HARDNET_HTTP_ALLOW_HOSTS`` (comma-separated),
+        ``HARDNET_ALLOW_PRIVATE_NETWORKS`` and ``HARDNET_FILE_ROOTS`` (comma-separated; unset =
+        anywhere, set to empty = refused); keyword arguments win."""
+        kw: dict = {}
+        if os.environ.get("HARDNET_MAX_BYTES"):
+            kw["max_bytes"] = int(os.environ["HARDNET_MAX_BYTES"])
+        if os.environ.get("HARDNET_FETCH_TIMEOUT_S"):
+            kw["timeout_s"] = float(os.environ["HARDNET_FETCH_TIMEOUT_S"])
+        kw["allow_http"] = os.environ.get("HARDNET_ALLOW_HTTP", "").strip().lower() in _TRUE
+        kw["http_allow_hosts"] = _env_list("HARDNET_HTTP_ALLOW_HOSTS")
+        kw["allow_private_networks"] = (
+            os.environ.get("HARDNET_ALLOW_PRIVATE_NETWORKS", "").strip().lower() in _TRUE)
+        if "HARDNET_FILE_ROOTS" in os.environ:
+            kw["file_roots"] = _env_list("HARDNET_FILE_ROOTS")
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class Fetched:
+    data: bytes
+    etag: str | None
+    size: int
+
+
+def clean_etag(etag: str | None) -> str | None:
+    if not etag:
+        return None
+    etag = etag.strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"') or None
+
+
+def too_large(uri: str, size: int | None, max_bytes: int) -> ImageError:
+    what = f"{size} bytes" if size is not None else f"more than {max_bytes} bytes"
+    return ImageError(f"{uri}: object is {what}, over the {max_bytes}-byte download cap",
+                      ErrorCode.too_large)
+
+
+def read_capped(read: Callable[[int], bytes], max_bytes: int, uri: str,
+                tick: Callable[[], None] | None = None, block: int = 1 << 20) -> bytes:
+    """Read until EOF with ``read(n)`` but never more than ``max_bytes + 1`` bytes in all; raise
+    ``too_large`` if there is more than ``max_bytes``. ``tick`` is called between reads (deadline
+    checks)."""
+    parts: list[bytes] = []
+    total = 0
+    limit = max_bytes + 1
+    while total < limit:
+        chunk = read(min(block, limit - total))
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+        if tick is not None:
+            tick()
+    if total > max_bytes:
+        raise too_large(uri, None, max_bytes)
+    return b"".join(parts)
+
+
+def check_relpath(relpath: str) -> str:
+    """A destination-relative path: forward slashes, no leading slash, no ``.``/``..`` segment,
+    no NUL. Raises ValueError."""
+    if not isinstance(relpath, str):
+        raise ValueError(f"relpath must be a string, got {type(relpath).__name__}")
+    if "\x00" in relpath or "\\" in relpath:
+        raise ValueError(f"invalid destination path {relpath!r}")
+    if relpath.startswith("/"):
+        raise ValueError(f"destination path must be relative: {relpath!r}")
+    segs = relpath.split("/")
+    if any(s in (".", "..") for s in segs):
+        raise ValueError(f"destination path may not contain . or .. segments: {relpath!r}")
+    return relpath
+
+
+class Destination(abc.ABC):
+    """Where results go: ``s3://bucket/prefix/`` or a local directory. Paths are relative to the
+    destination's root and use ``/``."""
+
+    #: normalised destination string (what :func:`hnq.storage.validate_destination` returns)
+    dest: str
+
+    @abc.abstractmethod
+    def put(self, relpath: str, data: bytes, content_type: str = "application/json") -> None:
+        """Write (replace) ``relpath`` atomically. TransientError on storage hiccups that outlive
+        the retries; ConfigError when we may not write there."""
+
+    @abc.abstractmethod
+    def get(self, relpath: str) -> bytes | None:
+        """Contents of ``relpath``, or None when it does not exist."""
+
+    @abc.abstractmethod
+    def list(self, relprefix: str = "") -> list[str]:
+        """Relative paths of the objects whose relative path starts with ``relprefix`` (a plain
+        string prefix, as in S3), sorted."""
+
+    @abc.abstractmethod
+    def exists(self, relpath: str) -> bool:
+        ...
+
+    @abc.abstractmethod
+    def uri(self, relpath: str = "") -> str:
+        """Full URI of ``relpath`` (``s3://bucket/prefix/relpath`` or ``file:///dir/relpath``)."""
+
+    @staticmethod
+    def part_path(job_id: str, chunk: int) -> str:
+        return f"{job_id}/part-{chunk:05d}.jsonl"
+
+    @staticmethod
+    def manifest_path(job_id: str) -> str:
+        return f"{job_id}/manifest.json"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.dest!r})"
+
+
+def join_key(prefix: str, relpath: str) -> str:
+    return posixpath.join(prefix, relpath) if prefix else relpath
