@@ -11,6 +11,8 @@ Fault modes:
 * ``403``    -- ``403 AccessDenied`` with the S3 XML error body
 * ``reset``  -- read the request, then close the socket with a TCP RST (no answer at all)
 * ``slow``   -- wait ``delay`` seconds, then forward normally
+* ``truncate`` -- forward, answer with the upstream status and headers but only half the body,
+  then reset the connection (a body that breaks off mid-stream)
 * ``off``    -- disarm
 
 A fault lasts for the next ``count`` matching requests, or for ``duration`` seconds, or (neither
@@ -48,7 +50,7 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MODES = ("503", "500", "403", "reset", "slow", "off")
+MODES = ("503", "500", "403", "reset", "slow", "truncate", "off")
 
 _XML = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
@@ -149,6 +151,7 @@ class FaultProxy:
     # --- lifecycle
     def start(self) -> "FaultProxy":
         self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy",
+                                        kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
         return self
@@ -194,19 +197,25 @@ def _make_handler(proxy: FaultProxy):
             fault = proxy._decide(self.command, self.path)
             if fault is not None:
                 if fault.mode == "reset":
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                               struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    try:
-                        self.connection.close()
-                    except OSError:
-                        pass
-                    return
+                    return self._reset()
                 if fault.mode == "slow":
                     time.sleep(fault.delay)
+                elif fault.mode == "truncate":
+                    return self._forward(body, truncate=True)
                 else:
                     return self._s3_error(*_XML[fault.mode])
             self._forward(body)
+
+        def _reset(self):
+            """Close with a TCP RST (SO_LINGER 0) instead of answering."""
+            self.close_connection = True
+            try:
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.connection.close()
+            except OSError:
+                pass
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
 
@@ -225,7 +234,7 @@ def _make_handler(proxy: FaultProxy):
             self.end_headers()
             self.wfile.write(xml)
 
-        def _forward(self, body: bytes):
+        def _forward(self, body: bytes, truncate: bool = False):
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             headers.pop("Content-Length", None)
             if body or self.command in ("PUT", "POST", "PATCH"):
@@ -252,14 +261,20 @@ def _make_handler(proxy: FaultProxy):
                 elif resp.status not in (204, 304) and not 100 <= resp.status < 200:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if truncate:
+                    self.wfile.write(data[: len(data) // 2])
+                    return self._reset()
                 if data:
                     self.wfile.write(data)
-            except OSError as e:
+            except OSError as e:  # upstream down (or the client went away)
                 msg = f"faultproxy: upstream failed: {e}".encode()
-                self.send_response(502)
-                self.send_header("Content-Length", str(len(msg)))
-                self.end_headers()
-                self.wfile.write(msg)
+                try:
+                    self.send_response(502)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                except OSError:
+                    self.close_connection = True
             finally:
                 conn.close()
 

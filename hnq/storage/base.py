@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import os
-import posixpath
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -159,7 +158,3 @@ class Destination(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.dest!r})"
-
-
-def join_key(prefix: str, relpath: str) -> str:
-    return posixpath.join(prefix, relpath) if prefix else relpath

@@ -22,7 +22,7 @@ import urllib.parse
 from hnq.errors import ErrorCode, ImageError, TransientError
 from hnq.storage import netguard
 from hnq.storage.base import Fetched, FetchPolicy, clean_etag, read_capped, too_large
-from hnq.uris import InvalidURI, parse_http
+from hnq.uris import parse_http
 
 MAX_REDIRECTS = 5
 ATTEMPTS = 3
@@ -49,10 +49,7 @@ def _open_socket(addresses: list[str], port: int, timeout: float) -> socket.sock
 
 
 def _check_hop(url: str, policy: FetchPolicy) -> tuple[urllib.parse.SplitResult, int, list[str]]:
-    try:
-        parts = parse_http(url)
-    except InvalidURI:
-        raise
+    parts = parse_http(url)  # InvalidURI (invalid_uri) on a malformed hop
     host = parts.hostname or ""
     if not policy.http_allow_hosts:
         raise ImageError(f"{url}: no http host is allowed (set HARDNET_HTTP_ALLOW_HOSTS, e.g. "

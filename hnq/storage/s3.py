@@ -69,10 +69,14 @@ except ImportError:  # pragma: no cover
 _BODY_ATTEMPTS = 3
 
 
+_session: boto3.session.Session | None = None
+
+
 def _reset_after_fork() -> None:
-    global _lock, _clients, _pid
+    global _lock, _clients, _pid, _session
     _lock = threading.Lock()
     _clients = {}
+    _session = None
     _pid = os.getpid()
 
 
@@ -100,28 +104,35 @@ def client_config() -> Config:
 def s3_client():
     """The process's shared S3 client (thread-safe; recreated in a forked child and when one of
     the endpoint / region / HARDNET_S3_* variables changed)."""
-    global _pid
+    global _pid, _session
     key = tuple(os.environ.get(k) for k in _ENV_KEYS)
     if os.getpid() != _pid:  # forked without register_at_fork having run (or pid faked)
         with _lock:
             if os.getpid() != _pid:
                 _clients.clear()
+                _session = None
                 _pid = os.getpid()
     client = _clients.get(key)
     if client is None:
         with _lock:
             client = _clients.get(key)
             if client is None:
-                client = boto3.session.Session().client("s3", config=client_config())
+                # One session per process (it caches the loaded service model: a client from a
+                # fresh session costs ~1 s of CPU); a new client when the environment changed.
+                if _session is None:
+                    _session = boto3.session.Session()
+                client = _session.client("s3", config=client_config())
                 _clients.clear()  # the environment changed: drop the stale client
                 _clients[key] = client
     return client
 
 
 def reset_s3_client() -> None:
-    """Forget the cached client (tests; after changing credentials)."""
+    """Forget the cached client and session (tests; after changing credentials)."""
+    global _session
     with _lock:
         _clients.clear()
+        _session = None
 
 
 def _err(e: bex.ClientError) -> tuple[str, int]:

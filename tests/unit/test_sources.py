@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,16 +79,30 @@ def test_is_a_generator(tree):
 N_KEYS = 1205
 
 
-@pytest.fixture
-def big_bucket(s3):
+def _make_bucket(s3, n: int):
     s3.create_bucket(Bucket="big")
-    keys = [f"pre/fix/{i:05d}.jpg" for i in range(N_KEYS)]
+    keys = [f"pre/fix/{i:05d}.jpg" for i in range(n)]
     _bulk_put(s3, "big", keys)
     extra = {"pre/fix/readme.txt": b"t", "pre/fix/dir/": b"", "pre/fix/sub/UPPER.JPEG": b"x",
              "pre/other.png": b"x", "prefix-sibling/a.jpg": b"x", "pre/fix/a b+c%.png": b"x"}
     for k, v in extra.items():
         s3.put_object(Bucket="big", Key=k, Body=v)
     return s3
+
+
+@pytest.fixture
+def big_bucket(s3):
+    """1,205 image keys under pre/fix/ (more than one ListObjectsV2 page) and a few others."""
+    return _make_bucket(s3, N_KEYS)
+
+
+N_SMALL = 5
+
+
+@pytest.fixture
+def small_bucket(s3):
+    """The same layout with only 5 numbered keys."""
+    return _make_bucket(s3, N_SMALL)
 
 
 def _bulk_put(s3, bucket: str, keys: list[str]) -> None:
@@ -142,11 +155,11 @@ def test_s3_prefix_streams_pages(big_bucket, monkeypatch):
     assert len(calls) == 3
 
 
-def test_s3_bucket_and_folder_forms(big_bucket):
-    assert len(list(expand_sources(["s3://big"]))) == N_KEYS + 4
-    assert len(list(expand_sources(["s3://big/"]))) == N_KEYS + 4
+def test_s3_bucket_and_folder_forms(small_bucket):
+    assert len(list(expand_sources(["s3://big"]))) == N_SMALL + 4
+    assert len(list(expand_sources(["s3://big/"]))) == N_SMALL + 4
     # no trailing slash and no image extension: a folder
-    assert len(list(expand_sources(["s3://big/pre/fix"]))) == N_KEYS + 2
+    assert len(list(expand_sources(["s3://big/pre/fix"]))) == N_SMALL + 2
     assert list(expand_sources(["s3://big/pre/", "s3://big/pre"], recursive=False)) == [
         "s3://big/pre/other.png"] * 2
     # a single object: emitted as given, no request needed
@@ -181,7 +194,7 @@ def test_read_uri_list_stdin(monkeypatch):
     assert list(read_uri_list("-")) == ["s3://b/1.jpg", "s3://b/2.jpg"]
 
 
-def test_read_uri_list_expands_s3_prefix(big_bucket, tmp_path):
+def test_read_uri_list_expands_s3_prefix(small_bucket, tmp_path):
     lst = tmp_path / "l.txt"
     lst.write_text("s3://big/pre/\ns3://big/pre/fix/00007.jpg\n")
     out = list(read_uri_list(str(lst), recursive=False))
