@@ -226,6 +226,8 @@ def test_compose_services():
     producer = svc["producer"]
     assert producer["profiles"] == ["tools"]
     assert producer["build"]["dockerfile"] == "deploy/Dockerfile.producer"
+    state = next(m for m in producer["volumes"] if m.endswith(":/home/hardnet/.local/state/hardnet"))
+    assert state.split(":")[0] in c["volumes"], "the producer's job records must outlive `run --rm`"
 
     for name in ("worker", "producer"):
         env = svc[name]["environment"]
