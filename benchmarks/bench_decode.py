@@ -1,0 +1,87 @@
+"""ms/image of the PIL reference vs decode_image vs decode_image(fast_jpeg=True), one thread.
+
+    python benchmarks/bench_decode.py [--repeat N]
+
+Images: samples/ photos when present (dog.jpg, chelsea.png) plus generated photo-like JPEGs
+(smooth gradients + edges + sensor-like noise, quality 90) of 500x375, 1024x768 and 4032x3024.
+Reference = PIL open + convert('RGB') + torchvision's Resize(256)/CenterCrop(224) on the PIL image
+(+ToTensor/Normalize). decode_image's timings exclude normalisation (it happens on the device, per
+batch); the reference's include ToTensor+Normalize (~0.3 ms). Best of N runs per image.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.pipeline.decode import decode_image, reference_preprocess  # noqa: E402
+
+
+def photo_like_jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([
+        120 + 100 * np.sin(x / w * 3.1 + y / h * 1.3),
+        60 + 150 * (x / w) * (y / h),
+        200 - 120 * np.cos(y / h * 4.0),
+    ], axis=-1)
+    cell = max(8, w // 20)
+    img[(x // cell + y // cell) % 2 == 0] *= 0.7
+    img += rng.normal(0, 5, img.shape).astype(np.float32)
+    b = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
+    return b.getvalue()
+
+
+def best_ms(fn, data: bytes, repeat: int) -> float:
+    fn(data)  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(data)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    images: list[tuple[str, bytes]] = [
+        ("500x375 JPEG (generated)", photo_like_jpeg(500, 375)),
+        ("1024x768 JPEG (generated)", photo_like_jpeg(1024, 768)),
+        ("4032x3024 JPEG (generated)", photo_like_jpeg(4032, 3024)),
+    ]
+    for name, label in (("dog.jpg", "1546x1213 JPEG (samples/dog.jpg)"),
+                        ("chelsea.png", "451x300 PNG (samples/chelsea.png)")):
+        p = ROOT / "samples" / name
+        if p.exists():
+            images.append((label, p.read_bytes()))
+
+    fns = [
+        ("PIL reference", reference_preprocess),
+        ("decode_image", decode_image),
+        ("decode_image(fast_jpeg)", lambda d: decode_image(d, fast_jpeg=True)),
+    ]
+    print(f"torch {torch.__version__}, 1 thread, best of {args.repeat}; ms/image (x = speed-up vs PIL reference)")
+    print(f"{'image':36s}" + "".join(f"{n:>26s}" for n, _ in fns))
+    for label, data in images:
+        times = [best_ms(fn, data, args.repeat) for _, fn in fns]
+        ref = times[0]
+        cells = [f"{times[0]:8.2f} ms" + " " * 9] + [f"{t:8.2f} ms ({ref / t:4.1f}x)" for t in times[1:]]
+        print(f"{label:36s}" + "".join(f"{c:>26s}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
