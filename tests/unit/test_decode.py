@@ -407,3 +407,14 @@ def test_normalize_on_cuda():
     got = normalize(x.cuda().contiguous(memory_format=torch.channels_last), dtype=torch.float16)
     assert got.device.type == "cuda" and got.dtype == torch.float16
     assert (got.float().cpu() - normalize(x)).abs().max() < 0.01
+
+
+def test_eps_is_refused_without_running_ghostscript(monkeypatch):
+    import subprocess
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("a subprocess was started")
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(subprocess, "check_call", no_subprocess)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+    expect(ErrorCode.decode_error, eps)
