@@ -8,7 +8,10 @@ from __future__ import annotations
 from celery import Celery
 
 from hnq.settings import celery_config
+from worker import transport
 from worker.settings import WorkerSettings
+
+transport.install()
 
 settings = WorkerSettings()
 app = Celery("hardnet", include=["worker.tasks"])
