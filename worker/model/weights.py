@@ -19,6 +19,8 @@ environment variable, through :func:`weights_from_env`; deeper code gets the val
 """
 from __future__ import annotations
 
+import math
+
 import fcntl
 import hashlib
 import http.client
@@ -479,10 +481,39 @@ def _check_fits(model: nn.Module, sd: Mapping[str, Tensor], name: str, source: s
     raise WeightsError("\n".join(lines))
 
 
+# -- "random" weights -----------------------------------------------------------------------------
+# Not torch's random init: a deterministic, RNG-free fill (the one tests/fixtures/hardnet/README.md
+# specifies). Every worker then holds the same "random" model, so a chunk retried on another worker
+# gets the same labels, and the logits depend on the input (a default init with fresh BN stats gives
+# nearly the same top-5 for every image, which makes a demo look broken).
+_FILL_P = 1000003
+
+
+def _fill_value(key: str, shape: tuple[int, ...], k: int) -> Tensor:
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=torch.int64)
+    n = math.prod(shape)
+    i = torch.arange(n, dtype=torch.int64)
+    z = 2.0 * ((((k + 1) * i * i + 618034 * i + 314159 * k) % _FILL_P).to(torch.float64) / _FILL_P) - 1.0
+    if len(shape) >= 2:
+        g = 1.2 if (len(shape) == 4 and shape[1] == 1) else 1.7  # depthwise convs get a smaller gain
+        v = (g * math.sqrt(3.0 / (n // shape[0]))) * z
+    else:
+        mul, add = {"running_mean": (0.05, 0.0), "running_var": (0.25, 1.25),
+                    "weight": (0.1, 1.0), "bias": (0.1, 0.0)}[key.rsplit(".", 1)[1]]
+        v = add + mul * z
+    return v.to(torch.float32).reshape(shape)
+
+
+def deterministic_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The deterministic fill for ``model``'s state_dict (same keys, shapes and order)."""
+    return {key: _fill_value(key, tuple(t.shape), k) for k, (key, t) in enumerate(model.state_dict().items())}
+
+
 def _warn_random(name: str) -> None:
     msg = (
-        f"{name}: using RANDOM, untrained weights (weights='random'): every label it predicts is "
-        f"meaningless. Use this only for tests and smoke runs."
+        f"{name}: using RANDOM, untrained weights (weights='random', a deterministic fill): every "
+        f"label it predicts is meaningless. Use this only for tests and smoke runs."
     )
     warnings.warn(msg, UserWarning, stacklevel=3)
     logger.warning(msg)
@@ -496,6 +527,7 @@ def load_weights(model: nn.Module, name: str, source: str, *, progress: bool = F
     source = resolve_source(name, source)
     if source == RANDOM:
         _warn_random(name)
+        model.load_state_dict(deterministic_state_dict(model), strict=True)
         return model
     sd = load_state_dict(name, source, progress=progress)
     _check_fits(model, sd, name, source)
