@@ -36,8 +36,6 @@ def cmd_classify(a: argparse.Namespace) -> int:
 
     weights = a.weights or weights_from_env()
     clf = Classifier(a.model, weights, device=a.device, batch_size=a.batch_size, fast_jpeg=a.fast_jpeg)
-    if clf.weights == "random":
-        _err("WARNING: random (untrained) weights: the labels below are meaningless")
     # A local command for the user's own files: local paths anywhere, http(s) to any host.
     policy = FetchPolicy(allow_http=True, http_allow_hosts=("*",), allow_private_networks=True,
                          file_roots=None)

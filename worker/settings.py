@@ -43,6 +43,14 @@ class WorkerSettings(CommonSettings):
         "(warm shutdown; `hardnet worker` re-executes it, a bare celery worker relies on its supervisor).")
     retry_backoff_max: int = Field(60, ge=1, description="Longest wait before a failed chunk is retried.")
 
+    def fetch_policy(self):
+        from hnq.storage import FetchPolicy
+
+        return FetchPolicy(
+            max_bytes=self.max_image_bytes, timeout_s=self.fetch_timeout, allow_http=self.allow_http,
+            http_allow_hosts=tuple(self.http_allow_hosts), allow_private_networks=self.allow_private_networks,
+            file_roots=tuple(self.file_roots) if self.file_roots is not None else ())
+
     @field_validator("http_allow_hosts", "file_roots", mode="before")
     @classmethod
     def _split_commas(cls, v):

@@ -19,7 +19,6 @@ from hnq.errors import ErrorCode, TransientError
 from hnq.jobs import JobStore
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
-from hnq.storage import FetchPolicy
 from worker.app import app, settings
 from worker.settings import WorkerSettings
 
@@ -37,10 +36,7 @@ class Context:
         self.store = JobStore(s.broker_url, s.results_ttl_days)
         self.clf = Classifier(s.model, s.weights, device=s.device, batch_size=s.batch_size, amp=s.amp,
                               fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
-        policy = FetchPolicy(
-            max_bytes=s.max_image_bytes, timeout_s=s.fetch_timeout, allow_http=s.allow_http,
-            http_allow_hosts=tuple(s.http_allow_hosts), allow_private_networks=s.allow_private_networks,
-            file_roots=tuple(s.file_roots) if s.file_roots is not None else ())
+        policy = s.fetch_policy()
         self.loader = Loader(self.clf, policy, s.fetch_threads, s.decode_threads)
         log.info("worker ready: model=%s weights=%s device=%s batch=%d amp=%s",
                  s.model, self.clf.weights, self.clf.device, s.batch_size, self.clf.amp)

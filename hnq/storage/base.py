@@ -3,19 +3,10 @@ interface and a capped reader."""
 from __future__ import annotations
 
 import abc
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 from hnq.errors import ErrorCode, ImageError
-
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _env_list(name: str) -> tuple[str, ...]:
-    raw = os.environ.get(name, "")
-    return tuple(x.strip() for x in raw.replace(";", ",").split(",") if x.strip())
-
 
 @dataclass(frozen=True)
 class FetchPolicy:
@@ -39,26 +30,6 @@ class FetchPolicy:
     http_allow_hosts: tuple[str, ...] = ()
     allow_private_networks: bool = False
     file_roots: tuple[str, ...] | None = field(default=None)
-
-    @classmethod
-    def from_env(cls, **overrides) -> "FetchPolicy":
-        """Build a policy from ``HARDNET_MAX_BYTES``, ``HARDNET_FETCH_TIMEOUT_S``,
-        ``HARDNET_ALLOW_HTTP``, ``HARDNET_HTTP_ALLOW_HOSTS`` (comma-separated),
-        ``HARDNET_ALLOW_PRIVATE_NETWORKS`` and ``HARDNET_FILE_ROOTS`` (comma-separated; unset =
-        anywhere, set to empty = refused); keyword arguments win."""
-        kw: dict = {}
-        if os.environ.get("HARDNET_MAX_BYTES"):
-            kw["max_bytes"] = int(os.environ["HARDNET_MAX_BYTES"])
-        if os.environ.get("HARDNET_FETCH_TIMEOUT_S"):
-            kw["timeout_s"] = float(os.environ["HARDNET_FETCH_TIMEOUT_S"])
-        kw["allow_http"] = os.environ.get("HARDNET_ALLOW_HTTP", "").strip().lower() in _TRUE
-        kw["http_allow_hosts"] = _env_list("HARDNET_HTTP_ALLOW_HOSTS")
-        kw["allow_private_networks"] = (
-            os.environ.get("HARDNET_ALLOW_PRIVATE_NETWORKS", "").strip().lower() in _TRUE)
-        if "HARDNET_FILE_ROOTS" in os.environ:
-            kw["file_roots"] = _env_list("HARDNET_FILE_ROOTS")
-        kw.update(overrides)
-        return cls(**kw)
 
 
 @dataclass

@@ -391,18 +391,7 @@ def test_imports_do_not_pull_torch():
     assert r.returncode == 0, r.stderr
 
 
-def test_policy_defaults_and_from_env(monkeypatch):
+def test_policy_defaults():
     p = FetchPolicy()
     assert (p.max_bytes, p.timeout_s, p.allow_http, p.http_allow_hosts,
             p.allow_private_networks, p.file_roots) == (50 * 2**20, 30.0, False, (), False, None)
-    for k in ("HARDNET_MAX_BYTES", "HARDNET_ALLOW_HTTP", "HARDNET_HTTP_ALLOW_HOSTS",
-              "HARDNET_ALLOW_PRIVATE_NETWORKS", "HARDNET_FILE_ROOTS", "HARDNET_FETCH_TIMEOUT_S"):
-        monkeypatch.delenv(k, raising=False)
-    assert FetchPolicy.from_env() == FetchPolicy()
-    monkeypatch.setenv("HARDNET_MAX_BYTES", "1000")
-    monkeypatch.setenv("HARDNET_ALLOW_HTTP", "1")
-    monkeypatch.setenv("HARDNET_HTTP_ALLOW_HOSTS", "a.example, *.b.example")
-    monkeypatch.setenv("HARDNET_FILE_ROOTS", "")
-    p = FetchPolicy.from_env(timeout_s=3)
-    assert p == FetchPolicy(max_bytes=1000, timeout_s=3, allow_http=True,
-                            http_allow_hosts=("a.example", "*.b.example"), file_roots=())
