@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
@@ -59,6 +62,14 @@ class Classifier:
         if self.device.type == "cuda" or self.amp:
             net = net.to(memory_format=torch.channels_last)
         self.net = net.eval()
+        self.amp_check: dict | None = None
+        if self.amp and self.device.type == "cuda":
+            self.amp_check = self.check_amp()
+            if self.amp_check["top1_agreement"] < 0.75:
+                log.warning("fp16 autocast disagrees with fp32 on %s: running in fp32", self.amp_check)
+                self.amp = False
+            else:
+                log.info("fp16 autocast checked against fp32: %s", self.amp_check)
 
     def _autocast(self):
         if not self.amp:
@@ -103,6 +114,27 @@ class Classifier:
                 out.append([Label(index=j, label=IMAGENET_CATEGORIES[j], score=round(s, 6))
                             for s, j in zip(srow, irow)])
         return out
+
+    @torch.inference_mode()
+    def check_amp(self, n: int = 16) -> dict:
+        """Run a fixed synthetic batch in fp32 and under autocast and compare: the fraction of equal
+        top-1 labels, of equal top-5 sets, and the largest softmax difference."""
+        h = torch.arange(224, dtype=torch.float32)
+        x = torch.stack([
+            (127.5 + 127.5 * torch.sin(0.02 * (i + 1) * h[None, :, None] + 0.03 * h[None, None, :] + c))
+            .expand(1, 224, 224) for i in range(n) for c in range(3)]).reshape(n, 3, 224, 224)
+        x = normalize(x.round().to(torch.uint8).to(self.device))
+        if self.device.type == "cuda" or self.amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ref = torch.softmax(self.net(x).float(), 1)
+        with self._autocast():
+            low = torch.softmax(self.net(x).float(), 1)
+        t5r, t5l = ref.topk(5, 1).indices, low.topk(5, 1).indices
+        return {
+            "top1_agreement": (t5r[:, 0] == t5l[:, 0]).float().mean().item(),
+            "top5_set_agreement": sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(t5r, t5l)) / n,
+            "max_prob_diff": (ref - low).abs().max().item(),
+        }
 
     def record(self, uri: str, top: list[Label] | None = None, error: HardnetError | None = None,
                **extra) -> ResultRecord:
