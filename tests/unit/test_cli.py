@@ -1,0 +1,85 @@
+"""The `hardnet` command line: classify output and exit codes, argument errors, and the promise
+that the producer side never imports torch."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cluster import base_env, cli, image_bytes, read_jsonl
+
+
+@pytest.fixture
+def env(redis_url, tmp_path):
+    return base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"))
+
+
+def test_classify_json_reports_every_input_and_exits_3_on_failures(env, samples_dir, tmp_path):
+    d = tmp_path / "imgs"
+    shutil.copytree(samples_dir, d)
+    (d / "bad.jpg").write_bytes(b"<html>nope</html>")
+    p = cli(["classify", str(d), str(tmp_path / "missing.jpg"), "--model", "hardnet39ds", "--weights", "random",
+             "--device", "cpu", "--json"], env, timeout=180)
+    assert p.returncode == 3, p.stderr
+    recs = read_jsonl(p.stdout)
+    assert len(recs) == 8
+    codes = {r["uri"].rsplit("/", 1)[-1]: (r["status"], r.get("error", {}).get("code")) for r in recs}
+    assert codes["bad.jpg"] == ("error", "decode_error")
+    assert codes["missing.jpg"] == ("error", "not_found")
+    assert sum(s == "ok" for s, _ in codes.values()) == 6
+    for r in recs:
+        assert {"uri", "status", "model"} <= set(r) <= {"uri", "status", "top5", "error", "model", "weights", "size", "etag"}
+        if r["status"] == "ok":
+            assert [set(t) for t in r["top5"]] == [{"index", "label", "score"}] * 5
+    assert "RANDOM" in p.stderr  # the meaningless-labels warning is loud
+
+
+def test_classify_human_output_exit_0(env, samples_dir):
+    p = cli(["classify", str(samples_dir / "dog.jpg"), "--model", "hardnet39ds", "--weights", "random"], env, timeout=180)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].endswith("dog.jpg") and len(lines) == 6
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["submit", "--model", "resnet50", "x"], "invalid choice"),
+    (["submit"], "nothing to submit"),
+    (["submit", "/definitely/not/here"], "does not exist"),
+    (["submit", "s3:///nokey"], ""),
+    (["submit", "--out", "ftp://x/y/", "{src}"], "ftp"),
+])
+def test_submit_argument_errors_exit_2(env, tmp_path, args, needle):
+    src = tmp_path / "one"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(image_bytes(1))
+    p = cli([a.replace("{src}", str(src)) for a in args], env)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert needle.lower() in p.stderr.lower()
+
+
+def test_submit_of_a_directory_without_images(env, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    p = cli(["submit", str(tmp_path / "empty")], env)
+    assert p.returncode == 2 and "no images found" in p.stderr
+
+
+def test_producer_commands_never_import_torch(env, tmp_path):
+    """A poisoned `torch` on the path: the producer commands must still work."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the producer must not import torch')\n")
+    env = dict(env, PYTHONPATH=str(tmp_path / "fake"))
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(image_bytes(i))
+    p = cli(["submit", str(src), "--json"], env)
+    assert p.returncode == 0, p.stderr
+    job = json.loads(p.stdout)["job_id"]
+    for args in (["status", job, "--json"], ["status"], ["results", job], ["cancel", job]):
+        q = cli(args, env)
+        assert q.returncode == 0, (args, q.stderr)
+    # and the poison works: classify does need torch
+    assert cli(["classify", str(src)], env).returncode != 0
