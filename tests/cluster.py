@@ -32,13 +32,15 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], name: str, logdir: Path, args: list[str] | None = None):
+    def __init__(self, env: dict[str, str], name: str, logdir: Path, args: list[str] | None = None,
+                 cmd: list[str] | None = None):
+        """`hardnet worker` by default; `cmd` runs another command line (e.g. bare celery)."""
         self.name = name
         self.log_path = logdir / f"worker-{name}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--hostname", f"{name}@%h",
-             "--loglevel", "INFO", *(args or [])],
+            cmd or [sys.executable, "-m", "producer.cli", "worker", "--hostname", f"{name}@%h",
+                    "--loglevel", "INFO", *(args or [])],
             env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:

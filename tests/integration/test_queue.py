@@ -161,3 +161,23 @@ def test_cancel_drops_chunks_not_started(cluster, redis_server, tmp_path):
 def test_status_of_unknown_job_is_an_error(cluster, redis_url):
     p = cli(["status", "no-such-job"], cluster["env"])
     assert p.returncode == 4 and "unknown job" in p.stderr
+
+
+def test_bare_celery_worker_command_works(cluster, redis_url, tmp_path):
+    """`celery -A worker.app worker` (what `hardnet worker` wraps) serves the queue on its own."""
+    import sys
+
+    env = dict(cluster["env"], HARDNET_QUEUE="hardnet-bare")
+    src = Path(cluster["roots"]) / "set-bare"
+    src.mkdir(exist_ok=True)
+    for i in range(5):
+        (src / f"{i}.jpg").write_bytes(image_bytes(i))
+    w = Worker(env, "bare", cluster["logdir"], cmd=[
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
+        "-Q", "hardnet-bare", "--hostname", "bare@%h", "--loglevel=INFO"])
+    try:
+        w.wait_ready()
+        rc, summary = cli_json(["submit", str(src), "--wait", "--json"], env, timeout=180)
+    finally:
+        w.stop()
+    assert rc == 0 and summary["succeeded"] == 5
