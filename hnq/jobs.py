@@ -75,6 +75,18 @@ return state
 """
 
 
+class _Retry(Retry):
+    """Backoff on connection trouble, but a wrong password is not trouble that passes."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(e: Exception) -> bool:
+            if isinstance(e, redis.AuthenticationError):
+                return False
+            return is_retryable(e) if is_retryable else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:8]
 
@@ -101,7 +113,7 @@ class JobStore:
             url, decode_responses=True, socket_timeout=30, socket_connect_timeout=10,
             health_check_interval=10,
             # Ride out a Redis restart (about two minutes of backoff) instead of dying.
-            retry=Retry(ExponentialBackoff(cap=10, base=0.2), 25),
+            retry=_Retry(ExponentialBackoff(cap=10, base=0.2), 25),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self.ttl = ttl_days * 86400
         self._complete = self.r.register_script(_COMPLETE)

@@ -34,6 +34,19 @@ class CommonSettings(BaseSettings):
         14, ge=1, description="Days that job state and Redis-destination results are kept.")
 
 
+def redact_url(url: str) -> str:
+    """A URL fit for logs and messages: the password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    if u.password is None:
+        return url
+    host = u.hostname or ""
+    if u.port:
+        host += f":{u.port}"
+    return urlunsplit(u._replace(netloc=f"{u.username or ''}:***@{host}"))
+
+
 def celery_config(s: CommonSettings) -> dict:
     """The Celery configuration both sides use (the producer only sends, with the same transport)."""
     vt = s.visibility_timeout

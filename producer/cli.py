@@ -389,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_broker_error(e: BaseException) -> bool:
+    import kombu.exceptions
+    import redis
+
+    return isinstance(e, (redis.exceptions.RedisError, kombu.exceptions.OperationalError))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
@@ -400,6 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except HardnetError as e:
         _err(f"{e.code.value}: {e}")
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001
+        if not _is_broker_error(e):
+            raise
+        from hnq.settings import CommonSettings, redact_url
+
+        _err(f"cannot use Redis at {redact_url(CommonSettings().broker_url)}: {type(e).__name__}: {e} "
+             "(is it running? is HARDNET_BROKER_URL right, password and TLS included?)")
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

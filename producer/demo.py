@@ -12,7 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from hnq.settings import redact_url
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -82,7 +83,7 @@ def run_demo(a) -> int:
     started_redis = None
     url = os.environ.get("HARDNET_BROKER_URL", "redis://localhost:6379/0")
     if _reachable(url):
-        _say(f"using the Redis at {url}")
+        _say(f"using the Redis at {redact_url(url)}")
     else:
         url, started_redis = _start_redis(workdir)
         _say(f"started redis-server on 127.0.0.1:{started_redis}")

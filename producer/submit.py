@@ -13,7 +13,7 @@ from celery import Celery
 from hnq.errors import ConfigError
 from hnq.jobs import JobStore, new_job_id
 from hnq.schema import ChunkTask
-from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE, celery_config
+from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE, celery_config, redact_url
 from hnq.storage import validate_destination
 from producer.settings import ProducerSettings
 from producer.sources import chunked
@@ -49,7 +49,7 @@ class LocalJobs:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
-                f.write(json.dumps({"job_id": job_id, "broker": _redact(broker), "run_id": run_id,
+                f.write(json.dumps({"job_id": job_id, "broker": redact_url(broker), "run_id": run_id,
                                     "at": time.time()}) + "\n")
         except OSError as e:  # a read-only home must not stop a submit
             log.warning("could not remember job %s in %s: %s", job_id, self.path, e)
@@ -64,19 +64,6 @@ class LocalJobs:
         except (OSError, ValueError):
             return None
         return None
-
-
-def _redact(url: str) -> str:
-    """Broker URL without its password: never write credentials anywhere."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    u = urlsplit(url)
-    if u.password:
-        host = u.hostname or ""
-        if u.port:
-            host += f":{u.port}"
-        u = u._replace(netloc=f"{u.username or ''}:***@{host}")
-    return urlunsplit(u)
 
 
 def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model: str,

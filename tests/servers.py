@@ -31,7 +31,8 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """A redis-server process we own. ``persist=True`` turns on AOF so a restart keeps the data."""
 
-    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False):
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False,
+                 password: str | None = None):
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
         self.port = port or free_port()
@@ -39,10 +40,15 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.persist = persist
         self.pidfile = self.workdir / f"redis-{self.port}.pid"
+        self.password = password
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _cli(self) -> list[str]:
+        return ["redis-cli", "-p", str(self.port)] + (["--no-auth-warning", "-a", self.password] if self.password else [])
 
     def start(self) -> "RedisServer":
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
@@ -52,13 +58,14 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
         else:
             args += ["--save", "", "--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         subprocess.run(args, check=True)
         wait_port(self.port)
         return self
 
     def stop(self) -> None:
-        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"] if not self.persist
-                       else ["redis-cli", "-p", str(self.port), "shutdown"],
+        subprocess.run(self._cli() + (["shutdown"] if self.persist else ["shutdown", "nosave"]),
                        capture_output=True, timeout=10)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -69,7 +76,7 @@ class RedisServer:
                 return
 
     def flush(self) -> None:
-        subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], capture_output=True, check=True)
+        subprocess.run(self._cli() + ["flushall"], capture_output=True, check=True)
 
 
 class MotoS3:
