@@ -113,8 +113,10 @@ def read_uri_list(path_or_dash: str, *, recursive: bool = True,
     ``#`` skipped, surrounding whitespace stripped. Local paths (relative ones against the cwd) and
     ``file://`` URIs become absolute ``file://`` URIs, directories are expanded like sources; a
     local path that does not exist is passed on (the worker reports it ``not_found``) rather than
-    aborting a long list. ``s3://bucket/prefix/`` lines (ending in ``/``) are expanded; every other
-    line is passed on as given. Streaming."""
+    aborting a long list; so is a malformed ``file:`` or ``s3://`` line (``s3://``,
+    ``file://otherhost/x.jpg``: the worker records it ``invalid_uri``). Well-formed
+    ``s3://bucket/prefix/`` lines (ending in ``/``) are expanded; every other line is passed on as
+    given. Streaming."""
     if path_or_dash == "-":
         yield from _lines(sys.stdin, recursive=recursive, file_roots=file_roots)
         return
@@ -135,12 +137,26 @@ def _lines(f, *, recursive: bool, file_roots) -> Iterator[str]:
             continue
         scheme = scheme_of(line)
         if scheme == "file":
+            if _malformed(file_uri_to_path, line):
+                yield line  # the worker records it invalid_uri; one bad line never stops the list
+                continue
             yield from _expand_local(line, recursive=recursive, file_roots=file_roots,
                                      must_exist=False)
         elif scheme == "s3" and line.endswith("/"):
+            if _malformed(lambda u: parse_s3(u, require_key=False), line):
+                yield line  # e.g. "s3://": invalid_uri from the worker, not a failed submit
+                continue
             yield from _expand_s3(line, recursive=recursive)
         else:
             yield line
+
+
+def _malformed(parse, line: str) -> bool:
+    try:
+        parse(line)
+    except InvalidURI:
+        return True
+    return False
 
 
 def chunked(it: Iterable[str], size: int) -> Iterator[list[str]]:

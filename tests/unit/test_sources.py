@@ -201,6 +201,17 @@ def test_read_uri_list_expands_s3_prefix(small_bucket, tmp_path):
     assert out == ["s3://big/pre/other.png", "s3://big/pre/fix/00007.jpg"]
 
 
+def test_read_uri_list_passes_malformed_lines_on(tmp_path):
+    """A malformed line becomes the worker's invalid_uri record; it must not abort the whole list."""
+    lst = tmp_path / "l.txt"
+    bad = ["s3://", "s3:///", "s3://Bad_Bucket!/", "file://otherhost/x.jpg", "file:relative.jpg",
+           "file:///tmp/%00x.jpg", "bad\x00name.jpg"]
+    lst.write_text("s3://b/first.jpg\n" + "\n".join(bad) + "\ns3://b/last.jpg\n")
+    assert list(read_uri_list(str(lst))) == ["s3://b/first.jpg", *bad, "s3://b/last.jpg"]
+    with pytest.raises(ConfigError):  # as a command-line source it is still refused up front
+        list(expand_sources(["s3://"]))
+
+
 def test_read_uri_list_streams(tmp_path):
     lst = tmp_path / "l.txt"
     lst.write_text("".join(f"s3://b/{i}.jpg\n" for i in range(10)))
