@@ -79,7 +79,7 @@ def _config_error_code(msg: str) -> ErrorCode:
 
 
 def _print_human(rec) -> None:
-    print(rec.uri)
+    print(rec.uri + ("  [random weights: labels meaningless]" if rec.weights == "random" else ""))
     if rec.status == "ok":
         for t in rec.top5:
             print(f"  {t.score:8.4f}  {t.label}")

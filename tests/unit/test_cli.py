@@ -39,7 +39,7 @@ def test_classify_human_output_exit_0(env, samples_dir):
     p = cli(["classify", str(samples_dir / "dog.jpg"), "--model", "hardnet39ds", "--weights", "random"], env, timeout=180)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].endswith("dog.jpg") and len(lines) == 6
+    assert "dog.jpg  [random weights: labels meaningless]" in lines[0] and len(lines) == 6
 
 
 @pytest.mark.parametrize("args, needle", [
