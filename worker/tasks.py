@@ -116,6 +116,13 @@ def classify_chunk(self, payload: dict) -> dict | None:
         ctx = context()
         records = classify_uris(ctx.loader, task.uris, job_id=task.job_id)
         write_part(store, task.dest, task.job_id, task.chunk, records)
+        ok = sum(r.status == "ok" for r in records)
+        log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB", task.job_id, task.chunk, ok,
+                 len(records) - ok, _rss_mb())
+        # Inside the try: if the manifest can't be written the chunk is retried, and the retry
+        # (idempotent) finds the job complete again and writes it then.
+        if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok):
+            _finalize(store, task.dest, task.job_id)
     except Exception as e:  # noqa: BLE001
         err = f"{type(e).__name__}: {e}"
         if state != "missing":
@@ -129,14 +136,6 @@ def classify_chunk(self, payload: dict) -> dict | None:
         log.log(level, "chunk %s/%d attempt %d failed (%s); retrying in %.1fs",
                  task.job_id, task.chunk, attempt, err, delay)
         raise self.retry(exc=e, countdown=delay)
-
-    ok = sum(r.status == "ok" for r in records)
-    log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB", task.job_id, task.chunk, ok,
-             len(records) - ok, _rss_mb())
-    if state == "missing":
-        return {"ok": ok, "failed": len(records) - ok}
-    if store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok):
-        _finalize(store, task.dest, task.job_id)
     return {"ok": ok, "failed": len(records) - ok}
 
 
