@@ -240,15 +240,20 @@ def test_poison_chunk_dead_lettered_then_redriven(redis_url, s3, s3_proxy, tmp_p
         assert "500" in dead[0]["error"] or "InternalError" in dead[0]["error"], dead[0]["error"]
         human = cli(["status", job], env).stdout
         assert "dead chunk 1" in human and "hardnet redrive" in human
-        # Fix the cause, re-drive: the chunk is labelled and the dead letter is gone.
-        s3_proxy.clear()
+        # Fix the cause, re-drive: the chunk is labelled and the dead letter is gone. The manifest's
+        # first write fails too (3 x 500 > 2 boto attempts): the chunk is retried and writes it.
+        s3_proxy.set_fault("500", method="PUT", path="manifest.json", count=3)
         p = cli(["redrive", job], env)
         assert p.returncode == 0, p.stderr
         time.sleep(0.5)
         st = _wait_state(env, job, timeout=120)
+        log = w.log()
     finally:
         w.stop()
     assert st["dead_chunks"] == 0 and st["succeeded"] == 30 and st["failed"] == 0
+    assert s3_proxy.stats()["by_mode"]["500"] >= 3 * 2 + 3  # 3 attempts x 2 requests, then the manifest's 3
+    # attempt 2 of chunk 1 ran twice: once in the poisoned run, once after the failed manifest write
+    assert log.count(f"chunk {job}/1 attempt 2 started") == 2, log[-3000:]
     recs = read_jsonl(cli(["results", job], env).stdout)
     assert len(recs) == 30 and all(r["status"] == "ok" for r in recs)
     manifest = json.loads(s3.get_object(Bucket="dst-out", Key=f"r/{job}/manifest.json")["Body"].read())
