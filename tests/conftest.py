@@ -61,4 +61,6 @@ def s3(moto_server, monkeypatch):
 def _no_internet_weights(monkeypatch, tmp_path_factory):
     """No test may download real weights: point the torch hub cache at a private folder."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+    # and keep the producer's job memory out of the home directory
+    monkeypatch.setenv("HARDNET_STATE_DIR", str(tmp_path_factory.getbasetemp() / "producer-state"))
     monkeypatch.delenv("HARDNET_WEIGHTS", raising=False)
