@@ -12,6 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import MotoS3, RedisServer, s3_env  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
+
+# Set at import, before any (module-scoped) fixture builds a subprocess environment: the producer's
+# job memory stays out of the home directory.
+import tempfile  # noqa: E402
+
+os.environ["HARDNET_STATE_DIR"] = tempfile.mkdtemp(prefix="hardnet-test-state-")
 SAMPLES = ROOT / "samples"
 
 
@@ -61,6 +67,5 @@ def s3(moto_server, monkeypatch):
 def _no_internet_weights(monkeypatch, tmp_path_factory):
     """No test may download real weights: point the torch hub cache at a private folder."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
-    # and keep the producer's job memory out of the home directory
-    monkeypatch.setenv("HARDNET_STATE_DIR", str(tmp_path_factory.getbasetemp() / "producer-state"))
+
     monkeypatch.delenv("HARDNET_WEIGHTS", raising=False)
