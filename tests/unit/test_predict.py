@@ -56,3 +56,15 @@ def test_device_and_weights_descriptions():
         resolve_device("tpu")
     assert describe_weights(None) == "official" and describe_weights("random") == "random"
     assert describe_weights("file:///x/y/hardnet68-5d684880.pth") == "hardnet68-5d684880.pth"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_cuda_fp16_channels_last_matches_cpu_fp32(samples_dir):
+    """On CUDA the defaults are fp16 autocast + channels_last: same top-1 as the CPU fp32 reference."""
+    gpu = Classifier("hardnet68", "random", device="cuda", batch_size=8)
+    cpu = Classifier("hardnet68", "random", device="cpu", batch_size=8)
+    assert gpu.amp and gpu.amp_check is not None and gpu.amp_check["top1_agreement"] >= 0.75
+    items = [(p.name, p.read_bytes()) for p in sorted(samples_dir.glob("*.*g"))]
+    for g, c in zip(gpu.classify(items), cpu.classify(items)):
+        assert g.top5[0].index == c.top5[0].index
+        assert abs(g.top5[0].score - c.top5[0].score) < 0.02
