@@ -177,4 +177,10 @@ def _preload(sender=None, **_):
     prefork parent, where CUDA would then be unusable in the children."""
     if "prefork" in str(getattr(sender, "pool_cls", "")).lower():
         return
-    context()
+    try:
+        context()
+    except Exception as e:  # noqa: BLE001
+        # A worker that cannot label must not take chunks: it would fail and dead-letter them all.
+        # SystemExit is not swallowed by Celery's signal dispatch (it catches Exception).
+        log.critical("cannot start the worker: %s", e)
+        raise SystemExit(78) from e  # EX_CONFIG

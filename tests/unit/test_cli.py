@@ -83,3 +83,12 @@ def test_producer_commands_never_import_torch(env, tmp_path):
         assert q.returncode == 0, (args, q.stderr)
     # and the poison works: classify does need torch
     assert cli(["classify", str(src)], env).returncode != 0
+
+
+def test_worker_that_cannot_load_its_weights_exits_instead_of_taking_chunks(env, tmp_path):
+    env = dict(env, HARDNET_WEIGHTS=str(tmp_path / "missing.pth"))
+    p = cli(["worker", "--loglevel", "INFO"], env, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 78, out[-2000:]
+    assert "cannot start the worker" in out and "missing.pth" in out
+    assert " ready." not in out
