@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hnq.errors import ErrorCode
 
+#: The HarDNet variants (worker.model.hardnet.ARCHS holds their configurations).
+MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
+ModelName = Literal["hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85"]
+
 #: Bumped when a message or record changes incompatibly; workers refuse messages of another version.
 SCHEMA_VERSION = 1
 
@@ -58,7 +62,7 @@ class ChunkTask(BaseModel):
     job_id: str
     chunk: int = Field(ge=0, description="chunk index within the job; names the output part")
     uris: list[str] = Field(min_length=1)
-    model: str
+    model: ModelName
     dest: str | None = Field(None, description="s3://… or file://… output prefix; None = Redis results")
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 from hnq.errors import ConfigError, ErrorCode, HardnetError, ImageError
+from hnq.schema import MODELS
 
 # Exit codes (documented in the README).
 EXIT_OK = 0
@@ -18,7 +19,6 @@ EXIT_USAGE = 2            # bad arguments or configuration
 EXIT_SOME_FAILED = 3      # the job/command finished, but some images could not be labelled
 EXIT_JOB_FAILED = 4       # the job itself failed, was cancelled, or its state was lost
 
-MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 
 
 def _err(msg: str) -> None:

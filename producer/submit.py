@@ -12,7 +12,7 @@ from celery import Celery
 
 from hnq.errors import ConfigError
 from hnq.jobs import JobStore, new_job_id
-from hnq.schema import ChunkTask
+from hnq.schema import MODELS, ChunkTask
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE, celery_config, redact_url
 from hnq.storage import validate_destination
 from producer.settings import ProducerSettings
@@ -20,7 +20,6 @@ from producer.sources import chunked
 
 log = logging.getLogger("hardnet.producer")
 
-MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 
 
 def sender(s: ProducerSettings) -> Celery:

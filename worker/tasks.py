@@ -26,20 +26,33 @@ log = logging.getLogger("hardnet.worker")
 
 
 class Context:
-    """Per-process state, built lazily on the first chunk (never in a fork parent: CUDA)."""
+    """Per-process state, built lazily (never in a fork parent: CUDA). The configured model is
+    loaded at start-up; a job that asks for another variant gets it loaded on first use and kept
+    (they are small next to a GPU's memory), so `hardnet submit --model` is always honoured."""
 
     def __init__(self, s: WorkerSettings):
+        self.s = s
+        self.store = JobStore(s.broker_url, s.results_ttl_days)
+        self._loaders: dict = {}
+        self._lock = threading.Lock()
+        first = self.loader(s.model)
+        log.info("worker ready: model=%s weights=%s device=%s batch=%d amp=%s",
+                 s.model, first.clf.weights, first.clf.device, s.batch_size, first.clf.amp)
+
+    def loader(self, model: str):
         from worker.pipeline.fetch import Loader
         from worker.pipeline.predict import Classifier
 
-        self.s = s
-        self.store = JobStore(s.broker_url, s.results_ttl_days)
-        self.clf = Classifier(s.model, s.weights, device=s.device, batch_size=s.batch_size, amp=s.amp,
-                              fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
-        policy = s.fetch_policy()
-        self.loader = Loader(self.clf, policy, s.fetch_threads, s.decode_threads)
-        log.info("worker ready: model=%s weights=%s device=%s batch=%d amp=%s",
-                 s.model, self.clf.weights, self.clf.device, s.batch_size, self.clf.amp)
+        with self._lock:
+            if model not in self._loaders:
+                s = self.s
+                # HARDNET_WEIGHTS names a checkpoint of the configured model; other variants get
+                # their official weights, except that "random" (tests, demos) applies to all.
+                weights = s.weights if (model == s.model or s.weights == "random") else None
+                clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size, amp=s.amp,
+                                 fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
+                self._loaders[model] = Loader(clf, s.fetch_policy(), s.fetch_threads, s.decode_threads)
+            return self._loaders[model]
 
 
 _ctx: Context | None = None
@@ -114,7 +127,7 @@ def classify_chunk(self, payload: dict) -> dict | None:
     log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, len(task.uris))
     try:
         ctx = context()
-        records = classify_uris(ctx.loader, task.uris, job_id=task.job_id)
+        records = classify_uris(ctx.loader(task.model), task.uris, job_id=task.job_id)
         write_part(store, task.dest, task.job_id, task.chunk, records)
         ok = sum(r.status == "ok" for r in records)
         log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB", task.job_id, task.chunk, ok,

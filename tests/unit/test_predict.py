@@ -68,3 +68,11 @@ def test_cuda_fp16_channels_last_matches_cpu_fp32(samples_dir):
     for g, c in zip(gpu.classify(items), cpu.classify(items)):
         assert g.top5[0].index == c.top5[0].index
         assert abs(g.top5[0].score - c.top5[0].score) < 0.02
+
+
+def test_schema_model_names_are_the_registry():
+    from hnq.schema import MODELS
+    from worker.model.hardnet import ARCHS
+    from worker.model.weights import WEIGHTS
+
+    assert list(MODELS) == list(ARCHS) == list(WEIGHTS)
