@@ -67,16 +67,24 @@ def context() -> Context:
         return _ctx
 
 
+_plain_store: JobStore | None = None
+
+
 def _store() -> JobStore:
     # The job store alone (no model): enough to drop cancelled chunks without loading weights.
-    return context().store if _ctx else JobStore(settings.broker_url, settings.results_ttl_days)
+    global _plain_store
+    if _ctx is not None:
+        return _ctx.store
+    if _plain_store is None:
+        _plain_store = JobStore(settings.broker_url, settings.results_ttl_days)
+    return _plain_store
 
 
 def _dead_letter(store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
     """Give up on a chunk: every URI gets a chunk_failed record (so the output still has one record
     per URI), the chunk is counted as failed and listed as a dead letter that `hardnet redrive`
     can send again."""
-    from worker.pipeline.write import write_manifest, write_part
+    from worker.pipeline.write import write_part
 
     log.error("chunk %s/%d dead-lettered after %d attempts: %s", task.job_id, task.chunk, attempts, error)
     msg = f"chunk failed after {attempts} attempts: {error}"
