@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from hnq.errors import ConfigError, ErrorCode, HardnetError, ImageError
+from hnq.errors import ConfigError, HardnetError
 from hnq.schema import MODELS
 
 # Exit codes (documented in the README).
@@ -58,24 +58,14 @@ def cmd_classify(a: argparse.Namespace) -> int:
                     batch.append(uri)
                     if len(batch) >= max(64, 2 * a.batch_size):
                         flush()
-            except ConfigError as e:
-                # A missing or bad input is that input's error; every other one is still labelled.
-                flush()
-                failed += 1
-                emit(clf.record(src, error=ImageError(str(e), _config_error_code(str(e)))))
+            except ConfigError:
+                # Not expandable (missing, malformed, unknown scheme): fetching it as it is gives
+                # the input its record with the same stable code a worker would give it.
+                batch.append(src)
         flush()
     finally:
         loader.shutdown()
     return EXIT_SOME_FAILED if failed else EXIT_OK
-
-
-def _config_error_code(msg: str) -> ErrorCode:
-    m = msg.lower()
-    if "not exist" in m or "not found" in m or "no such" in m:
-        return ErrorCode.not_found
-    if "scheme" in m:
-        return ErrorCode.unsupported_scheme
-    return ErrorCode.invalid_uri
 
 
 def _print_human(rec) -> None:
