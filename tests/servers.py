@@ -32,7 +32,8 @@ class RedisServer:
     """A redis-server process we own. ``persist=True`` turns on AOF so a restart keeps the data."""
 
     def __init__(self, workdir: Path, port: int | None = None, persist: bool = False,
-                 password: str | None = None):
+                 password: str | None = None, tls: tuple[Path, Path] | None = None):
+        """``tls=(cert, key)``: TLS only (the cert is also the CA), clients need no certificate."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
         self.port = port or free_port()
@@ -41,17 +42,26 @@ class RedisServer:
         self.persist = persist
         self.pidfile = self.workdir / f"redis-{self.port}.pid"
         self.password = password
+        self.tls = tls
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return (f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required"
+                    f"&ssl_ca_certs={self.tls[0]}")
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def _cli(self) -> list[str]:
-        return ["redis-cli", "-p", str(self.port)] + (["--no-auth-warning", "-a", self.password] if self.password else [])
+        tls = ["--tls", "--cacert", str(self.tls[0])] if self.tls else []
+        return (["redis-cli", "-h", "127.0.0.1", "-p", str(self.port)] + tls
+                + (["--no-auth-warning", "-a", self.password] if self.password else []))
 
     def start(self) -> "RedisServer":
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        port_args = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls[0]),
+                      "--tls-key-file", str(self.tls[1]), "--tls-ca-cert-file", str(self.tls[0]),
+                      "--tls-auth-clients", "no"] if self.tls else ["--port", str(self.port)])
+        args = ["redis-server", *port_args, "--bind", "127.0.0.1",
                 "--dir", str(self.workdir), "--daemonize", "yes", "--pidfile", str(self.pidfile),
                 "--logfile", str(self.workdir / f"redis-{self.port}.log")]
         if self.persist:
