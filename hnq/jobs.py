@@ -150,9 +150,6 @@ class JobStore:
         self.r.hset(k, mapping={"state": "cancelled", "finished_at": time.time()})
         return True
 
-    def exists(self, job_id: str) -> bool:
-        return bool(self.r.exists(self.key(job_id)))
-
     def recent(self, n: int = 20) -> list[str]:
         return list(self.r.zrevrange(f"{PREFIX}:jobs", 0, n - 1))
 
@@ -200,9 +197,6 @@ class JobStore:
         n = self.r.hincrby(k, chunk, 1)
         self.r.expire(k, self.ttl)
         return state, n
-
-    def state(self, job_id: str) -> str | None:
-        return self.r.hget(self.key(job_id), "state")
 
     def note_error(self, job_id: str, chunk: int, message: str) -> None:
         k = self.key(job_id, "lasterr")

@@ -57,10 +57,6 @@ def scheme_of(uri: str) -> str:
     return "file"  # plain path, "file:/abs"
 
 
-def is_local(uri: str) -> bool:
-    return scheme_of(uri) == "file"
-
-
 def check_basic(uri: str) -> None:
     """Reject what no scheme accepts: non-strings, empty strings, NUL bytes."""
     if not isinstance(uri, str):
