@@ -188,6 +188,11 @@ class JobStore:
             p.execute()
 
     # -- worker side --
+    def job_state(self, job_id: str) -> str | None:
+        """The job's state (None when Redis does not know it): workers poll it to drop the rest
+        of a chunk whose job was cancelled while the chunk was in flight."""
+        return self.r.hget(self.key(job_id), "state")
+
     def start_chunk(self, job_id: str, chunk: int) -> tuple[str, int]:
         """Mark the job running; returns (state before, this chunk's delivery number)."""
         state = self._start(keys=[self.key(job_id)], args=[time.time()])

@@ -27,44 +27,54 @@ def _err(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------- classify
 def cmd_classify(a: argparse.Namespace) -> int:
+    from collections import deque
+
     from hnq.storage import FetchPolicy
-    from producer.sources import chunked, expand_sources
+    from producer.sources import expand_sources
+    from worker.engine import build_engine
     from worker.model.weights import weights_from_env
-    from worker.pipeline.fetch import Loader
     from worker.pipeline.predict import Classifier
-    from worker.pipeline.run import classify_uris
 
     weights = a.weights or weights_from_env()
     clf = Classifier(a.model, weights, device=a.device, batch_size=a.batch_size, fast_jpeg=a.fast_jpeg)
     # A local command for the user's own files: local paths anywhere, http(s) to any host.
     policy = FetchPolicy(allow_http=True, http_allow_hosts=("*",), allow_private_networks=True,
                          file_roots=None)
-    loader = Loader(clf, policy, fetch_threads=8)
+    engine = build_engine(clf, policy, fetch_threads=32)
     emit = (lambda r: print(r.to_json(), flush=True)) if a.json else _print_human
     failed = 0
-    batch: list[str] = []
+    group: list[str] = []
+    in_flight: deque = deque()   # groups handed to the engine, printed in order as they finish
 
-    def flush():
+    def drain(keep: int) -> None:
         nonlocal failed
-        for rec in classify_uris(loader, batch):
-            failed += rec.status != "ok"
-            emit(rec)
-        batch.clear()
+        while len(in_flight) > keep:
+            # No chunk-level retry here: an image whose storage kept failing gets its own record.
+            for rec in in_flight.popleft().result():
+                failed += rec.status != "ok"
+                emit(rec)
+
+    def send() -> None:
+        if group:
+            in_flight.append(engine.submit(list(group), storage_down_retry=False))
+            group.clear()
+            drain(keep=3)
 
     try:
         for src in a.inputs:
             try:
                 for uri in expand_sources([src]):
-                    batch.append(uri)
-                    if len(batch) >= max(64, 2 * a.batch_size):
-                        flush()
+                    group.append(uri)
+                    if len(group) >= max(64, 2 * clf.batch_size):
+                        send()
             except ConfigError:
                 # Not expandable (missing, malformed, unknown scheme): fetching it as it is gives
                 # the input its record with the same stable code a worker would give it.
-                batch.append(src)
-        flush()
+                group.append(src)
+        send()
+        drain(keep=0)
     finally:
-        loader.shutdown()
+        engine.close()
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -282,7 +292,7 @@ def cmd_redrive(a: argparse.Namespace) -> int:
 def _export_worker_options(a: argparse.Namespace) -> None:
     """CLI options become HARDNET_* variables so `celery -A worker.app` and we read one config."""
     for opt, env in (("model", "HARDNET_MODEL"), ("weights", "HARDNET_WEIGHTS"), ("device", "HARDNET_DEVICE"),
-                     ("batch_size", "HARDNET_BATCH_SIZE")):
+                     ("batch_size", "HARDNET_BATCH_SIZE"), ("chunks_in_flight", "HARDNET_CHUNKS_IN_FLIGHT")):
         v = getattr(a, opt, None)
         if v is not None:
             os.environ[env] = str(v)
@@ -293,7 +303,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     from worker import tasks
     from worker.app import app, settings
 
-    argv = ["worker", "--pool=solo", "--concurrency=1", "-Q", settings.queue,
+    argv = ["worker", "--pool=threads", f"--concurrency={settings.chunks_in_flight}", "-Q", settings.queue,
             f"--loglevel={a.loglevel}", "--without-gossip", "--without-mingle"]
     if a.hostname:
         argv.append(f"--hostname={a.hostname}")
@@ -324,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="hardnet68", choices=MODELS)
     c.add_argument("--weights", help="path, file:// or http(s):// checkpoint, or 'random' (default: official)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 32 on the CPU")
     c.add_argument("--fast-jpeg", action="store_true", help="faster, very slightly different decode of big JPEGs")
     c.add_argument("--json", action="store_true", help="one JSON object per image")
     c.set_defaults(fn=cmd_classify)
@@ -366,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--weights")
     w.add_argument("--device")
     w.add_argument("--batch-size", type=int)
+    w.add_argument("--chunks-in-flight", type=int, help="chunks worked on at once (threads pool size)")
     w.add_argument("--hostname")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("celery_args", nargs=argparse.REMAINDER)

@@ -1,7 +1,13 @@
 """The Celery app of the workers (thin: configuration only; the work is in worker.tasks).
 
-    celery -A worker.app worker --pool=solo --concurrency=1 -Q hardnet      # one per GPU
-    hardnet worker                                                          # the same, wrapped
+    celery -A worker.app worker -Q hardnet      # one process per GPU
+    hardnet worker                              # the same, wrapped
+
+The pool comes from our settings, not from Celery's default (prefork): the **threads** pool with
+``HARDNET_CHUNKS_IN_FLIGHT`` threads, each running one chunk's task, all feeding the process's one
+engine (CUDA is initialised once, in this process; prefork children could not use it). With
+``acks_late`` and prefetch multiplier 1 the worker reserves exactly as many messages as it has
+chunks in flight.
 """
 from __future__ import annotations
 
@@ -16,3 +22,4 @@ transport.install()
 settings = WorkerSettings()
 app = Celery("hardnet", include=["worker.tasks"])
 app.conf.update(celery_config(settings))
+app.conf.update(worker_pool="threads", worker_concurrency=settings.chunks_in_flight)

@@ -16,12 +16,34 @@ class WorkerSettings(CommonSettings):
         "`random` (untrained; labels meaningless, for tests and demos). Unset = official download "
         "into the torch hub cache ($TORCH_HOME).")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per forward pass.")
+    batch_size: int = Field(
+        0, ge=0, le=4096, description="Images per forward pass; 0 = chosen from the device (256 on a "
+        "GPU, 32 on the CPU).")
+    chunks_in_flight: int = Field(
+        4, ge=1, le=64, description="Chunks (Celery messages) one worker process works on at once: "
+        "the threads pool's concurrency. They share one engine, whose batches mix their images.")
+    batch_wait_ms: float = Field(
+        10.0, ge=0, le=10_000, description="How long a short batch may wait for more images while "
+        "more are being fetched or decoded (never when nothing else is on its way).")
+    compile: bool = Field(False, description="torch.compile the model for the fixed batch shape "
+                                             "(short batches padded).")
+    cuda_graphs: bool = Field(False, description="Replay the forward pass as a CUDA graph of the "
+                                                 "fixed batch shape (CUDA only; short batches padded).")
     amp: bool | None = Field(
         None, description="fp16 autocast + channels_last on CUDA. Unset = on for CUDA, off for CPU.")
-    fetch_threads: int = Field(16, ge=1, le=256, description="Concurrent downloads per worker.")
+    fetch_threads: int = Field(
+        0, ge=0, le=1024, description="Downloads in flight per worker; 0 = 256 on a GPU, 64 on the CPU.")
     decode_threads: int = Field(
-        0, ge=0, le=64, description="Threads decoding and resizing images; 0 = number of CPU cores.")
+        0, ge=0, le=256, description="Threads decoding and resizing images; 0 = the CPUs this "
+        "process may use (affinity mask and cgroup quota).")
+    fetch_attempts: int = Field(
+        4, ge=1, le=100, description="Fetches of one image, in all, when storage answers with "
+        "transient errors (503/SlowDown, resets, timeouts) before the image gets its own error "
+        "record (throttled, timeout, fetch_error).")
+    fetch_deadline: float = Field(
+        120.0, gt=0, description="Seconds from an image's first fetch after which no retry starts.")
+    fetch_backoff_max: float = Field(
+        8.0, gt=0, description="Longest wait (s) between two fetches of one image.")
     fast_jpeg: bool = Field(
         False, description="Decode large JPEGs at reduced DCT scale (≥2× the target size) before the "
         "exact resize: several times faster on big photos, within a few uint8 levels.")
@@ -42,6 +64,12 @@ class WorkerSettings(CommonSettings):
         None, ge=64, description="After a chunk, a worker whose RSS exceeds this restarts itself "
         "(warm shutdown; `hardnet worker` re-executes it, a bare celery worker relies on its supervisor).")
     retry_backoff_max: int = Field(60, ge=1, description="Longest wait before a failed chunk is retried.")
+
+    def retry_policy(self):
+        from worker.engine.fetch import RetryPolicy
+
+        return RetryPolicy(attempts=self.fetch_attempts, deadline_s=self.fetch_deadline,
+                           backoff_s=min(0.5, self.fetch_backoff_max), backoff_max_s=self.fetch_backoff_max)
 
     def fetch_policy(self):
         from hnq.storage import FetchPolicy

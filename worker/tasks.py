@@ -26,33 +26,43 @@ log = logging.getLogger("hardnet.worker")
 
 
 class Context:
-    """Per-process state, built lazily (never in a fork parent: CUDA). The configured model is
-    loaded at start-up; a job that asks for another variant gets it loaded on first use and kept
-    (they are small next to a GPU's memory), so `hardnet submit --model` is always honoured."""
+    """Per-process state, built lazily (never in a fork parent: CUDA): one engine per model, shared
+    by every chunk in flight (the threads pool runs `chunks_in_flight` tasks at once). The
+    configured model is loaded at start-up; a job that asks for another variant gets it loaded on
+    first use and kept (they are small next to a GPU's memory), so `hardnet submit --model` is
+    always honoured."""
 
     def __init__(self, s: WorkerSettings):
         self.s = s
         self.store = JobStore(s.broker_url, s.results_ttl_days)
-        self._loaders: dict = {}
+        self._engines: dict = {}
         self._lock = threading.Lock()
-        first = self.loader(s.model)
-        log.info("worker ready: model=%s weights=%s device=%s batch=%d amp=%s",
-                 s.model, first.clf.weights, first.clf.device, s.batch_size, first.clf.amp)
+        first = self.engine(s.model)
+        clf = first.classifier
+        log.info("worker ready: model=%s weights=%s device=%s batch=%d amp=%s chunks_in_flight=%d "
+                 "fetch_threads=%d decode_threads=%d", s.model, clf.weights, clf.device,
+                 clf.batch_size, clf.amp, s.chunks_in_flight, first.cfg.fetch_threads,
+                 first.cfg.decode_threads)
 
-    def loader(self, model: str):
-        from worker.pipeline.fetch import Loader
+    def engine(self, model: str):
+        from worker.engine import build_engine
         from worker.pipeline.predict import Classifier
 
         with self._lock:
-            if model not in self._loaders:
+            if model not in self._engines:
                 s = self.s
                 # HARDNET_WEIGHTS names a checkpoint of the configured model; other variants get
                 # their official weights, except that "random" (tests, demos) applies to all.
                 weights = s.weights if (model == s.model or s.weights == "random") else None
-                clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size, amp=s.amp,
-                                 fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
-                self._loaders[model] = Loader(clf, s.fetch_policy(), s.fetch_threads, s.decode_threads)
-            return self._loaders[model]
+                clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size or None,
+                                 amp=s.amp, fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
+                eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
+                                   decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
+                                   retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
+                                   warm_up=clf.device.type == "cuda" or s.compile)
+                eng.classifier = clf
+                self._engines[model] = eng
+            return self._engines[model]
 
 
 _ctx: Context | None = None
@@ -129,17 +139,19 @@ def classify_chunk(self, payload: dict) -> dict | None:
         _dead_letter(store, task, err, attempt - 1)
         return None
 
-    from worker.pipeline.run import classify_uris
     from worker.pipeline.write import write_part
 
     log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, len(task.uris))
     try:
-        ctx = context()
-        records = classify_uris(ctx.loader(task.model), task.uris, job_id=task.job_id)
+        engine = context().engine(task.model)
+        records = _run_in_engine(engine, store, task, watch=state != "missing")
+        if records is None:
+            log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
+            return None
         write_part(store, task.dest, task.job_id, task.chunk, records)
         ok = sum(r.status == "ok" for r in records)
-        log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB", task.job_id, task.chunk, ok,
-                 len(records) - ok, _rss_mb())
+        log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
+                 len(records) - ok, _rss_mb(), engine.summary())
         # Inside the try: if the manifest can't be written the chunk is retried, and the retry
         # (idempotent) finds the job complete again and writes it then.
         if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok):
@@ -158,6 +170,26 @@ def classify_chunk(self, payload: dict) -> dict | None:
                  task.job_id, task.chunk, attempt, err, delay)
         raise self.retry(exc=e, countdown=delay)
     return {"ok": ok, "failed": len(records) - ok}
+
+
+#: How often a task waiting on its chunk looks whether the job was cancelled meanwhile.
+CANCEL_POLL_S = 1.0
+
+
+def _run_in_engine(engine, store: JobStore, task: ChunkTask, *, watch: bool) -> list[ResultRecord] | None:
+    """Hand the chunk's URIs to the engine and wait for one record per URI, in order. Returns None
+    when the job is cancelled meanwhile (its remaining images are dropped from the engine).
+    StorageDown (a TransientError) propagates: the whole chunk is retried."""
+    chunk = engine.submit(task.uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}")
+    try:
+        while not chunk.wait(CANCEL_POLL_S):
+            if watch and store.job_state(task.job_id) == "cancelled":
+                chunk.cancel()
+                return None
+        return chunk.result()
+    finally:
+        if not chunk.wait(0):
+            chunk.cancel()   # an exception here (e.g. Redis down while polling): stop its images
 
 
 @app.task(name=TASK_FINALIZE, acks_late=True, reject_on_worker_lost=True)

@@ -14,6 +14,7 @@ import torch
 
 from hnq.errors import ConfigError, ErrorCode, HardnetError, ImageError
 from hnq.schema import Label, ResultRecord
+from worker.engine.device import default_batch_size
 from worker.model.labels import IMAGENET_CATEGORIES
 from worker.model.weights import load_model
 from worker.pipeline.decode import decode_image, normalize
@@ -48,11 +49,12 @@ class Classifier:
     """A HarDNet model on a device, ready for uint8 batches. One per process: loading is slow."""
 
     def __init__(self, model: str = "hardnet68", weights: str | None = None, *, device: str = "auto",
-                 batch_size: int = 64, amp: bool | None = None, fast_jpeg: bool = False,
+                 batch_size: int | None = None, amp: bool | None = None, fast_jpeg: bool = False,
                  max_pixels: int | None = None):
         self.model_name = model
         self.device = resolve_device(device)
-        self.batch_size = batch_size
+        # None/0: chosen from the device (256 on a GPU, 32 on the CPU)
+        self.batch_size = batch_size or default_batch_size(self.device)
         self.fast_jpeg = fast_jpeg
         self.max_pixels = max_pixels
         self.weights = describe_weights(weights)

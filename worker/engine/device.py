@@ -1,0 +1,182 @@
+"""Device stage: uint8 batches in, top-k (scores, indices) out.
+
+On CUDA (the case it is built for):
+* each batch is stacked straight into one of two **pinned** host buffers and copied to the GPU
+  with a **non-blocking copy on a side stream**, so batch k+1 is prepared and copied while
+  batch k runs (``launch`` returns at once, ``finish`` waits for that batch alone);
+* normalisation (uint8 -> (x/255-mean)/std), the forward pass, softmax and **top-k run on the
+  device**; one small device->host copy per batch (k scores + k indices per image);
+* ``cudnn.benchmark`` on; fp16 autocast + channels_last per the Classifier (whose start-up
+  check against fp32 stays);
+* options, each measured both ways by benchmarks/bench_gpu.py: ``torch.compile`` and **CUDA
+  graphs** for the fixed batch shape (a short last batch is padded to it; the padding's results
+  are dropped).
+
+On the CPU the same calls run synchronously (fp32, or bf16 autocast when asked)."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from worker.pipeline.decode import normalize
+
+log = logging.getLogger("hardnet.worker")
+
+CROP = 224
+
+
+@dataclass
+class Pending:
+    n: int
+    slot: int = 0
+    event: object = None          # torch.cuda.Event recorded after the device->host copy
+    start: object = None          # torch.cuda.Event recorded before the host->device copy
+    result: tuple | None = None   # CPU: (scores, indices) lists, computed at launch
+
+
+def default_batch_size(device: torch.device) -> int:
+    """256 on a GPU (a few ms of HarDNet68 fp16 on an H100; ~40 MB of uint8 input), 32 on the CPU
+    (larger batches are no faster there and make the last chunk's tail longer)."""
+    return 256 if device.type == "cuda" else 32
+
+
+class DeviceRunner:
+    def __init__(self, net: torch.nn.Module, device: torch.device, batch_size: int, *,
+                 amp: bool, k: int = 5, compile: bool = False, cuda_graphs: bool = False):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.B = batch_size
+        self.k = k
+        self.amp = amp
+        self.channels_last = self.cuda or amp
+        self.compiled = compile
+        self.graphs = cuda_graphs and self.cuda
+        if cuda_graphs and not self.cuda:
+            log.warning("CUDA graphs asked for on %s: ignored", device)
+        self.net = net
+        if compile:
+            # Both options: Inductor's own CUDA graphs ("reduce-overhead") on the fixed shape.
+            mode = "reduce-overhead" if self.graphs else None
+            self.net = torch.compile(net, mode=mode, dynamic=False)
+        # Fixed shapes (padding) whenever something specialises on the shape.
+        self.pad = compile or self.graphs
+        self._graph = None
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+            self.copy_stream = torch.cuda.Stream(device)
+            self.stream = torch.cuda.Stream(device)
+            self.host_in = [torch.empty((batch_size, 3, CROP, CROP), dtype=torch.uint8).pin_memory()
+                            for _ in range(2)]
+            self.host_scores = [torch.empty((batch_size, k), dtype=torch.float32).pin_memory()
+                                for _ in range(2)]
+            self.host_idx = [torch.empty((batch_size, k), dtype=torch.int64).pin_memory()
+                             for _ in range(2)]
+            self.dev_in = [torch.empty((batch_size, 3, CROP, CROP), dtype=torch.uint8, device=device)
+                           for _ in range(2)]
+            self._busy = [False, False]
+            self._next = 0
+            if self.graphs and not compile:
+                self._capture()
+
+    # -- the computation, on whatever stream is current --
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.cuda else torch.bfloat16)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(x)
+        with self._autocast():
+            logits = self.net(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.topk(self.k, dim=1)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        t0 = time.monotonic()
+        self._static_in = torch.zeros((self.B, 3, CROP, CROP), dtype=torch.uint8, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: cuDNN autotuning and allocations happen outside the graph
+                self._forward(self._static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_scores, self._static_idx = self._forward(self._static_in)
+        torch.cuda.synchronize(self.device)
+        log.info("CUDA graph captured for batch %d in %.1fs", self.B, time.monotonic() - t0)
+
+    # -- the engine's calls --
+    @torch.inference_mode()
+    def launch(self, images: list[torch.Tensor]) -> Pending:
+        n = len(images)
+        if n > self.B:
+            raise ValueError(f"batch of {n} > batch size {self.B}")
+        if not self.cuda:
+            x = torch.stack(images)
+            if self.pad and n < self.B:
+                x = torch.cat([x, x[:1].expand(self.B - n, -1, -1, -1)])
+            scores, idx = self._forward(x)
+            return Pending(n, result=(scores[:n].tolist(), idx[:n].tolist()))
+        slot = self._next
+        if self._busy[slot]:
+            raise RuntimeError("device runner: both buffers in flight; finish() one first")
+        self._next = 1 - slot
+        self._busy[slot] = True
+        start = torch.cuda.Event(enable_timing=True)
+        done = torch.cuda.Event(enable_timing=True)
+        on_gpu = images[0].is_cuda
+        if on_gpu:
+            # GPU-decoded images: already on the device (the decoder synchronised after them).
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                start.record()
+                torch.stack(images, out=self.dev_in[slot][:n])
+        else:
+            torch.stack(images, out=self.host_in[slot][:n])
+            with torch.cuda.stream(self.copy_stream):
+                start.record()
+                self.dev_in[slot][:n].copy_(self.host_in[slot][:n], non_blocking=True)
+            self.stream.wait_stream(self.copy_stream)
+        with torch.cuda.stream(self.stream):
+            x = self.dev_in[slot]
+            if self._graph is not None:
+                self._static_in.copy_(x)
+                self._graph.replay()
+                scores, idx = self._static_scores, self._static_idx
+            else:
+                scores, idx = self._forward(x if self.pad else x[:n])
+            self.host_scores[slot][:n].copy_(scores[:n], non_blocking=True)
+            self.host_idx[slot][:n].copy_(idx[:n], non_blocking=True)
+            done.record()
+        return Pending(n, slot=slot, event=done, start=start)
+
+    def finish(self, p: Pending) -> tuple[list[list[float]], list[list[int]], float | None]:
+        """(scores, indices, device milliseconds or None on the CPU) of a launched batch."""
+        if p.result is not None:
+            return p.result[0], p.result[1], None
+        p.event.synchronize()
+        ms = p.start.elapsed_time(p.event)
+        out = (self.host_scores[p.slot][:p.n].tolist(), self.host_idx[p.slot][:p.n].tolist(), ms)
+        self._busy[p.slot] = False
+        return out
+
+    def warm_up(self) -> None:
+        """One padded batch through the whole path (compilation, cuDNN autotuning) before work."""
+        t0 = time.monotonic()
+        img = torch.zeros((3, CROP, CROP), dtype=torch.uint8)
+        if self.cuda and not self.pad:
+            imgs = [img] * self.B
+        else:
+            imgs = [img]
+        self.finish(self.launch(imgs))
+        log.info("device warm-up (batch %d%s%s) took %.1fs", self.B,
+                 ", compiled" if self.compiled else "", ", CUDA graphs" if self.graphs else "",
+                 time.monotonic() - t0)

@@ -1,0 +1,306 @@
+"""The streaming engine: one per worker process and model, fed by every chunk in flight.
+
+    fetch (threads, hundreds in flight, per-image retries)
+      -> decode (all allowed cores; or batched nvJPEG on the GPU)   bounded in items and bytes
+      -> batcher (full batches across chunks, completion order)     bounded
+      -> device (pinned, side-stream copies, fp16/channels_last, top-k on the device; two batches in flight)
+      -> records, put in place in their chunk; a chunk is done when its last image is.
+
+Each Celery task calls :meth:`Engine.submit` with its URIs and waits on the :class:`Chunk` it gets
+back; the task writes the part and acknowledges the message. A slow object holds back nothing but
+its own chunk; records still come out in the chunk's order (each has its slot).
+
+The stages are plain threads joined by bounded queues (see docs/performance.md, "Engine", for why
+not SPDL or torchdata.nodes: this is a long-lived service fed by many callers, whose batches must
+also be cut on idleness, and whose items come back for retries)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from hnq.errors import ErrorCode, HardnetError, ImageError, TransientError
+from hnq.schema import Label, ResultRecord
+from worker.engine.batch import Batcher
+from worker.engine.decode import DecodeStage
+from worker.engine.device import DeviceRunner
+from worker.engine.fetch import FetchStage, RetryPolicy
+from worker.engine.stats import BatchStats, Clock, StageStats
+from worker.model.labels import IMAGENET_CATEGORIES
+
+log = logging.getLogger("hardnet.worker")
+
+
+class StorageDown(TransientError):
+    """Most of a chunk's images failed transiently: storage itself is in trouble, not those
+    images. The chunk is retried as a whole later instead of recording them as failures."""
+
+
+class ChunkCancelled(HardnetError):
+    code = ErrorCode.cancelled
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    batch_size: int
+    fetch_threads: int = 64
+    decode_threads: int = 2
+    #: how long a short batch may wait for more images while more are on their way
+    batch_wait_s: float = 0.01
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: bounds of the decode stage's input (fetched, not yet decoded)
+    max_fetched_items: int = 512
+    max_fetched_bytes: int = 256 * 2**20
+    #: bound of decoded images waiting for the device, in batches
+    ready_batches: int = 3
+    #: GPU decoding: a callable list[bytes] -> list[tensor | Exception], or None for CPU decoding
+    batch_decode: object = None
+
+
+class _Item:
+    __slots__ = ("chunk", "index", "uri", "attempts", "first_try", "data", "etag", "size", "image")
+
+    def __init__(self, chunk: "Chunk", index: int, uri: str):
+        self.chunk = chunk
+        self.index = index
+        self.uri = uri
+        self.attempts = 0
+        self.first_try = 0.0
+        self.data = None
+        self.etag = None
+        self.size = None
+        self.image = None
+
+
+class Chunk:
+    """One caller's URIs in the engine. ``result()`` waits for one record per URI, in order."""
+
+    def __init__(self, engine: "Engine", uris: list[str], *, job_id: str | None, name: str,
+                 storage_down_retry: bool):
+        self.engine = engine
+        self.uris = uris
+        self.job_id = job_id
+        self.name = name
+        self.records: list[ResultRecord | None] = [None] * len(uris)
+        self._left = len(uris)
+        self._transient = 0
+        self._storage_down_retry = storage_down_retry
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        self.closed = False        # cancelled or failed: its remaining images are skipped
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        if not uris:
+            self._finish()
+
+    # -- called by the stages --
+    def put(self, index: int, record: ResultRecord) -> None:
+        with self._lock:
+            if self.records[index] is not None or self.closed:
+                return
+            self.records[index] = record
+            self._left -= 1
+            if self._left == 0:
+                self._finish()
+
+    def transient_failure(self, index: int, record: ResultRecord) -> None:
+        """An image gave up after its retries. Storage is taken to be down (the chunk retried
+        whole) when more than half of the chunk's images did so; else it is that image's record."""
+        with self._lock:
+            self._transient += 1
+            down = self._storage_down_retry and 2 * self._transient > len(self.uris)
+        if down:
+            self.fail(StorageDown(
+                f"{self._transient} of {len(self.uris)} images of chunk {self.name} failed "
+                f"transiently after their retries (last: {record.error.message}); storage looks "
+                "down, the chunk will be retried"))
+        else:
+            self.put(index, record)
+
+    def skip(self, item: _Item) -> None:
+        """A stage dropped an item of this closed chunk."""
+        self.engine.batcher.forget()
+
+    def _finish(self) -> None:
+        self.finished = time.monotonic()
+        self._done.set()
+        self.engine.release(self)
+
+    # -- called by the owner --
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.error = error
+            self.closed = True
+        self._finish()
+
+    def cancel(self) -> None:
+        self.fail(ChunkCancelled(f"chunk {self.name} cancelled"))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> list[ResultRecord]:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"chunk {self.name} not done after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.records  # type: ignore[return-value]
+
+
+class Engine:
+    """Owns the stages and their threads. ``fetch(uri) -> Fetched`` and ``decode(bytes) -> uint8
+    tensor`` are passed in; ``record(uri, top | error, **extra)`` builds the records."""
+
+    def __init__(self, *, fetch, decode, runner: DeviceRunner, record, cfg: EngineConfig):
+        self.cfg = cfg
+        self.runner = runner
+        self.record = record
+        self.clock = Clock()
+        self.batcher = Batcher(cfg.batch_size, cfg.batch_wait_s, cfg.ready_batches * cfg.batch_size)
+        self.decoder = DecodeStage(decode, cfg.decode_threads, self._decoded, self._failed,
+                                   max_items=cfg.max_fetched_items, max_bytes=cfg.max_fetched_bytes,
+                                   batch_decode=cfg.batch_decode, batch=cfg.batch_size)
+        self.fetcher = FetchStage(fetch, cfg.fetch_threads, cfg.retry, self._fetched, self._failed)
+        self.batches = BatchStats()
+        self.records_stats = StageStats("records")
+        self._chunks_lock = threading.Lock()
+        self._chunks: set[Chunk] = set()
+        self._closed = False
+        self._device = threading.Thread(target=self._device_loop, name="hnq-device", daemon=True)
+        self._device.start()
+
+    # -- public --
+    def submit(self, uris: list[str], *, job_id: str | None = None, name: str = "",
+               storage_down_retry: bool = True) -> Chunk:
+        if self._closed:
+            raise RuntimeError("engine closed")
+        chunk = Chunk(self, list(uris), job_id=job_id, name=name or f"{len(uris)} URIs",
+                      storage_down_retry=storage_down_retry)
+        with self._chunks_lock:
+            self._chunks.add(chunk)
+        self.batcher.expect(len(uris))
+        self.fetcher.submit(_Item(chunk, i, u) for i, u in enumerate(chunk.uris))
+        return chunk
+
+    def release(self, chunk: Chunk) -> None:
+        with self._chunks_lock:
+            self._chunks.discard(chunk)
+
+    def chunks_in_flight(self) -> int:
+        with self._chunks_lock:
+            return sum(1 for c in self._chunks if not c._done.is_set())
+
+    def stats(self) -> dict:
+        fq = len(self.fetcher.queue)
+        dq, dbytes = self.decoder.queue.depth()
+        ready, upstream = self.batcher.depth()
+        return {
+            "uptime_s": round(self.clock.elapsed(), 1),
+            "fetch": self.fetcher.stats.snapshot(), "decode": self.decoder.stats.snapshot(),
+            "device": self.batches.snapshot(), "records": self.records_stats.snapshot(),
+            "queues": {"to_fetch": fq, "to_decode": dq, "to_decode_bytes": dbytes,
+                       "ready": ready, "in_flight": upstream + ready},
+            "chunks_in_flight": self.chunks_in_flight(),
+        }
+
+    def summary(self) -> str:
+        s = self.stats()
+        d = s["device"]
+        return (f"engine: batches={d['batches']} mean={d['mean']} largest={d['largest']} "
+                f"images={d['images']} fetch_retries={s['fetch']['retries']} "
+                f"in_flight={s['queues']['in_flight']} chunks_in_flight={s['chunks_in_flight']}")
+
+    def close(self) -> None:
+        self._closed = True
+        self.fetcher.close()
+        self.decoder.close()
+        self.batcher.close()
+        with self._chunks_lock:
+            chunks = list(self._chunks)
+        for c in chunks:
+            c.fail(RuntimeError("engine closed"))
+
+    # -- stage callbacks --
+    def _fetched(self, item: _Item, got) -> None:
+        if item.chunk.closed:
+            item.chunk.skip(item)
+            return
+        item.data, item.etag, item.size = got.data, got.etag, got.size
+        if not self.decoder.put(item):
+            item.chunk.skip(item)
+
+    def _decoded(self, item: _Item) -> None:
+        if item.chunk.closed:
+            item.chunk.skip(item)
+            return
+        if not self.batcher.put(item):
+            item.chunk.skip(item)
+
+    def _failed(self, item: _Item, error: BaseException, transient: bool) -> None:
+        self.batcher.forget()
+        if not isinstance(error, HardnetError):
+            error = ImageError(f"{type(error).__name__}: {error}", ErrorCode.internal_error)
+        rec = self.record(item.uri, error=error, job_id=item.chunk.job_id, etag=item.etag,
+                          size=item.size)
+        if transient:
+            item.chunk.transient_failure(item.index, rec)
+        else:
+            item.chunk.put(item.index, rec)
+
+    # -- the device thread --
+    def _device_loop(self) -> None:
+        inflight = None   # (items, pending) launched and not yet finished
+        while True:
+            items = self.batcher.take(block=inflight is None)
+            if items is None:
+                return
+            if not items:            # nothing ready right now: deliver the batch in flight
+                self._deliver(*inflight)
+                inflight = None
+                continue
+            live = []
+            for it in items:
+                if it.chunk.closed:
+                    it.image = None
+                else:
+                    live.append(it)
+            if not live:
+                continue
+            t0 = time.monotonic()
+            try:
+                pending = self.runner.launch([it.image for it in live])
+            except Exception as e:  # noqa: BLE001 - a device failure fails these images' chunks
+                log.exception("device stage failed on a batch of %d", len(live))
+                for it in live:
+                    it.chunk.fail(TransientError(f"device failed: {type(e).__name__}: {e}"))
+                continue
+            for it in live:
+                it.image = None
+            if inflight is not None:
+                self._deliver(*inflight)
+                inflight = None
+            if pending.result is not None:   # CPU: computed already; deliver without delay
+                self._deliver(live, pending, t0)
+            else:                            # CUDA: runs while the next batch is prepared
+                inflight = (live, pending, t0)
+
+    def _deliver(self, items: list[_Item], pending, t0: float) -> None:
+        try:
+            scores, idx, ms = self.runner.finish(pending)
+        except Exception as e:  # noqa: BLE001
+            log.exception("device stage failed finishing a batch of %d", len(items))
+            for it in items:
+                it.chunk.fail(TransientError(f"device failed: {type(e).__name__}: {e}"))
+            return
+        self.batches.add(len(items), ms / 1000 if ms is not None else time.monotonic() - t0)
+        t1 = time.monotonic()
+        for it, srow, irow in zip(items, scores, idx):
+            top = [Label(index=j, label=IMAGENET_CATEGORIES[j], score=round(s, 6))
+                   for s, j in zip(srow, irow)]
+            it.chunk.put(it.index, self.record(it.uri, top, job_id=it.chunk.job_id, etag=it.etag,
+                                               size=it.size))
+        self.records_stats.add(time.monotonic() - t1, len(items))

@@ -1,0 +1,142 @@
+"""Fetch stage: many downloads in flight (threads: boto3, obstore and the file backend all block,
+and release the GIL while they wait), in completion order, with per-image retries.
+
+An image whose fetch fails transiently (503 SlowDown, resets, timeouts) is not the chunk's
+problem: it goes back into this stage's queue after a backoff and is fetched again, within a
+per-image attempt budget and deadline; when those are spent it gets its own record with the
+error's code (``throttled``, ``timeout``, ``fetch_error``). Its chunk decides whether that many
+such failures mean that storage itself is down (see :meth:`Chunk.transient_failure`)."""
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from hnq.errors import TransientError
+from hnq.storage import Fetched
+from worker.engine.stats import StageStats
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Per-image retries of transient fetch failures inside the engine."""
+
+    attempts: int = 4           # fetches of one image in all, the first included
+    deadline_s: float = 120.0   # from its first try: no new attempt would start after this
+    backoff_s: float = 0.5      # first wait; doubles each time (with jitter), up to backoff_max_s
+    backoff_max_s: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt + 1`` (attempt >= 1 failed)."""
+        return min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class WorkQueue:
+    """FIFO of items to fetch now, plus a heap of items due again later (retries). ``get`` hands
+    out due retries first (they are the oldest work), then new items."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._now: deque = deque()
+        self._later: list = []
+        self._seq = itertools.count()
+        self._closed = False
+
+    def put_many(self, items) -> None:
+        with self._cv:
+            self._now.extend(items)
+            self._cv.notify_all()
+
+    def put_later(self, item, due: float) -> None:
+        with self._cv:
+            heapq.heappush(self._later, (due, next(self._seq), item))
+            self._cv.notify()
+
+    def get(self):
+        """The next item, or None once closed."""
+        with self._cv:
+            while True:
+                if self._closed:
+                    return None
+                now = time.monotonic()
+                if self._later and self._later[0][0] <= now:
+                    return heapq.heappop(self._later)[2]
+                if self._now:
+                    return self._now.popleft()
+                timeout = self._later[0][0] - now if self._later else None
+                self._cv.wait(timeout)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._now) + len(self._later)
+
+
+class FetchStage:
+    """``threads`` fetchers. Each takes an item, calls ``fetch(uri)`` and hands the result to
+    ``on_fetched(item, fetched)`` (which may block: that is the back-pressure from decoding),
+    or ``on_failed(item, error, transient)`` when the image gets an error record."""
+
+    def __init__(self, fetch: Callable[[str], Fetched], threads: int, retry: RetryPolicy,
+                 on_fetched: Callable, on_failed: Callable):
+        self.fetch = fetch
+        self.retry = retry
+        self.on_fetched = on_fetched
+        self.on_failed = on_failed
+        self.queue = WorkQueue()
+        self.stats = StageStats("fetch", threads)
+        self._threads = [threading.Thread(target=self._run, name=f"hnq-fetch-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, items) -> None:
+        self.queue.put_many(items)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if item.chunk.closed:
+                item.chunk.skip(item)
+                continue
+            t0 = time.monotonic()
+            if item.attempts == 0:
+                item.first_try = t0
+            item.attempts += 1
+            try:
+                got = self.fetch(item.uri)
+            except TransientError as e:
+                self.stats.add(time.monotonic() - t0, errors=1)
+                self._transient(item, e)
+                continue
+            except Exception as e:  # noqa: BLE001 - an ImageError, or a bug: that image's record
+                self.stats.add(time.monotonic() - t0, errors=1)
+                self.on_failed(item, e, False)
+                continue
+            self.stats.add(time.monotonic() - t0)
+            self.on_fetched(item, got)
+
+    def _transient(self, item, e: TransientError) -> None:
+        now = time.monotonic()
+        wait = self.retry.delay(item.attempts)
+        if item.attempts < self.retry.attempts and now + wait - item.first_try < self.retry.deadline_s:
+            self.stats.retry()
+            self.queue.put_later(item, now + wait)
+            return
+        spent = now - item.first_try
+        e = TransientError(f"{e} (gave up after {item.attempts} attempts in {spent:.1f}s)", e.code)
+        self.on_failed(item, e, True)
+
+    def close(self) -> None:
+        self.queue.close()
