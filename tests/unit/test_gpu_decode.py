@@ -272,6 +272,16 @@ def test_fake_good_batch_is_one_call_and_results_do_not_alias():
     assert dec.decode_batch([]) == []
 
 
+def test_fake_big_batches_are_split_by_decoded_size(monkeypatch):
+    monkeypatch.setattr(gd, "_DECODE_BYTES", 3 * 500 * 375 * 2)  # two 500x375 images per call
+    blobs = [enc(photo(500, 375, s), quality=90) for s in range(5)]
+    dec = LibjpegStandIn(torch.device("cpu"), max_pixels=MAXPX, cpu_decode=decode_image)
+    got = dec.decode_batch(blobs)
+    assert dec.calls == [2, 2, 1]
+    assert all(torch.equal(g, decode_image(b)) or levels(g, decode_image(b)).max() <= 1
+               for g, b in zip(got, blobs))
+
+
 def test_fake_resize_matches_cpu_geometry():
     """Our float32 resize + crop against decode_image's uint8 one, on the same libjpeg-turbo pixels:
     isolates the resize's share of the GPU-vs-CPU deviation."""

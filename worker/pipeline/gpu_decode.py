@@ -12,7 +12,8 @@ Routing, per blob (:func:`gpu_eligible`, from our own header parse, :func:`decod
   and not so elongated that the CPU path would compute only the crop window (``decode._is_extreme``);
 * everything else (progressive, CMYK/YCCK, 12-bit, PNG, WebP, ..., corrupt, empty, too large) to
   ``cpu_decode`` one by one: the same tensor or the same ``ImageError`` as the CPU worker gives.
-* The eligible ones are decoded in one batched call. nvJPEG's batched call fails as a whole if one
+* The eligible ones are decoded in batched calls (one, unless their decoded RGB would exceed 1 GiB:
+  then several, so that big photos do not pile up on the device). nvJPEG's batched call fails as a whole if one
   image is bad (torchvision returns no partial result), so on an exception each image of that call
   is retried alone on the GPU, and those that fail again go to ``cpu_decode``: one bad image costs
   one record, never the batch.
@@ -47,9 +48,9 @@ What we do about it:
 2. Before every nvJPEG call (batched or a single-image retry) the host waits for the whole device
    (``torch.cuda.synchronize``): nothing queued anywhere can still be reading a block nvJPEG gets.
    After a failed call we synchronise again before freeing anything it allocated.
-3. What we return is our own tensor: one ``[n, 3, crop, crop]`` buffer allocated on the caller's
-   stream, never seen by the decoder, filled from the resized images on our stream after waiting
-   (device-side) for the caller's stream; we synchronise our stream before returning, so the
+3. What we return is our own tensor: rows of one ``[n, 3, crop, crop]`` buffer allocated on the
+   caller's stream, never seen by the decoder, filled from the resized images on our stream after
+   waiting (device-side) for the caller's stream; we synchronise our stream before returning, so the
    results are complete whatever stream the caller uses them on. Nothing returned aliases a
    decoder output.
 
@@ -86,6 +87,7 @@ _GPU_SOF = frozenset({0xC0, 0xC1})   # baseline and extended sequential, Huffman
 _RGB = torchvision.io.ImageReadMode.RGB
 _EOI_TAIL = 64                       # EOI must lie in the last this-many bytes (trailing padding)
 _RESIZE_ELEMS = 1 << 27              # float32 elements per resize call (512 MiB) before splitting
+_DECODE_BYTES = 1 << 30              # decoded RGB bytes per nvJPEG call (1 GiB) before splitting
 
 
 def gpu_eligible(data: bytes, max_pixels: int) -> bool:
@@ -273,55 +275,72 @@ class GpuDecoder:
             x = TF.center_crop_image(x, [self.crop, self.crop])
             dst[i:i + x.shape[0]].copy_(x)
 
+    def _chunks(self, idx: list[int], blobs: list[bytes]) -> list[list[int]]:
+        """Split the eligible images into nvJPEG calls of at most _DECODE_BYTES of decoded RGB, so
+        that a batch of big photos never holds more than that on the device at once."""
+        chunks: list[list[int]] = []
+        size = 0
+        for i in idx:
+            info = jpeg_info(blobs[i])
+            need = 3 * info.width * info.height
+            if chunks and size + need <= _DECODE_BYTES:
+                chunks[-1].append(i)
+                size += need
+            else:
+                chunks.append([i])
+                size = need
+        return chunks
+
     def decode_batch(self, blobs: list[bytes]) -> list[torch.Tensor | Exception]:
         """One entry per blob, in order: a uint8 [3, crop, crop] tensor ON THE DEVICE, or the
         exception (an hnq.errors.ImageError with its code, as decode.decode_image raises) for that blob."""
         n = len(blobs)
+        if n == 0:
+            return []
+        blobs = [b if isinstance(b, bytes) else bytes(b) if b is not None else b"" for b in blobs]
         results: list[torch.Tensor | Exception | None] = [None] * n
-        gpu_idx = [i for i, b in enumerate(blobs) if self.eligible(b)]
+        # guard 3: our own buffer (one row per blob), from the caller's stream pool; written on our
+        # stream once that has waited for the caller's; never handed to the decoder.
+        out = torch.empty((n, 3, self.crop, self.crop), dtype=torch.uint8, device=self.device)
+        on_gpu: set[int] = set()
         caller = torch.cuda.current_stream(self.device) if self._cuda else None
         ctx = torch.cuda.stream(self._stream) if self._cuda else nullcontext()
         with ctx:
-            decoded = self._gpu_decode([bytes(blobs[i]) for i in gpu_idx])
-        on_gpu = {i: t for i, t in zip(gpu_idx, decoded) if t is not None}
-
-        cpu_done: dict[int, torch.Tensor] = {}
-        for i in range(n):
-            if i in on_gpu:
-                continue
-            try:
-                t = self.cpu_decode(blobs[i])
-                if tuple(t.shape) != (3, self.crop, self.crop) or t.dtype != torch.uint8:
-                    raise RuntimeError(f"cpu_decode gave {t.dtype} {tuple(t.shape)}")
-                cpu_done[i] = t
-            except Exception as e:
-                results[i] = _as_image_error(e)
-        self.stats["gpu"] += len(on_gpu)
-        self.stats["cpu"] += n - len(on_gpu)
-
-        good = sorted(on_gpu.keys() | cpu_done.keys())
-        if good:
-            # guard 3: our own buffer, from the caller's stream pool, written on our stream
-            out = torch.empty((len(good), 3, self.crop, self.crop), dtype=torch.uint8, device=self.device)
-            slot = {i: k for k, i in enumerate(good)}
-            with ctx:
-                if self._cuda:
-                    self._stream.wait_stream(caller)
+            if self._cuda:
+                self._stream.wait_stream(caller)
+            for chunk in self._chunks([i for i in range(n) if self.eligible(blobs[i])], blobs):
+                decoded = self._gpu_decode([blobs[i] for i in chunk])
                 groups: dict[tuple[int, int], list[int]] = {}
-                for i, t in on_gpu.items():
-                    groups.setdefault(tuple(t.shape[-2:]), []).append(i)
+                for i, t in zip(chunk, decoded):
+                    if t is not None:
+                        groups.setdefault(tuple(t.shape[-2:]), []).append(i)
+                by_index = dict(zip(chunk, decoded))
                 for idx in groups.values():
-                    idx.sort()
                     tmp = torch.empty((len(idx), 3, self.crop, self.crop), dtype=torch.uint8,
                                       device=self.device)
-                    self._resize_crop([on_gpu[i] for i in idx], tmp)
-                    for k, i in enumerate(idx):
-                        out[slot[i]].copy_(tmp[k])
-                for i, t in cpu_done.items():
-                    out[slot[i]].copy_(t)
-                if self._cuda:
-                    self._stream.synchronize()
-            for i in good:
-                results[i] = out[slot[i]]
-        del on_gpu, decoded  # decoder outputs: freed here, after our stream has finished with them
+                    self._resize_crop([by_index[i] for i in idx], tmp)
+                    out.index_copy_(0, torch.tensor(idx, device=self.device), tmp)
+                    on_gpu.update(idx)
+                # this chunk's decoder outputs are freed here, on our stream, with our resize
+                # kernels maybe still reading them: the next nvJPEG call host-syncs first.
+                del decoded, by_index
+            for i in range(n):
+                if i in on_gpu:
+                    continue
+                try:
+                    t = self.cpu_decode(blobs[i])
+                    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 \
+                            or tuple(t.shape) != (3, self.crop, self.crop):
+                        raise RuntimeError(f"cpu_decode gave {getattr(t, 'dtype', type(t))} "
+                                           f"{tuple(getattr(t, 'shape', ()))}")
+                    out[i].copy_(t)
+                    results[i] = out[i]
+                except Exception as e:
+                    results[i] = _as_image_error(e)
+            if self._cuda:
+                self._stream.synchronize()  # results complete, whatever stream the caller uses
+        for i in on_gpu:
+            results[i] = out[i]
+        self.stats["gpu"] += len(on_gpu)
+        self.stats["cpu"] += n - len(on_gpu)
         return results  # type: ignore[return-value]
