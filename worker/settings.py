@@ -1,7 +1,7 @@
 """Worker settings: one class, every field documented, read from HARDNET_* variables."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
@@ -47,6 +47,11 @@ class WorkerSettings(CommonSettings):
     fast_jpeg: bool = Field(
         False, description="Decode large JPEGs at reduced DCT scale (≥2× the target size) before the "
         "exact resize: several times faster on big photos, within a few uint8 levels.")
+    decode: Literal["cpu", "gpu", "auto"] = Field(
+        "cpu", description="Where JPEGs are decoded: `cpu` (libjpeg-turbo/PIL in decode threads), "
+        "`gpu` (batched nvJPEG on the worker's CUDA device for baseline 8-bit JPEGs, everything else "
+        "still on the CPU; a configuration error without CUDA) or `auto` (gpu when the device is CUDA "
+        "and nvJPEG works there, else cpu).")
     max_image_bytes: int = Field(50 * 2**20, ge=1, description="Download size cap per image.")
     max_pixels: int = Field(
         89_478_485, ge=1, description="Cap on declared width×height (decompression bombs).")
@@ -78,6 +83,11 @@ class WorkerSettings(CommonSettings):
             max_bytes=self.max_image_bytes, timeout_s=self.fetch_timeout, allow_http=self.allow_http,
             http_allow_hosts=tuple(self.http_allow_hosts), allow_private_networks=self.allow_private_networks,
             file_roots=tuple(self.file_roots) if self.file_roots is not None else ())
+
+    @field_validator("decode", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("http_allow_hosts", "file_roots", mode="before")
     @classmethod

@@ -80,7 +80,7 @@ from hnq.errors import ErrorCode, ImageError
 
 __all__ = [
     "MEAN", "STD", "DEFAULT_MAX_PIXELS", "decode_image", "normalize", "reference_transform",
-    "reference_preprocess", "to_rgb", "sniff_format",
+    "reference_preprocess", "to_rgb", "sniff_format", "JpegInfo", "jpeg_info",
 ]
 
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -129,8 +129,18 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
-    """(width, height, components, precision) from the first SOF marker, or None if not found."""
+class JpegInfo(NamedTuple):
+    """What the first SOF (start of frame) segment of a JPEG declares."""
+    sof: int          # the marker's second byte: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...
+    width: int
+    height: int
+    components: int   # 1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK
+    precision: int    # bits per sample: 8 or 12 (16 for lossless)
+
+
+def jpeg_info(data: bytes) -> JpegInfo | None:
+    """The first SOF marker's fields, from a walk of the marker segments (no pixel is decoded), or
+    None if no SOF comes before the first scan / the end of the bytes / a malformed segment."""
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -148,10 +158,16 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
             if i + 10 > n:
                 return None
             prec, h, w, nc = struct.unpack_from(">BHHB", data, i + 4)
-            return w, h, nc, prec
+            return JpegInfo(m, w, h, nc, prec)
         (seglen,) = struct.unpack_from(">H", data, i + 2)
         i += 2 + seglen
     return None
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, precision) from the first SOF marker, or None if not found."""
+    info = jpeg_info(data)
+    return None if info is None else (info.width, info.height, info.components, info.precision)
 
 
 def _png_header(data: bytes) -> tuple[int, int]:
