@@ -59,6 +59,7 @@ class Context:
                 eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
                                    decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
                                    retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
+                                   decode=s.decode,
                                    warm_up=clf.device.type == "cuda" or s.compile)
                 eng.classifier = clf
                 self._engines[model] = eng

@@ -301,3 +301,38 @@ def test_cuda_device_runner_agrees_with_cpu_fp32(graphs, samples_dir):
     print(f"\nMEASURED cuda runner (graphs={graphs}, amp={gpu.amp}) top-1 agreement with CPU fp32: {agree:.2f}")
     assert agree >= 0.8
     assert i2 == i1[:3]
+
+
+def test_batched_decode_path_routes_eligible_blobs_and_isolates_failures(clf):
+    """The engine's GPU-decode wiring, run on the CPU: eligible blobs (JPEGs here) go to the
+    batched decoder in groups, the rest to the CPU threads; a blob the batched decoder fails
+    is that image's record only."""
+    store = Store(24)
+    for i in range(0, 24, 3):                       # every third image a PNG: CPU threads
+        store.blobs[store.uris[i]] = image_bytes(i, "PNG")
+    calls = []
+
+    def batch_decode(blobs):
+        calls.append(len(blobs))
+        out = []
+        for b in blobs:
+            if b is store.blobs[store.uris[4]]:
+                out.append(ImageError("nvjpeg says no", ErrorCode.decode_error))
+            else:
+                out.append(clf.decode(b))
+        return out
+
+    runner = DeviceRunner(clf.net, clf.device, 16, amp=False)
+    cfg = EngineConfig(batch_size=16, fetch_threads=8, decode_threads=2, batch_wait_s=0.05,
+                       retry=FAST_RETRY, batch_decode=batch_decode,
+                       gpu_eligible=lambda b: b[:2] == b"\xff\xd8")
+    eng = Engine(fetch=store.fetch, decode=clf.decode, runner=runner, record=clf.record, cfg=cfg)
+    try:
+        recs = eng.submit(store.uris, name="gpu").result(60)
+        assert [r.uri for r in recs] == store.uris
+        bad = [r for r in recs if r.status != "ok"]
+        assert [r.uri for r in bad] == [store.uris[4]] and bad[0].error.code == "decode_error"
+        assert sum(calls) == 16, calls              # the 16 JPEGs, none of the 8 PNGs
+        assert eng.stats()["decode"]["items"] == 24
+    finally:
+        eng.close()

@@ -3,6 +3,7 @@ to a :class:`~worker.pipeline.predict.Classifier` and a fetch policy."""
 from __future__ import annotations
 
 from worker.engine.cpus import allowed_cpus
+from worker.pipeline.decode import DEFAULT_MAX_PIXELS
 from worker.engine.device import DeviceRunner, default_batch_size
 from worker.engine.engine import Chunk, ChunkCancelled, Engine, EngineConfig, StorageDown
 from worker.engine.fetch import RetryPolicy
@@ -20,13 +21,20 @@ def default_fetch_threads(device_type: str) -> int:
 def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0,
                  batch_wait_s: float = 0.01, retry: RetryPolicy | None = None,
                  compile: bool = False, cuda_graphs: bool = False,
-                 batch_decode=None, warm_up: bool = False) -> Engine:
+                 decode: str = "cpu", warm_up: bool = False) -> Engine:
+    """``decode``: cpu | gpu | auto (HARDNET_DECODE): batched nvJPEG for baseline JPEGs on a CUDA
+    device (worker.pipeline.gpu_decode), CPU threads for everything else."""
     from hnq.storage import fetch
+    from worker.pipeline.gpu_decode import GpuDecoder, resolve_decode_mode
 
     runner = DeviceRunner(clf.net, clf.device, clf.batch_size, amp=clf.amp, compile=compile,
                           cuda_graphs=cuda_graphs)
     if warm_up:
         runner.warm_up()
+    batch_decode = eligible = None
+    if resolve_decode_mode(decode, clf.device) == "gpu":
+        gpu = GpuDecoder(clf.device, max_pixels=clf.max_pixels or DEFAULT_MAX_PIXELS, cpu_decode=clf.decode)
+        batch_decode, eligible = gpu.decode_batch, gpu.eligible
     cfg = EngineConfig(
         batch_size=clf.batch_size,
         fetch_threads=fetch_threads or default_fetch_threads(clf.device.type),
@@ -34,6 +42,7 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
         batch_wait_s=batch_wait_s,
         retry=retry or RetryPolicy(),
         batch_decode=batch_decode,
+        gpu_eligible=eligible,
     )
     return Engine(fetch=lambda uri: fetch(uri, policy), decode=clf.decode, runner=runner,
                   record=clf.record, cfg=cfg)

@@ -75,28 +75,36 @@ class DecodeStage:
     """``threads`` decoders calling ``decode(bytes) -> tensor`` and handing the image to
     ``on_decoded(item)`` (which may block: the batcher's bound) or ``on_failed(item, error)``.
 
-    With ``batch_decode`` (GPU decoding) one thread takes up to ``batch`` items at a time and
-    calls ``batch_decode(list of bytes) -> list of tensor | Exception`` instead."""
+    With ``batch_decode`` (GPU decoding) one more thread takes up to ``batch`` items at a time
+    and calls ``batch_decode(list of bytes) -> list of tensor | Exception``; only the blobs that
+    ``eligible(bytes)`` accepts (baseline JPEGs) go that way, the rest (progressive, CMYK, PNG...)
+    to the CPU threads, so that fallbacks are decoded in parallel too."""
 
     def __init__(self, decode: Callable, threads: int, on_decoded: Callable, on_failed: Callable,
                  *, max_items: int, max_bytes: int, batch_decode: Callable | None = None,
-                 batch: int = 64):
+                 eligible: Callable[[bytes], bool] | None = None, batch: int = 64):
         self.decode = decode
         self.batch_decode = batch_decode
+        self.eligible = eligible or (lambda data: True)
         self.batch = batch
         self.on_decoded = on_decoded
         self.on_failed = on_failed
         self.queue = BoundedQueue(max_items, max_bytes)
-        n = 1 if batch_decode is not None else threads
-        self.stats = StageStats("decode", n)
-        target = self._run_batched if batch_decode is not None else self._run
-        self._threads = [threading.Thread(target=target, name=f"hnq-decode-{i}", daemon=True)
-                         for i in range(n)]
+        self.gpu_queue = BoundedQueue(max_items, max_bytes) if batch_decode is not None else None
+        self.stats = StageStats("decode", threads + (1 if batch_decode is not None else 0))
+        self._threads = [threading.Thread(target=self._run, name=f"hnq-decode-{i}", daemon=True)
+                         for i in range(threads)]
+        if batch_decode is not None:
+            self._threads.append(threading.Thread(target=self._run_batched, name="hnq-decode-gpu",
+                                                  daemon=True))
         for t in self._threads:
             t.start()
 
     def put(self, item) -> bool:
-        return self.queue.put(item, len(item.data) if item.data is not None else 0)
+        n = len(item.data) if item.data is not None else 0
+        if self.gpu_queue is not None and n and self.eligible(item.data):
+            return self.gpu_queue.put(item, n)
+        return self.queue.put(item, n)
 
     def _run(self) -> None:
         while True:
@@ -119,7 +127,7 @@ class DecodeStage:
 
     def _run_batched(self) -> None:
         while True:
-            items = self.queue.get_many(self.batch)
+            items = self.gpu_queue.get_many(self.batch)
             if not items:
                 return
             live = []
@@ -147,5 +155,14 @@ class DecodeStage:
                     it.image = r
                     self.on_decoded(it)
 
+    def depth(self) -> tuple[int, int]:
+        n, b = self.queue.depth()
+        if self.gpu_queue is not None:
+            gn, gb = self.gpu_queue.depth()
+            n, b = n + gn, b + gb
+        return n, b
+
     def close(self) -> None:
         self.queue.close()
+        if self.gpu_queue is not None:
+            self.gpu_queue.close()

@@ -54,8 +54,10 @@ class EngineConfig:
     max_fetched_bytes: int = 256 * 2**20
     #: bound of decoded images waiting for the device, in batches
     ready_batches: int = 3
-    #: GPU decoding: a callable list[bytes] -> list[tensor | Exception], or None for CPU decoding
+    #: GPU decoding: a callable list[bytes] -> list[tensor | Exception], or None for CPU decoding,
+    #: and which blobs it takes (the others are decoded on the CPU threads)
     batch_decode: object = None
+    gpu_eligible: object = None
 
 
 class _Item:
@@ -163,7 +165,8 @@ class Engine:
         self.batcher = Batcher(cfg.batch_size, cfg.batch_wait_s, cfg.ready_batches * cfg.batch_size)
         self.decoder = DecodeStage(decode, cfg.decode_threads, self._decoded, self._failed,
                                    max_items=cfg.max_fetched_items, max_bytes=cfg.max_fetched_bytes,
-                                   batch_decode=cfg.batch_decode, batch=cfg.batch_size)
+                                   batch_decode=cfg.batch_decode, eligible=cfg.gpu_eligible,
+                                   batch=cfg.batch_size)
         self.fetcher = FetchStage(fetch, cfg.fetch_threads, cfg.retry, self._fetched, self._failed)
         self.batches = BatchStats()
         self.records_stats = StageStats("records")
@@ -196,7 +199,7 @@ class Engine:
 
     def stats(self) -> dict:
         fq = len(self.fetcher.queue)
-        dq, dbytes = self.decoder.queue.depth()
+        dq, dbytes = self.decoder.depth()
         ready, upstream = self.batcher.depth()
         return {
             "uptime_s": round(self.clock.elapsed(), 1),
