@@ -17,13 +17,13 @@ would), timed over all N images:
     transform (``reference_preprocess``: Resize(256)/CenterCrop(224)/ToTensor/Normalize), forward
     with batch 1 under ``torch.no_grad()``, softmax, top-5;
 (b) same, batched: PIL reference transform one image at a time, forward in batches of B;
-(c) ours: ``Classifier`` + ``Loader`` + ``classify_uris`` (fetch threads, decode limited to
-    ``decode_threads`` at a time, uint8 batches of B normalised "on the device"), in chunks of
+(c) ours: ``Classifier`` + the worker's streaming engine (``worker.engine``: fetch threads,
+    decode threads, batches of B across chunks, normalised "on the device"), fed chunks of
     ``--chunk-size`` URIs like a worker; records built as a worker builds them.
 
 and, to show the bottleneck: the PIL reference preprocessing alone and our decode alone
 (``decode_image``), both on the bytes already in memory, one image at a time; our fetch+decode
-alone (the ``Loader``: fetch threads + concurrent decode, no model); our model alone
+alone (the engine with a zero-cost stand-in for the model); our model alone
 (``Classifier.predict`` on pre-decoded uint8 batches of B: normalise + forward + softmax/top-5 +
 labels).
 
@@ -72,9 +72,8 @@ import torch  # noqa: E402
 from hnq.storage import FetchPolicy  # noqa: E402
 from hnq.uris import path_to_file_uri  # noqa: E402
 from worker.pipeline.decode import decode_image, reference_preprocess  # noqa: E402
-from worker.pipeline.fetch import Loader  # noqa: E402
+from worker.engine import build_engine  # noqa: E402
 from worker.pipeline.predict import Classifier  # noqa: E402
-from worker.pipeline.run import classify_uris  # noqa: E402
 
 MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 BUCKET = "bench"
@@ -171,10 +170,15 @@ def mode_home_made_batched(ctx) -> list[int]:
     return out
 
 
+def _through(engine, ctx) -> list:
+    C = ctx.args.chunk_size
+    chunks = [engine.submit(ctx.uris[i:i + C]) for i in range(0, len(ctx.uris), C)]
+    return [r for c in chunks for r in c.result()]
+
+
 def mode_ours(ctx) -> list[int]:
-    out, C = [], ctx.args.chunk_size
-    for i in range(0, len(ctx.uris), C):
-        recs = classify_uris(ctx.loader, ctx.uris[i:i + C])
+    out = []
+    for recs in [_through(ctx.engine, ctx)]:
         bad = [r for r in recs if r.status != "ok"]
         if bad:
             raise RuntimeError(f"pipeline failed on {bad[0].uri}: {bad[0].error}")
@@ -193,10 +197,9 @@ def mode_decode_seq(ctx) -> None:
 
 
 def mode_loader_only(ctx) -> None:
-    for fut in ctx.loader.submit(ctx.uris):
-        it = fut.result()
-        if it.error is not None:
-            raise RuntimeError(f"{it.uri}: {it.error}")
+    for r in _through(ctx.zero_engine, ctx):
+        if r.status != "ok":
+            raise RuntimeError(f"{r.uri}: {r.error}")
 
 
 def mode_model_only(ctx) -> None:
@@ -206,10 +209,10 @@ def mode_model_only(ctx) -> None:
 MODES = [  # key, label, function
     ("a", "(a) home-made: PIL + batch 1", mode_home_made),
     ("b", "(b) home-made: PIL + batch B", mode_home_made_batched),
-    ("c", "(c) ours: Loader + classify_uris", mode_ours),
+    ("c", "(c) ours: the streaming engine", mode_ours),
     ("ref", "    PIL reference preprocess (in RAM, 1 by 1)", mode_ref_preprocess),
     ("dec", "    our decode_image (in RAM, 1 by 1)", mode_decode_seq),
-    ("load", "    our fetch+decode only (Loader, threads)", mode_loader_only),
+    ("load", "    our fetch+decode only (engine, zero-cost model)", mode_loader_only),
     ("model", "    our model only (predict, uint8 B)", mode_model_only),
 ]
 
@@ -295,9 +298,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, auto (baselines run on it too)")
-    ap.add_argument("--fetch-threads", type=int, default=16, help="Loader fetch threads (worker default 16)")
-    ap.add_argument("--decode-threads", type=int, default=0, help="Loader decode slots (0 = CPU count, the worker default)")
-    ap.add_argument("--chunk-size", type=int, default=256, help="URIs per classify_uris call (the producer's default chunk)")
+    ap.add_argument("--fetch-threads", type=int, default=64, help="engine fetch threads (worker default on the CPU: 64)")
+    ap.add_argument("--decode-threads", type=int, default=0, help="engine decode threads (0 = allowed CPUs, the worker default)")
+    ap.add_argument("--chunk-size", type=int, default=256, help="URIs per chunk handed to the engine (the producer's default chunk)")
     ap.add_argument("--modes", default=",".join(k for k, _, _ in MODES),
                     help="comma-separated subset of " + ",".join(k for k, _, _ in MODES))
     ap.add_argument("--s3", action="store_true", help="read the images from moto's S3 server instead of file://")
@@ -346,7 +349,12 @@ def main() -> None:
         t0 = time.perf_counter()
         ctx.clf = Classifier(a.model, "random", device=a.device, batch_size=a.batch_size)
         load_s = time.perf_counter() - t0
-        ctx.loader = Loader(ctx.clf, policy, fetch_threads=a.fetch_threads, decode_threads=a.decode_threads)
+        ctx.engine = build_engine(ctx.clf, policy, fetch_threads=a.fetch_threads,
+                                  decode_threads=a.decode_threads)
+        from _common import zero_cost_engine
+
+        ctx.zero_engine = zero_cost_engine(ctx.clf, policy, fetch_threads=a.fetch_threads,
+                                           decode_threads=a.decode_threads)
         ctx.decoded = torch.stack([decode_image(b) for b in ctx.blobs])
 
         mb = sum(map(len, ctx.blobs)) / 2**20

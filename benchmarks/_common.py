@@ -1,0 +1,130 @@
+"""Pieces the benchmarks share: photo-like JPEGs, moto's S3 server and the fault proxy in child
+processes (so that their CPU is theirs, measurable, and not taken from our GIL), CPU time of a
+process, a zero-cost stand-in for the model, and the malloc re-exec the `hardnet` torch commands do."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def photo_like_jpeg(w: int, h: int, seed: int, quality: int = 90) -> bytes:
+    """A JPEG that compresses like a photo (not a flat colour): gradients, a checker of edges,
+    per-pixel noise; different for every seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    ph = rng.uniform(0, 6.3, 3).astype(np.float32)
+    img = np.stack([
+        120 + 100 * np.sin(x / w * 3.1 + y / h * 1.3 + ph[0]),
+        60 + 150 * (x / w) * (y / h) + 30 * np.cos(ph[1] + x / w * 5),
+        200 - 120 * np.cos(y / h * 4.0 + ph[2]),
+    ], axis=-1)
+    cell = max(8, w // int(rng.integers(8, 30)))
+    img[(x // cell + y // cell) % 2 == 0] *= float(rng.uniform(0.55, 0.85))
+    img += 5 * rng.standard_normal(img.shape, dtype=np.float32)
+    b = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(b, "JPEG", quality=quality)
+    return b.getvalue()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """user+system CPU seconds of a process (all its threads) from /proc; children not included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Child:
+    """A helper server in a child process that prints its URL on its first stdout line."""
+
+    def __init__(self, argv: list[str]):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        line = self.proc.stdout.readline().strip()
+        self.url = line.split()[-1] if line else ""
+        if not self.url.startswith("http"):
+            self.stop()
+            raise RuntimeError(f"{argv[:3]} did not start: {line!r}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.terminate()
+            self.proc.wait(10)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+
+
+def moto_child() -> Child:
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from servers import MotoS3; "
+            "m = MotoS3().start(); print(m.url, flush=True); sys.stdin.read(); m.stop()")
+    return Child([sys.executable, "-c", code, str(ROOT / "tests")])
+
+
+def proxy_child(upstream: str) -> Child:
+    """tests/faultproxy.py as a process; prints 'LISTENING http://127.0.0.1:PORT'."""
+    return Child([sys.executable, str(ROOT / "tests" / "faultproxy.py"), "--upstream", upstream])
+
+
+class ZeroNet:
+    """The model replaced by a zero-cost stand-in (benchmarks only): constant logits."""
+
+    def __new__(cls):
+        import torch
+
+        class _Zero(torch.nn.Module):
+            def forward(self, x):
+                return torch.zeros((x.shape[0], 1000), dtype=torch.float32, device=x.device)
+
+        return _Zero()
+
+
+def zero_cost_engine(clf, policy, **kw):
+    """The worker's engine with the model replaced by :class:`ZeroNet` (same fetch, decode,
+    batcher, device runner, records)."""
+    from worker.engine import DeviceRunner, Engine, EngineConfig, allowed_cpus
+    from worker.engine import default_fetch_threads
+    from hnq.storage import fetch
+
+    runner = DeviceRunner(ZeroNet(), clf.device, clf.batch_size, amp=False)
+    cfg = EngineConfig(batch_size=clf.batch_size,
+                       fetch_threads=kw.get("fetch_threads") or default_fetch_threads(clf.device.type),
+                       decode_threads=kw.get("decode_threads") or allowed_cpus())
+    return Engine(fetch=lambda u: fetch(u, policy), decode=clf.decode, runner=runner,
+                  record=clf.record, cfg=cfg)
+
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
+
+
+def reexec_with_malloc_tuning() -> None:
+    """Run under the same glibc malloc thresholds as `hardnet worker` (which re-executes itself
+    with them): the in-process model-limit figures must be measured like the worker runs."""
+    if os.environ.get("HARDNET_TUNE_MALLOC", "1") != "0" and not all(k in os.environ for k in MALLOC_ENV):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})

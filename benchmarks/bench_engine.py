@@ -1,0 +1,306 @@
+"""The streaming engine against its limits, measured in the same run (issue 7's figures).
+
+    python benchmarks/bench_engine.py [--scenarios default68,latency39,plumbing,rss] [--n-latency 1024]
+
+Scenarios (each prints its figures and its ratio to a baseline measured in the same run):
+
+default68  hardnet68 with the worker's default settings (batch from the device, chunk 256,
+           4 chunks in flight), N local JPEGs through the queue: `hardnet submit DIR --wait` to a
+           real redis-server and one `hardnet worker` process. Baseline: the model limit, i.e.
+           `Classifier.predict` on pre-decoded uint8 batches of the same size in this process
+           (normalise + forward + softmax/top-5), measured before and after the job (mean).
+latency39  hardnet39ds, `--chunk-size 16`, images in moto's S3 server behind the fault proxy
+           adding 80 ms to every request (a distant object store), both in child processes.
+           Baseline: the model limit as above. On 2 cores moto and the proxy burn CPU the worker
+           then lacks: their CPU time during the job is read from /proc, and the limit is also
+           given scaled down by their share of the machine (limit x (1 - share)).
+plumbing   the same engine in this process with the model replaced by a zero-cost stand-in
+           (benchmarks/_common.ZeroNet): end-to-end images/s against the decode-only rate
+           of the same cores (decode_image over the same bytes in as many threads).
+rss        a worker (hardnet39ds) labels 20,000 URIs (a list cycling over the generated files);
+           its RSS is sampled every second; growth after the first 2,000 images (warm-up) is
+           reported as (max - value at warm-up) / value at warm-up.
+
+Images: generated photo-like JPEGs at 500x375 (quality 90). Weights: `random` (the deterministic
+fill: the compute of the real weights). The process re-executes itself with the glibc malloc
+thresholds that `hardnet worker` uses, so both sides run under the same allocator settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+from _common import (ROOT, moto_child, photo_like_jpeg, proc_cpu_s, proc_rss_mb, proxy_child,
+                     reexec_with_malloc_tuning, zero_cost_engine)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def make_images(root: Path, n: int) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = root / f"img{i:05d}.jpg"
+        p.write_bytes(photo_like_jpeg(500, 375, seed=i))
+        out.append(p)
+    return out
+
+
+def model_limit(model: str, batch: int, seconds: float = 8.0) -> float:
+    """images/s of Classifier.predict on pre-decoded uint8 batches (after a warm-up batch)."""
+    import torch
+
+    from worker.pipeline.decode import decode_image
+    from worker.pipeline.predict import Classifier
+
+    clf = Classifier(model, "random", device="cpu", batch_size=batch)
+    x = torch.stack([decode_image(photo_like_jpeg(500, 375, seed=10_000 + i)) for i in range(batch)])
+    clf.predict(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 2 * batch:
+        clf.predict(x)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+class Queue:
+    """A throwaway redis-server and one `hardnet worker` process with the given settings."""
+
+    def __init__(self, tmp: Path, env_extra: dict[str, str]):
+        from cluster import Worker
+        from servers import RedisServer
+
+        self.redis = RedisServer(tmp / "redis").start()
+        self.env = dict(os.environ)
+        self.env.update({"HARDNET_BROKER_URL": self.redis.url, "HARDNET_WEIGHTS": "random",
+                         "HARDNET_DEVICE": "cpu", "HARDNET_STATE_DIR": str(tmp / "state"),
+                         "HARDNET_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1",
+                         "PYTHONWARNINGS": "ignore"})
+        self.env.update(env_extra)
+        self.worker = Worker(self.env, "bench", tmp)
+        self.worker.wait_ready(timeout=300)
+
+    def submit(self, args: list[str], timeout: float = 1800) -> dict:
+        p = subprocess.run([sys.executable, "-m", "producer.cli", "submit", *args, "--wait", "--json"],
+                           env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+        if not lines:
+            raise RuntimeError(f"submit failed rc={p.returncode}: {p.stderr[-2000:]}\n{self.worker.log()[-2000:]}")
+        info = json.loads(lines[-1])
+        info["job_s"] = (datetime.fromisoformat(info["finished_at"])
+                         - datetime.fromisoformat(info["submitted_at"])).total_seconds()
+        return info
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.redis.stop()
+
+
+def scenario_default68(tmp: Path, a) -> None:
+    log(f"\n== default68: hardnet68, default worker settings, {a.n_default} local JPEGs through the queue")
+    make_images(tmp / "d68", a.n_default)
+    import torch
+
+    from worker.engine import default_batch_size
+
+    batch = default_batch_size(torch.device("cpu"))   # what the worker picks on the CPU
+    before = model_limit("hardnet68", batch)
+    log(f"model limit before: {before:.1f} img/s (batch {batch})")
+    q = Queue(tmp, {"HARDNET_MODEL": "hardnet68", "HARDNET_FILE_ROOTS": str(tmp / "d68")})
+    try:
+        info = q.submit([str(tmp / "d68")])
+        eng = [ln for ln in q.worker.log().splitlines() if "engine:" in ln][-1:]
+    finally:
+        q.stop()
+    after = model_limit("hardnet68", batch)
+    limit = (before + after) / 2
+    rate = info["succeeded"] / info["job_s"]
+    log(f"model limit after: {after:.1f} img/s")
+    log(f"end to end: {info['succeeded']} ok of {info['total']} in {info['job_s']:.1f}s = {rate:.1f} img/s")
+    log(f"  worker: {eng[0].split('engine:')[1].strip() if eng else '?'}")
+    log(f"RESULT default68: {rate:.1f} img/s / model limit {limit:.1f} = {rate / limit:.2f}x (target >= 0.85x)")
+
+
+def scenario_latency39(tmp: Path, a) -> None:
+    n = a.n_latency
+    log(f"\n== latency39: hardnet39ds, chunk 16, {n} JPEGs in moto S3 behind +{a.latency_ms} ms per request")
+    import urllib.request
+
+    moto = moto_child()
+    proxy = proxy_child(moto.url)
+    try:
+        import boto3
+
+        cl = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        cl.create_bucket(Bucket="bench")
+        blobs = [photo_like_jpeg(500, 375, seed=i) for i in range(n)]
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda ib: cl.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]),
+                        enumerate(blobs)))
+        urllib.request.urlopen(f"{proxy.url}/__fault__?mode=slow&delay={a.latency_ms / 1000}", timeout=10).read()
+        before = model_limit("hardnet39ds", 32)
+        log(f"model limit before: {before:.1f} img/s (batch 32)")
+        from servers import s3_env
+
+        q = Queue(tmp, {"HARDNET_MODEL": "hardnet39ds", **s3_env(proxy.url)})
+        try:
+            c0 = moto.cpu_s() + proxy.cpu_s()
+            w0 = proc_cpu_s(q.worker.proc.pid)
+            t0 = time.perf_counter()
+            info = q.submit(["s3://bench/img/", "--chunk-size", "16"])
+            wall = time.perf_counter() - t0
+            storage_cpu = moto.cpu_s() + proxy.cpu_s() - c0
+            worker_cpu = proc_cpu_s(q.worker.proc.pid) - w0
+            eng = [ln for ln in q.worker.log().splitlines() if "engine:" in ln][-1:]
+        finally:
+            q.stop()
+        after = model_limit("hardnet39ds", 32)
+    finally:
+        proxy.stop()
+        moto.stop()
+    limit = (before + after) / 2
+    cpus = len(os.sched_getaffinity(0))
+    share = min(0.99, storage_cpu / (wall * cpus))
+    scaled = limit * (1 - share)
+    rate = info["succeeded"] / info["job_s"]
+    log(f"model limit after: {after:.1f} img/s")
+    log(f"end to end: {info['succeeded']} ok of {info['total']} in {info['job_s']:.1f}s = {rate:.1f} img/s")
+    log(f"  worker: {eng[0].split('engine:')[1].strip() if eng else '?'}")
+    log(f"CPU during the job ({wall:.1f}s wall x {cpus} CPUs): moto+proxy {storage_cpu:.1f}s "
+        f"({100 * share:.0f}% of the machine), worker {worker_cpu:.1f}s")
+    log(f"RESULT latency39: {rate:.1f} img/s / model limit {limit:.1f} = {rate / limit:.2f}x; "
+        f"/ limit scaled by the emulators' share {scaled:.1f} = {rate / scaled:.2f}x (target >= 0.75x)")
+
+
+def scenario_plumbing(tmp: Path, a) -> None:
+    n = a.n_plumbing
+    log(f"\n== plumbing: the engine with a zero-cost model vs decode-only, {n} JPEGs from file://")
+    from hnq.storage import FetchPolicy
+    from hnq.uris import path_to_file_uri
+    from worker.engine import allowed_cpus
+    from worker.pipeline.decode import decode_image
+    from worker.pipeline.predict import Classifier
+
+    paths = make_images(tmp / "plumb", n)
+    blobs = [p.read_bytes() for p in paths]
+    uris = [path_to_file_uri(p) for p in paths]
+    threads = allowed_cpus()
+    clf = Classifier("hardnet39ds", "random", device="cpu", batch_size=32)
+    eng = zero_cost_engine(clf, FetchPolicy(file_roots=(str(tmp / "plumb"),)))
+    try:
+        rows = []
+        for r in range(a.repeat):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(threads) as ex:
+                list(ex.map(decode_image, blobs))
+            dec = n / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            chunks = [eng.submit(uris[i:i + 256]) for i in range(0, n, 256)]
+            recs = [x for c in chunks for x in c.result()]
+            e2e = n / (time.perf_counter() - t0)
+            assert all(x.status == "ok" for x in recs), [x for x in recs if x.status != "ok"][:1]
+            rows.append((dec, e2e))
+            log(f"  repeat {r + 1}: decode-only {dec:.0f} img/s, engine end to end {e2e:.0f} img/s, "
+                f"ratio {e2e / dec:.2f}")
+        log(f"  engine: {eng.summary()}")
+    finally:
+        eng.close()
+    ratios = sorted(e / d for d, e in rows)
+    med = ratios[len(ratios) // 2]
+    log(f"RESULT plumbing ({threads} decode threads): median ratio engine/decode-only = {med:.2f}x "
+        f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.85x)")
+
+
+def scenario_rss(tmp: Path, a) -> None:
+    n, uniq = a.n_rss, 512
+    log(f"\n== rss: a worker (hardnet39ds) over {n} URIs; RSS sampled every second")
+    paths = make_images(tmp / "rss", uniq)
+    listing = tmp / "rss.txt"
+    # the same files many times over: a job may list a URI more than once (one record each)
+    with listing.open("w") as f:
+        for i in range(n):
+            f.write(f"{paths[i % uniq]}\n")
+    q = Queue(tmp, {"HARDNET_MODEL": "hardnet39ds", "HARDNET_FILE_ROOTS": str(tmp / "rss")})
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample():
+        from hnq.jobs import JobStore
+
+        store = JobStore(q.env["HARDNET_BROKER_URL"])
+        while not stop.is_set():
+            try:
+                ids = store.recent(1)
+                done = 0
+                if ids:
+                    info = store.info(ids[0])
+                    done = info.succeeded + info.failed if info else 0
+                samples.append((done, proc_rss_mb(q.worker.proc.pid)))
+            except Exception:  # noqa: BLE001
+                pass
+            stop.wait(1.0)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        info = q.submit(["--from-file", str(listing)], timeout=3600)
+    finally:
+        stop.set()
+        th.join(5)
+        q.stop()
+    warm = [rss for done, rss in samples if done >= 2000]
+    if not warm:
+        log("RESULT rss: no samples after warm-up")
+        return
+    base, top, low = warm[0], max(warm), min(warm)
+    log(f"images {info['succeeded']} ok in {info['job_s']:.0f}s; RSS at 2,000 images {base:.0f} MiB, "
+        f"then min {low:.0f} / max {top:.0f} / last {warm[-1]:.0f} MiB over {len(warm)} samples")
+    log(f"RESULT rss: growth after warm-up {100 * (top - base) / base:+.1f}% (max), "
+        f"{100 * (warm[-1] - base) / base:+.1f}% (last) (target within +-5%)")
+
+
+SCENARIOS = {"default68": scenario_default68, "latency39": scenario_latency39,
+             "plumbing": scenario_plumbing, "rss": scenario_rss}
+
+
+def main() -> None:
+    reexec_with_malloc_tuning()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", default="default68,latency39,plumbing")
+    ap.add_argument("--n-default", type=int, default=384)
+    ap.add_argument("--n-latency", type=int, default=1024)
+    ap.add_argument("--latency-ms", type=float, default=80)
+    ap.add_argument("--n-plumbing", type=int, default=1024)
+    ap.add_argument("--n-rss", type=int, default=20_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*RANDOM, untrained weights.*")
+    import torch
+
+    log(f"bench_engine {datetime.now().isoformat(timespec='seconds')}  python {platform.python_version()}, "
+        f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} CPUs, load {os.getloadavg()}")
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as d:
+        for name in a.scenarios.split(","):
+            sub = Path(d) / name
+            sub.mkdir()
+            SCENARIOS[name.strip()](sub, a)
+    log(f"load at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
