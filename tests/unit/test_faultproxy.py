@@ -78,7 +78,7 @@ def test_permanent_503_is_transient(proxy, fast_backoff):
     proxy.set_fault("503")
     with pytest.raises(TransientError) as ei:
         fetch(URI)
-    assert ei.value.code == ErrorCode.fetch_error
+    assert ei.value.code == ErrorCode.throttled
     assert proxy.requests == 8  # HARDNET_S3_MAX_ATTEMPTS default: 8 requests in all
     with pytest.raises(TransientError):
         open_destination("s3://bkt/out/").put("j/x.json", b"{}")
