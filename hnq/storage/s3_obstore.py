@@ -192,7 +192,7 @@ def _build(bucket: str) -> S3Store:
 def store_for(bucket: str) -> S3Store:
     """The process's store for ``bucket`` (thread-safe; rebuilt when the environment changed)."""
     global _stores_env, _pid
-    env = _s3.env_key()
+    env = (_s3.env_key(), BACKOFF_INIT, BACKOFF_MAX, RETRY_TIMEOUT, CREDENTIALS_TTL)
     if os.getpid() != _pid:  # forked without register_at_fork having run (or pid faked)
         _reset_after_fork()
     store = _stores.get(bucket) if env == _stores_env else None

@@ -32,50 +32,72 @@ def _code(excinfo) -> ErrorCode:
     return excinfo.value.code
 
 
-# ---------------------------------------------------------------- s3 fetch
+# ---------------------------------------------------------------- s3 fetch (both GET clients)
 
-def test_s3_fetch_awkward_keys(s3, bucket):
+def test_s3_fetch_awkward_keys(s3, bucket, s3_get):
     for i, k in enumerate(KEYS):
-        s3.put_object(Bucket=bucket, Key=k, Body=f"img{i}".encode())
+        s3.put_object(Bucket=bucket, Key=k, Body=f"img{i}".encode() * (i + 1))
     for i, k in enumerate(KEYS):
-        f = fetch(f"s3://{bucket}/{k}", FetchPolicy())
-        assert f.data == f"img{i}".encode(), k
+        f = fetch(f"s3://{bucket}/{k}", s3_get.policy())
+        assert f.data == f"img{i}".encode() * (i + 1), k
         assert f.size == len(f.data)
-        assert f.etag and '"' not in f.etag
+        head = s3.head_object(Bucket=bucket, Key=k)
+        assert f.etag == head["ETag"].strip('"') and '"' not in f.etag
+        assert f.size == head["ContentLength"]
 
 
-def test_s3_percent_is_not_decoded(s3, bucket):
+def test_s3_percent_is_not_decoded(s3, bucket, s3_get):
     s3.put_object(Bucket=bucket, Key="a%20b.jpg", Body=b"literal")
     s3.put_object(Bucket=bucket, Key="a b.jpg", Body=b"space")
-    assert fetch(f"s3://{bucket}/a%20b.jpg").data == b"literal"
-    assert fetch(f"s3://{bucket}/a b.jpg").data == b"space"
+    s3.put_object(Bucket=bucket, Key="a+b.jpg", Body=b"plus")
+    s3.put_object(Bucket=bucket, Key="a%2Bb.jpg", Body=b"encoded plus")
+    assert fetch(f"s3://{bucket}/a%20b.jpg", s3_get.policy()).data == b"literal"
+    assert fetch(f"s3://{bucket}/a b.jpg", s3_get.policy()).data == b"space"
+    assert fetch(f"s3://{bucket}/a+b.jpg", s3_get.policy()).data == b"plus"
+    assert fetch(f"s3://{bucket}/a%2Bb.jpg", s3_get.policy()).data == b"encoded plus"
 
 
-def test_s3_not_found(s3, bucket):
+def test_s3_not_found(s3, bucket, s3_get):
     with pytest.raises(ImageError) as ei:
-        fetch(f"s3://{bucket}/missing.jpg", FetchPolicy())
+        fetch(f"s3://{bucket}/missing.jpg", s3_get.policy())
     assert _code(ei) == ErrorCode.not_found
+    assert "no such object" in str(ei.value)
     with pytest.raises(ImageError) as ei:
-        fetch("s3://no-such-bucket/x.jpg", FetchPolicy())
+        fetch("s3://no-such-bucket/x.jpg", s3_get.policy())
     assert _code(ei) == ErrorCode.not_found
+    assert "bucket does not exist" in str(ei.value)
 
 
-def test_s3_empty_object_returned(s3, bucket):
+def test_s3_empty_object_returned(s3, bucket, s3_get):
     s3.put_object(Bucket=bucket, Key="empty.jpg", Body=b"")
-    f = fetch(f"s3://{bucket}/empty.jpg")
+    f = fetch(f"s3://{bucket}/empty.jpg", s3_get.policy())
     assert f.data == b"" and f.size == 0
+    assert f.etag == "d41d8cd98f00b204e9800998ecf8427e"  # MD5 of nothing
 
 
-def test_s3_too_large(s3, bucket):
+def test_s3_too_large(s3, bucket, s3_get):
     s3.put_object(Bucket=bucket, Key="big.jpg", Body=b"x" * 5000)
     with pytest.raises(ImageError) as ei:
-        fetch(f"s3://{bucket}/big.jpg", FetchPolicy(max_bytes=4999))
+        fetch(f"s3://{bucket}/big.jpg", s3_get.policy(max_bytes=4999))
     assert _code(ei) == ErrorCode.too_large
-    assert fetch(f"s3://{bucket}/big.jpg", FetchPolicy(max_bytes=5000)).size == 5000
+    assert "5000 bytes" in str(ei.value)  # refused on the announced size
+    assert fetch(f"s3://{bucket}/big.jpg", s3_get.policy(max_bytes=5000)).size == 5000
+
+
+def test_s3_no_credentials_is_transient(s3, bucket, s3_get, monkeypatch, request):
+    s3.put_object(Bucket=bucket, Key="k.jpg", Body=b"k")
+    request.addfinalizer(reset_s3_client)  # don't leave a credential-less session behind
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    reset_s3_client()  # a new session, client and store: no credentials anywhere
+    with pytest.raises(TransientError) as ei:
+        fetch(f"s3://{bucket}/k.jpg", s3_get.policy())
+    assert _code(ei) == ErrorCode.fetch_error
+    assert "credentials" in str(ei.value)
 
 
 def test_s3_too_large_while_streaming(s3, bucket, monkeypatch):
-    """A store that under-reports the size is still capped while reading."""
+    """A store that under-reports the size is still capped while reading (boto3's body)."""
     s3.put_object(Bucket=bucket, Key="big.jpg", Body=b"x" * 5000)
     client = s3_client()
     real = client.get_object
@@ -87,8 +109,9 @@ def test_s3_too_large_while_streaming(s3, bucket, monkeypatch):
 
     monkeypatch.setattr(client, "get_object", lying_get_object)
     with pytest.raises(ImageError) as ei:
-        fetch(f"s3://{bucket}/big.jpg", FetchPolicy(max_bytes=100))
+        fetch(f"s3://{bucket}/big.jpg", FetchPolicy(max_bytes=100, s3_client="boto3"))
     assert _code(ei) == ErrorCode.too_large
+    assert "more than 100 bytes" in str(ei.value)  # caught while streaming, not on the size
 
 
 @pytest.mark.parametrize("uri", ["s3://", "s3:///x.jpg", "s3://imgs", "s3://imgs/", "s3://B@d/k.jpg",
