@@ -19,8 +19,10 @@ What is kept from the boto3 path:
   turns on obstore's ``allow_http``.
 * **Retry budget**: ``HARDNET_S3_MAX_ATTEMPTS`` requests in all (obstore's ``max_retries`` = N - 1),
   exponential backoff with jitter from :data:`BACKOFF_INIT` up to :data:`BACKOFF_MAX`. obstore
-  retries 5xx answers, connection errors, timeouts and a body that breaks off mid-stream (it
-  resumes the read), all within that budget.
+  retries 5xx and 429 answers, connection errors, timeouts and a body that breaks off mid-stream
+  (it resumes the read), all within that budget. ``HARDNET_S3_RETRY_MODE=adaptive`` (boto3's
+  client-side rate limiter) has no obstore counterpart: set ``HARDNET_S3_GET_CLIENT=boto3`` to
+  keep it.
 * **Timeouts**: ``HARDNET_S3_CONNECT_TIMEOUT`` (10 s) to connect, ``HARDNET_S3_READ_TIMEOUT``
   (60 s) per read, and 10x the read timeout for a whole request (obstore has an overall request
   timeout, boto3 has none; its default of 30 s would cut large objects on slow links).
