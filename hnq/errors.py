@@ -16,6 +16,7 @@ class ErrorCode(str, Enum):
     forbidden = "forbidden"                    # host not allowed / path outside the allowed roots
     timeout = "timeout"                        # a network call ran past its timeout
     fetch_error = "fetch_error"                # storage kept failing after retries
+    throttled = "throttled"                    # storage kept answering "slow down" (503, 429) after retries
     internal_error = "internal_error"          # a bug: the message says what
     # --- about a whole chunk: every URI of it gets this record when it is dead-lettered ---
     chunk_failed = "chunk_failed"
@@ -42,7 +43,11 @@ class ImageError(HardnetError):
 
 
 class TransientError(HardnetError):
-    """Storage or broker hiccup worth retrying (503 SlowDown, connection reset, timeout)."""
+    """Storage or broker hiccup worth retrying (503 SlowDown, connection reset, timeout).
+
+    ``code`` says which kind, so that a caller that gives up on the image can record it with a
+    stable code: ``throttled`` (SlowDown, 503, 429, Throttling...), ``timeout`` (connect / read
+    timeouts) or ``fetch_error`` (resets, 500s, broken bodies, credential trouble, the rest)."""
 
     code = ErrorCode.fetch_error
 

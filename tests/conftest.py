@@ -63,6 +63,57 @@ def s3(moto_server, monkeypatch):
     return boto3.client("s3", endpoint_url=moto_server.url, region_name="us-east-1")
 
 
+@pytest.fixture(params=["boto3", "obstore"])
+def s3_get(request, monkeypatch):
+    """Runs a test with each S3 GET client. ``s3_get.policy(**kw)`` is a FetchPolicy that asks for
+    it; at the end the test fails unless that client did GETs and the other did none (so a silent
+    fallback to boto3 cannot pass for obstore)."""
+    from hnq.storage import FetchPolicy
+    from hnq.storage import s3 as s3mod
+
+    name = request.param
+    used = {"boto3": 0, "obstore": 0}
+    real_boto = s3mod.fetch_s3_boto3
+
+    def boto(*a, **kw):
+        used["boto3"] += 1
+        return real_boto(*a, **kw)
+
+    monkeypatch.setattr(s3mod, "fetch_s3_boto3", boto)
+    if name == "obstore":
+        pytest.importorskip("obstore")
+    try:
+        from hnq.storage import s3_obstore
+    except ImportError:
+        s3_obstore = None
+    if s3_obstore is not None:
+        real_obs = s3_obstore.fetch_obstore
+
+        def obs(*a, **kw):
+            try:
+                got = real_obs(*a, **kw)
+            except Exception:
+                used["obstore"] += 1
+                raise
+            used["obstore"] += got is not None  # None: handed over to boto3
+            return got
+
+        monkeypatch.setattr(s3_obstore, "fetch_obstore", obs)
+
+    class S3Get:
+        client = name
+
+        @staticmethod
+        def policy(**kw) -> FetchPolicy:
+            return FetchPolicy(s3_client=name, **kw)
+
+    S3Get.used = used
+    yield S3Get
+    other = "boto3" if name == "obstore" else "obstore"
+    assert used[name] > 0, f"no GET went through {name}: {used}"
+    assert used[other] == 0, f"{other} did GETs in a {name} test: {used}"
+
+
 @pytest.fixture(autouse=True)
 def _no_internet_weights(monkeypatch, tmp_path_factory):
     """No test may download real weights: point the torch hub cache at a private folder."""

@@ -69,6 +69,10 @@ class WorkerSettings(CommonSettings):
         None, ge=64, description="After a chunk, a worker whose RSS exceeds this restarts itself "
         "(warm shutdown; `hardnet worker` re-executes it, a bare celery worker relies on its supervisor).")
     retry_backoff_max: int = Field(60, ge=1, description="Longest wait before a failed chunk is retried.")
+    s3_get_client: Literal["auto", "obstore", "boto3"] = Field(
+        "auto", description="What GETs s3:// images: `obstore` (Rust object_store, about a third "
+        "of boto3's client CPU per object), `boto3`, or `auto` (obstore when installed, else "
+        "boto3). Listing and writes always use boto3.")
 
     def retry_policy(self):
         from worker.engine.fetch import RetryPolicy
@@ -82,7 +86,18 @@ class WorkerSettings(CommonSettings):
         return FetchPolicy(
             max_bytes=self.max_image_bytes, timeout_s=self.fetch_timeout, allow_http=self.allow_http,
             http_allow_hosts=tuple(self.http_allow_hosts), allow_private_networks=self.allow_private_networks,
-            file_roots=tuple(self.file_roots) if self.file_roots is not None else ())
+            file_roots=tuple(self.file_roots) if self.file_roots is not None else (),
+            s3_client=self.s3_get_client)
+
+    @field_validator("s3_get_client")
+    @classmethod
+    def _obstore_installed(cls, v):
+        if v == "obstore":
+            from hnq.storage.s3 import obstore_available
+
+            if not obstore_available():
+                raise ValueError("obstore is not installed (pip install 'obstore>=0.12,<0.13')")
+        return v
 
     @field_validator("decode", mode="before")
     @classmethod

@@ -10,7 +10,11 @@ Errors of :func:`fetch`: :class:`~hnq.errors.ImageError` with a code from
 :class:`~hnq.errors.ErrorCode` for a problem with this one image (not_found, access_denied,
 too_large, unsupported_scheme, invalid_uri, forbidden, timeout, fetch_error);
 :class:`~hnq.errors.TransientError` for storage trouble that outlived the retries (the caller
-retries the whole chunk later; the image must not get a permanent error record).
+retries later; the image must not get a permanent error record before it gives up), with a code:
+``throttled`` (SlowDown / 503 / 429), ``timeout`` or ``fetch_error``.
+
+``s3://`` GETs use obstore or boto3 (``FetchPolicy.s3_client``, see :mod:`hnq.storage.s3` and
+:mod:`hnq.storage.s3_obstore`), with the same semantics; listing and writes use boto3.
 """
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ class FetchPolicy:
       unspecified, multicast... addresses is refused unless True.
     * ``file_roots``: None = local files anywhere; a tuple = only under those directories (after
       resolving symlinks and ``..``); ``()`` = local files refused.
+    * ``s3_client``: what GETs ``s3://`` objects: ``auto`` (obstore when it is installed, else
+      boto3), ``obstore`` or ``boto3`` (see :func:`hnq.storage.s3.get_client_for`).
     """
 
     max_bytes: int = 50 * 2**20
@@ -30,6 +32,7 @@ class FetchPolicy:
     http_allow_hosts: tuple[str, ...] = ()
     allow_private_networks: bool = False
     file_roots: tuple[str, ...] | None = field(default=None)
+    s3_client: str = "auto"
 
 
 @dataclass

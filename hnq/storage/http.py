@@ -8,7 +8,8 @@ environment is used. Redirects to other schemes (``file:``, ``s3:``...) are refu
 
 Errors: 404/410 -> ``not_found``; 401/403/451 -> ``access_denied``; over the size cap ->
 ``too_large``; socket timeout or the overall ``timeout_s`` deadline passed -> ``timeout``;
-408/425/429/5xx and connection refused/reset, retried :data:`ATTEMPTS` times -> TransientError;
+408/425/429/5xx and connection refused/reset, retried :data:`ATTEMPTS` times -> TransientError
+(code ``throttled`` when the last answer was 429 or 503, else ``fetch_error``);
 other statuses, TLS certificate failures, too many redirects -> ``fetch_error``.
 """
 from __future__ import annotations
@@ -33,7 +34,15 @@ _SAFE_PATH = "/%:@!$&'()*+,;=-._~"
 
 
 class _Retry(Exception):
-    """A transient failure of one attempt."""
+    """A transient failure of one attempt (``status``: the HTTP status, 0 for a broken
+    connection)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+_THROTTLE_STATUS = {429, 503}
 
 
 def _open_socket(addresses: list[str], port: int, timeout: float) -> socket.socket:
@@ -122,7 +131,7 @@ def _attempt(uri: str, policy: FetchPolicy, deadline: float) -> Fetched:
             if status in (401, 403, 451):
                 raise ImageError(f"{uri}: HTTP {status} access denied", ErrorCode.access_denied)
             if status in _TRANSIENT_STATUS or status >= 500:
-                raise _Retry(f"HTTP {status}")
+                raise _Retry(f"HTTP {status}", status)
             raise ImageError(f"{uri}: HTTP {status} {resp.reason}", ErrorCode.fetch_error)
         finally:
             conn.close()
@@ -137,22 +146,24 @@ def fetch_http(uri: str, policy: FetchPolicy) -> Fetched:
     parse_http(uri)
     deadline = time.monotonic() + policy.timeout_s
     last = ""
+    last_status = 0
     for attempt in range(ATTEMPTS):
         try:
             return _attempt(uri, policy, deadline)
         except (ImageError, TransientError):
             raise
         except _Retry as e:
-            last = str(e)
+            last, last_status = str(e), e.status
         except ssl.SSLCertVerificationError as e:
             raise ImageError(f"{uri}: TLS certificate check failed ({e.verify_message})",
                              ErrorCode.fetch_error) from None
         except (TimeoutError, socket.timeout):
             raise ImageError(f"{uri}: timed out after {policy.timeout_s}s", ErrorCode.timeout) from None
         except (ConnectionError, http.client.HTTPException, ssl.SSLError, OSError) as e:
-            last = f"{type(e).__name__}: {e}"
+            last, last_status = f"{type(e).__name__}: {e}", 0
         if time.monotonic() + 0.2 * 2 ** attempt > deadline:
             break
         if attempt + 1 < ATTEMPTS:
             time.sleep(0.2 * 2 ** attempt)
-    raise TransientError(f"{uri}: http fetch kept failing ({last})")
+    code = ErrorCode.throttled if last_status in _THROTTLE_STATUS else ErrorCode.fetch_error
+    raise TransientError(f"{uri}: http fetch kept failing ({last})", code)

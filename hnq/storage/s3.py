@@ -9,16 +9,25 @@ instance metadata) and honours ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` it
 * ``HARDNET_S3_CONNECT_TIMEOUT`` (10 s), ``HARDNET_S3_READ_TIMEOUT`` (60 s)
 * ``HARDNET_S3_ADDRESSING_STYLE`` (unset = boto3's choice; ``path`` or ``virtual``)
 
+Object GETs go through boto3 or, with ``FetchPolicy.s3_client`` = ``auto`` (obstore when it is
+installed) or ``obstore``, through :mod:`hnq.storage.s3_obstore`, which keeps these semantics
+(same credentials, endpoint, addressing, retry budget, size cap and error mapping). Listing and
+writes always use boto3.
+
 Error mapping of a fetch: NoSuchKey/NoSuchBucket/404 -> ``not_found``; AccessDenied/403 ->
 ``access_denied``; throttling, 5xx, connection trouble and timeouts that outlive boto's retries ->
-:class:`TransientError` (the chunk is retried, the image gets no permanent record); credential
-problems (expired token, unknown key id, bad signature, none found) -> TransientError too, since
-they concern every image, not this one.
+:class:`TransientError` (the chunk is retried, the image gets no permanent record) whose code says
+which: ``throttled`` (SlowDown, 503, 429, Throttling...), ``timeout`` (connect / read timeouts,
+RequestTimeout) or ``fetch_error`` (the rest); credential problems (expired token, unknown key id,
+bad signature, none found) -> TransientError ``fetch_error`` too, since they concern every image,
+not this one.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import threading
 import time
 from typing import Iterator
@@ -54,15 +63,26 @@ _CREDENTIALS = {"ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
                     "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                     "OperationAborted", "RequestTimeTooSkewed"}
+# "slow down" answers: their TransientError gets the code ``throttled``
+_THROTTLE_CODES = {"SlowDown", "ServiceUnavailable", "Throttling", "ThrottlingException",
+                   "RequestLimitExceeded", "TooManyRequests", "RequestThrottled",
+                   "ThrottledException", "BandwidthLimitExceeded"}
+_THROTTLE_STATUS = {429, 503}
+_TIMEOUT_CODES = {"RequestTimeout"}
 # failures of the transport itself (after boto's own retries) or while streaming a body
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     bex.HTTPClientError, bex.ConnectionError, bex.IncompleteReadError, bex.ResponseStreamingError,
     bex.ReadTimeoutError, bex.ConnectTimeoutError, OSError,
 )
+# the transport errors that are timeouts (TransientError code ``timeout``)
+_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
+    bex.ReadTimeoutError, bex.ConnectTimeoutError, socket.timeout, TimeoutError,
+)
 try:  # urllib3 errors can leak out of StreamingBody.read
     import urllib3.exceptions as _u3
 
     _TRANSPORT_ERRORS = _TRANSPORT_ERRORS + (_u3.HTTPError,)
+    _TIMEOUT_ERRORS = _TIMEOUT_ERRORS + (_u3.TimeoutError,)
 except ImportError:  # pragma: no cover
     pass
 
@@ -101,11 +121,29 @@ def client_config() -> Config:
     )
 
 
+def env_key() -> tuple:
+    """The environment variables the client depends on (a change means a new client)."""
+    return tuple(os.environ.get(k) for k in _ENV_KEYS)
+
+
+def boto3_session() -> boto3.session.Session:
+    """The process's boto3 session (its credential chain is what every S3 call uses)."""
+    global _session
+    s3_client()  # creates the session (and drops a stale one after a fork)
+    session = _session
+    if session is None:  # reset concurrently: make one of our own
+        with _lock:
+            if _session is None:
+                _session = boto3.session.Session()
+            session = _session
+    return session
+
+
 def s3_client():
     """The process's shared S3 client (thread-safe; recreated in a forked child and when one of
     the endpoint / region / HARDNET_S3_* variables changed)."""
     global _pid, _session
-    key = tuple(os.environ.get(k) for k in _ENV_KEYS)
+    key = env_key()
     if os.getpid() != _pid:  # forked without register_at_fork having run (or pid faked)
         with _lock:
             if os.getpid() != _pid:
@@ -128,11 +166,15 @@ def s3_client():
 
 
 def reset_s3_client() -> None:
-    """Forget the cached client and session (tests; after changing credentials)."""
+    """Forget the cached client and session, and the obstore stores (tests; after changing
+    credentials)."""
     global _session
     with _lock:
         _clients.clear()
         _session = None
+    obs = sys.modules.get("hnq.storage.s3_obstore")
+    if obs is not None:
+        obs.reset_stores()
 
 
 def _err(e: bex.ClientError) -> tuple[str, int]:
@@ -146,41 +188,117 @@ def _is_transient(code: str, status: int) -> bool:
     return code in _TRANSIENT_CODES or status >= 500 or status == 429
 
 
+def transient_code(code: str, status: int) -> ErrorCode:
+    """The code of the TransientError for an S3 error answer that outlived the retries."""
+    if code in _THROTTLE_CODES or status in _THROTTLE_STATUS:
+        return ErrorCode.throttled
+    if code in _TIMEOUT_CODES:
+        return ErrorCode.timeout
+    return ErrorCode.fetch_error
+
+
+def transport_code(e: BaseException) -> ErrorCode:
+    """``timeout`` for a connect / read timeout, else ``fetch_error``."""
+    return ErrorCode.timeout if isinstance(e, _TIMEOUT_ERRORS) else ErrorCode.fetch_error
+
+
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def classify_s3_error(uri: str, code: str, status: int) -> Exception:
+    """The ImageError / TransientError for an S3 error answer (error ``code`` of the XML body, may
+    be empty; HTTP ``status``, 0 if unknown) to a GET of ``uri``. Both GET clients use it."""
+    if code in _NOT_FOUND or status == 404:
+        what = "bucket does not exist" if code == "NoSuchBucket" else "no such object"
+        return ImageError(f"{uri}: {what}", ErrorCode.not_found)
+    if code in _CREDENTIALS:
+        return TransientError(f"{uri}: S3 refused our credentials ({code}); check the worker's "
+                              "AWS credentials", ErrorCode.fetch_error)
+    if code in _DENIED or status == 403:
+        extra = " (object is archived; restore it first)" if code == "InvalidObjectState" else ""
+        return ImageError(f"{uri}: access denied ({code or status}){extra}",
+                          ErrorCode.access_denied)
+    if code in ("InvalidBucketName", "KeyTooLongError", "InvalidURI"):
+        return ImageError(f"{uri}: {code}", ErrorCode.invalid_uri)
+    if _is_transient(code, status):
+        return TransientError(f"{uri}: S3 kept failing after retries ({code or status})",
+                              transient_code(code, status))
+    return ImageError(f"{uri}: S3 error {code or status}", ErrorCode.fetch_error)
 
 
 def map_fetch_error(e: BaseException, uri: str) -> Exception:
     """The ImageError / TransientError for an exception raised while reading ``uri``."""
     if isinstance(e, bex.ClientError):
         code, status = _err(e)
-        if code in _NOT_FOUND or status == 404:
-            what = "bucket does not exist" if code == "NoSuchBucket" else "no such object"
-            return ImageError(f"{uri}: {what}", ErrorCode.not_found)
-        if code in _CREDENTIALS:
-            return TransientError(f"{uri}: S3 refused our credentials ({code}); check the worker's "
-                                  "AWS credentials")
-        if code in _DENIED or status == 403:
-            extra = " (object is archived; restore it first)" if code == "InvalidObjectState" else ""
-            return ImageError(f"{uri}: access denied ({code or status}){extra}",
-                              ErrorCode.access_denied)
-        if code in ("InvalidBucketName", "KeyTooLongError", "InvalidURI"):
-            return ImageError(f"{uri}: {code}", ErrorCode.invalid_uri)
-        if _is_transient(code, status):
-            return TransientError(f"{uri}: S3 kept failing after retries ({code or status})")
-        return ImageError(f"{uri}: S3 error {code or status}", ErrorCode.fetch_error)
+        return classify_s3_error(uri, code, status)
     if isinstance(e, (bex.NoCredentialsError, bex.PartialCredentialsError,
                       bex.CredentialRetrievalError)):
-        return TransientError(f"{uri}: no usable AWS credentials ({type(e).__name__})")
+        return TransientError(f"{uri}: no usable AWS credentials ({type(e).__name__})",
+                              ErrorCode.fetch_error)
     if isinstance(e, bex.ParamValidationError):
         return ImageError(f"{uri}: {e}", ErrorCode.invalid_uri)
     if isinstance(e, _TRANSPORT_ERRORS) or isinstance(e, bex.BotoCoreError):
-        return TransientError(f"{uri}: S3 transport error after retries ({_describe(e)})")
+        return TransientError(f"{uri}: S3 transport error after retries ({_describe(e)})",
+                              transport_code(e))
     return ImageError(f"{uri}: {_describe(e)}", ErrorCode.internal_error)
+
+
+# ---------------------------------------------------------------- GET client choice
+
+GET_CLIENTS = ("auto", "obstore", "boto3")
+
+
+_obstore_ok: bool | None = None
+
+
+def obstore_available() -> bool:
+    """Whether obstore can be imported (the answer is remembered)."""
+    global _obstore_ok
+    if _obstore_ok is None:
+        try:
+            import hnq.storage.s3_obstore  # noqa: F401  (imports obstore)
+        except ImportError:
+            _obstore_ok = False
+        else:
+            _obstore_ok = True
+    return _obstore_ok
+
+
+def get_client_for(choice: str) -> str:
+    """``obstore`` or ``boto3``: the client that GETs objects under ``FetchPolicy.s3_client``
+    (``auto``: obstore when installed and usable in this process; ``obstore``: the same, but a
+    missing obstore is a ConfigError; ``boto3``). In a process forked after obstore had started
+    its runtime in the parent, obstore cannot work (its threads are gone): boto3 is used."""
+    if choice == "boto3":
+        return "boto3"
+    if choice not in GET_CLIENTS:
+        raise ConfigError(f"unknown S3 GET client {choice!r}; use one of {', '.join(GET_CLIENTS)}")
+    if not obstore_available():
+        if choice == "obstore":
+            raise ConfigError("HARDNET_S3_GET_CLIENT=obstore but obstore is not installed "
+                              "(pip install 'obstore>=0.12,<0.13')")
+        return "boto3"
+    from hnq.storage import s3_obstore
+
+    return "obstore" if s3_obstore.usable_here() else "boto3"
 
 
 def fetch_s3(uri: str, policy: FetchPolicy) -> Fetched:
     bucket, key = parse_s3(uri)
+    if get_client_for(policy.s3_client) == "obstore":
+        from hnq.storage import s3_obstore
+
+        if s3_obstore.can_address(key):
+            got = s3_obstore.fetch_obstore(uri, bucket, key, policy)
+            if got is not None:
+                return got
+        # else: a key that obstore's paths cannot spell (leading / trailing '/', '//', '.' or
+        # '..' segments, control characters): boto3 fetches it as is
+    return fetch_s3_boto3(uri, bucket, key, policy)
+
+
+def fetch_s3_boto3(uri: str, bucket: str, key: str, policy: FetchPolicy) -> Fetched:
     client = s3_client()
     last: BaseException | None = None
     for attempt in range(_BODY_ATTEMPTS):
@@ -205,7 +323,9 @@ def fetch_s3(uri: str, policy: FetchPolicy) -> Fetched:
         finally:
             body.close()
         return Fetched(data=data, etag=clean_etag(resp.get("ETag")), size=len(data))
-    raise TransientError(f"{uri}: reading the object kept failing ({_describe(last)})")
+    assert last is not None
+    raise TransientError(f"{uri}: reading the object kept failing ({_describe(last)})",
+                         transport_code(last))
 
 
 # ---------------------------------------------------------------- listing (producer sources)

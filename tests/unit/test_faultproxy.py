@@ -1,11 +1,13 @@
-"""The fault proxy, and our S3 client's behaviour through injected faults (boto3 standard retry
-mode, 8 attempts): bursts are ridden out, permanent trouble ends in TransientError."""
+"""The fault proxy, and our S3 clients' behaviour through injected faults (8 attempts: boto3's
+standard retry mode, obstore's retries): bursts are ridden out, permanent trouble ends in a
+TransientError whose code says what it was. GETs run with both clients (``s3_get``)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -34,6 +36,13 @@ def fast_backoff(monkeypatch):
     from botocore.retries import standard
 
     monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.01)
+    try:
+        from hnq.storage import s3_obstore
+    except ImportError:
+        return
+    # the same for obstore (its stores are rebuilt when these change)
+    monkeypatch.setattr(s3_obstore, "BACKOFF_INIT", timedelta(milliseconds=5))
+    monkeypatch.setattr(s3_obstore, "BACKOFF_MAX", timedelta(milliseconds=10))
 
 
 URI = "s3://bkt/dir/a b+c%.jpg"
@@ -53,17 +62,18 @@ def test_passthrough(proxy, s3):
     assert ei.value.code == ErrorCode.not_found
 
 
-def test_burst_of_503_slowdown_get_real_backoff(proxy):
+def test_burst_of_503_slowdown_get_real_backoff(proxy, s3_get):
     proxy.set_fault("503", count=3)
-    assert fetch(URI).data == BODY
+    got = fetch(URI, s3_get.policy())
+    assert got.data == BODY and got.size == len(BODY) and got.etag
     st = proxy.stats()
     assert st["faults"] == 3 and st["by_mode"] == {"503": 3} and st["requests"] == 4
 
 
 @pytest.mark.parametrize("mode", ["503", "500", "reset"])
-def test_burst_get_and_put(proxy, fast_backoff, mode):
+def test_burst_get_and_put(proxy, fast_backoff, mode, s3_get):
     proxy.set_fault(mode, count=3, method="GET")
-    assert fetch(URI).data == BODY
+    assert fetch(URI, s3_get.policy()).data == BODY
     assert proxy.faults_injected == 3
     proxy.reset_stats()
     proxy.set_fault(mode, count=3, method="PUT")
@@ -74,56 +84,69 @@ def test_burst_get_and_put(proxy, fast_backoff, mode):
     assert d.get("j/x.json") == b"{}"
 
 
-def test_permanent_503_is_transient(proxy, fast_backoff):
+def test_permanent_503_is_transient(proxy, fast_backoff, s3_get):
     proxy.set_fault("503")
     with pytest.raises(TransientError) as ei:
-        fetch(URI)
-    assert ei.value.code == ErrorCode.fetch_error
+        fetch(URI, s3_get.policy())
+    assert ei.value.code == ErrorCode.throttled
+    assert "SlowDown" in str(ei.value)
     assert proxy.requests == 8  # HARDNET_S3_MAX_ATTEMPTS default: 8 requests in all
     with pytest.raises(TransientError):
         open_destination("s3://bkt/out/").put("j/x.json", b"{}")
+    proxy.reset_stats()
     proxy.set_fault("reset")
-    with pytest.raises(TransientError):
-        fetch(URI)
+    with pytest.raises(TransientError) as ei:
+        fetch(URI, s3_get.policy())
+    assert ei.value.code == ErrorCode.fetch_error
+    assert proxy.requests >= 8  # retried (boto3 per GET, and again for a broken body)
 
 
-def test_permanent_500_real_backoff_small_attempts(proxy, monkeypatch):
+def test_permanent_500_real_backoff_small_attempts(proxy, monkeypatch, s3_get):
     monkeypatch.setenv("HARDNET_S3_MAX_ATTEMPTS", "3")
     proxy.set_fault("500")
-    with pytest.raises(TransientError):
-        fetch(URI)
+    with pytest.raises(TransientError) as ei:
+        fetch(URI, s3_get.policy())
+    assert ei.value.code == ErrorCode.fetch_error
     assert proxy.requests == 3
 
 
-def test_access_denied(proxy):
+def test_access_denied(proxy, s3_get):
     proxy.set_fault("403", count=1)
     with pytest.raises(ImageError) as ei:
-        fetch(URI)
+        fetch(URI, s3_get.policy())
     assert ei.value.code == ErrorCode.access_denied
+    assert proxy.requests == 1  # not retried
     proxy.set_fault("403", count=1)
     with pytest.raises(ConfigError):
         open_destination("s3://bkt/out/").put("j/x.json", b"{}")
 
 
-def test_truncated_body_retried(proxy):
+def test_truncated_body_retried(proxy, fast_backoff, s3_get):
     proxy.set_fault("truncate", count=2)
-    assert fetch(URI).data == BODY
+    got = fetch(URI, s3_get.policy())
+    assert got.data == BODY and got.size == len(BODY)
     assert proxy.faults_injected == 2
+    proxy.reset_stats()
     proxy.set_fault("truncate")
-    with pytest.raises(TransientError):
-        fetch(URI)
+    with pytest.raises(TransientError) as ei:
+        fetch(URI, s3_get.policy())
+    assert ei.value.code == ErrorCode.fetch_error
+    assert proxy.faults_injected >= 3  # retried before giving up
 
 
-def test_slow_and_read_timeout(proxy, monkeypatch, fast_backoff):
+def test_slow_and_read_timeout(proxy, monkeypatch, fast_backoff, s3_get):
     monkeypatch.setenv("HARDNET_S3_READ_TIMEOUT", "0.5")
     monkeypatch.setenv("HARDNET_S3_MAX_ATTEMPTS", "2")
     proxy.set_fault("slow", count=1, delay=0.1)
     t0 = time.monotonic()
-    assert fetch(URI).data == BODY
+    assert fetch(URI, s3_get.policy()).data == BODY
     assert time.monotonic() - t0 >= 0.1
+    proxy.reset_stats()
     proxy.set_fault("slow", delay=1.0)
-    with pytest.raises(TransientError):
-        fetch(URI)
+    with pytest.raises(TransientError) as ei:
+        fetch(URI, s3_get.policy())
+    assert ei.value.code == ErrorCode.timeout
+    assert proxy.requests == 2  # HARDNET_S3_MAX_ATTEMPTS
 
 
 def test_duration_and_filters(proxy, fast_backoff):

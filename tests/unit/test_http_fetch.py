@@ -68,6 +68,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(403, b"denied")
         if p == "/503":
             return self._send(503, b"busy")
+        if p == "/429":
+            return self._send(429, b"too many")
+        if p == "/500":
+            return self._send(500, b"oops")
         if p == "/418":
             return self._send(418, b"teapot")
         if p == "/flaky":
@@ -310,18 +314,22 @@ def test_status_mapping(web, path, code):
     assert ei.value.code == code
 
 
-def test_5xx_retried_then_transient(web):
-    with pytest.raises(TransientError):
-        fetch(web.base + "/503", local_policy())
-    assert web.hits.count("/503") == hmod.ATTEMPTS
+@pytest.mark.parametrize("path,code", [("/503", ErrorCode.throttled), ("/429", ErrorCode.throttled),
+                                       ("/500", ErrorCode.fetch_error)])
+def test_5xx_retried_then_transient(web, path, code):
+    with pytest.raises(TransientError) as ei:
+        fetch(web.base + path, local_policy())
+    assert ei.value.code == code
+    assert web.hits.count(path) == hmod.ATTEMPTS
     assert fetch(web.base + "/flaky", local_policy()).data == IMG
 
 
 def test_connection_refused_is_transient():
     from servers import free_port
 
-    with pytest.raises(TransientError):
+    with pytest.raises(TransientError) as ei:
         fetch(f"http://127.0.0.1:{free_port()}/x.jpg", local_policy())
+    assert ei.value.code == ErrorCode.fetch_error
 
 
 def test_timeout(web):
