@@ -116,7 +116,7 @@ def client_config() -> Config:
                  "total_max_attempts": int(os.environ.get("HARDNET_S3_MAX_ATTEMPTS", 8))},
         connect_timeout=float(os.environ.get("HARDNET_S3_CONNECT_TIMEOUT", 10)),
         read_timeout=float(os.environ.get("HARDNET_S3_READ_TIMEOUT", 60)),
-        max_pool_connections=64,
+        max_pool_connections=256,  # the engine keeps up to 256 GETs in flight on a GPU
         s3=s3_cfg or None,
     )
 

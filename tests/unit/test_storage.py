@@ -138,7 +138,7 @@ def test_s3_client_config_and_cache(s3, monkeypatch):
     assert c is s3_client()
     assert c.meta.endpoint_url == os.environ["AWS_ENDPOINT_URL"]  # boto3 reads it itself
     assert c.meta.config.retries == {"mode": "standard", "total_max_attempts": 8}
-    assert c.meta.config.max_pool_connections == 64
+    assert c.meta.config.max_pool_connections == 256
     monkeypatch.setenv("HARDNET_S3_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("HARDNET_S3_RETRY_MODE", "adaptive")
     c2 = s3_client()
