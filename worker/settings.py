@@ -42,6 +42,23 @@ class WorkerSettings(CommonSettings):
         None, ge=64, description="After a chunk, a worker whose RSS exceeds this restarts itself "
         "(warm shutdown; `hardnet worker` re-executes it, a bare celery worker relies on its supervisor).")
     retry_backoff_max: int = Field(60, ge=1, description="Longest wait before a failed chunk is retried.")
+    output_roots: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Comma-separated directories that file:// destinations must lie in (symlinks "
+        "resolved). Unset = workers refuse local destinations. The destination in a message is "
+        "checked against this, never trusted.")
+    output_buckets: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Comma-separated S3 buckets that results may be written to. Unset = any "
+        "bucket the worker's credentials can write.")
+    sweep_interval: int = Field(
+        120, ge=0, description="Seconds between the workers' sweeps for lost chunks (chunks of a live "
+        "job neither queued, in flight nor done for longer than the visibility timeout are sent "
+        "again; one worker sweeps at a time). 0 = off.")
+
+    def output_policy(self):
+        from hnq.inputs import OutputPolicy
+
+        return OutputPolicy(roots=tuple(self.output_roots) if self.output_roots is not None else (),
+                            buckets=tuple(self.output_buckets) if self.output_buckets is not None else None)
 
     def fetch_policy(self):
         from hnq.storage import FetchPolicy
@@ -51,7 +68,7 @@ class WorkerSettings(CommonSettings):
             http_allow_hosts=tuple(self.http_allow_hosts), allow_private_networks=self.allow_private_networks,
             file_roots=tuple(self.file_roots) if self.file_roots is not None else ())
 
-    @field_validator("http_allow_hosts", "file_roots", mode="before")
+    @field_validator("http_allow_hosts", "file_roots", "output_roots", "output_buckets", mode="before")
     @classmethod
     def _split_commas(cls, v):
         if isinstance(v, str):

@@ -15,9 +15,10 @@ import threading
 from celery import signals
 from pydantic import ValidationError
 
-from hnq.errors import ErrorCode, TransientError
+from hnq.errors import ConfigError, TransientError
+from hnq.inputs import load_chunk_uris
 from hnq.jobs import JobStore
-from hnq.schema import ChunkTask, ResultRecord
+from hnq.schema import ChunkTask
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
 from worker.app import app, settings
 from worker.settings import WorkerSettings
@@ -81,31 +82,18 @@ def _store() -> JobStore:
 
 
 def _dead_letter(store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
-    """Give up on a chunk: every URI gets a chunk_failed record (so the output still has one record
-    per URI), the chunk is counted as failed and listed as a dead letter that `hardnet redrive`
-    can send again."""
-    from worker.pipeline.write import write_part
+    """Give up on a chunk (worker/pipeline/write.py: dead_letter): never over a part that an earlier
+    attempt completed; otherwise chunk_failed records, a dead letter for `hardnet redrive`, and the
+    job finalised if this was its last chunk."""
+    from worker.pipeline.write import dead_letter
 
-    log.error("chunk %s/%d dead-lettered after %d attempts: %s", task.job_id, task.chunk, attempts, error)
-    msg = f"chunk failed after {attempts} attempts: {error}"
-    records = [ResultRecord.failure(u, ErrorCode.chunk_failed, msg, task.model, job_id=task.job_id)
-               for u in task.uris]
-    try:
-        write_part(store, task.dest, task.job_id, task.chunk, records)
-    except Exception as e:  # noqa: BLE001 - the destination itself may be what is failing
-        log.error("could not write the failure records of %s/%d: %s", task.job_id, task.chunk, e)
-    finished = store.complete_chunk(task.job_id, task.chunk, 0, len(task.uris))
-    store.mark_dead(task.job_id, task.chunk, task.uris, error, attempts)
-    if finished:
-        _finalize(store, task.dest, task.job_id)
+    dead_letter(store, task, None, error, attempts, settings.output_policy())
 
 
 def _finalize(store: JobStore, dest: str | None, job_id: str) -> None:
-    from worker.pipeline.write import write_manifest
+    from hnq.finish import finalize
 
-    write_manifest(store, dest, job_id)
-    store.mark_done(job_id)
-    log.info("job %s done", job_id)
+    finalize(store, job_id, settings.output_policy())
 
 
 @app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -130,25 +118,27 @@ def classify_chunk(self, payload: dict) -> dict | None:
         return None
 
     from worker.pipeline.run import classify_uris
-    from worker.pipeline.write import write_part
+    from worker.pipeline.write import outcome_extras, write_part
 
-    log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, len(task.uris))
+    log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
     try:
+        uris = load_chunk_uris(store, task, settings.output_policy())
         ctx = context()
-        records = classify_uris(ctx.loader(task.model), task.uris, job_id=task.job_id)
+        records = classify_uris(ctx.loader(task.model), uris, job_id=task.job_id)
         write_part(store, task.dest, task.job_id, task.chunk, records)
         ok = sum(r.status == "ok" for r in records)
         log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB", task.job_id, task.chunk, ok,
                  len(records) - ok, _rss_mb())
         # Inside the try: if the manifest can't be written the chunk is retried, and the retry
         # (idempotent) finds the job complete again and writes it then.
-        if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok):
+        if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
+                                                        **outcome_extras(records)):
             _finalize(store, task.dest, task.job_id)
     except Exception as e:  # noqa: BLE001
         err = f"{type(e).__name__}: {e}"
         if state != "missing":
             store.note_error(task.job_id, task.chunk, err)
-        if attempt >= settings.max_attempts:
+        if attempt >= settings.max_attempts or isinstance(e, ConfigError):  # config: no retry
             if state != "missing":
                 _dead_letter(store, task, err, attempt)
             return None
@@ -163,7 +153,9 @@ def classify_chunk(self, payload: dict) -> dict | None:
 @app.task(name=TASK_FINALIZE, acks_late=True, reject_on_worker_lost=True)
 def finalize_job(job_id: str, dest: str | None = None) -> None:
     """Sent by the producer when every chunk finished before it had counted them all."""
-    _finalize(_store(), dest, job_id)
+    from hnq.finish import finalize_or_fail
+
+    finalize_or_fail(_store(), job_id, settings.output_policy())
 
 
 # --- memory guard -------------------------------------------------------------------------------

@@ -74,8 +74,8 @@ def _done_chunks(log: str, job: str) -> set[int]:
 
 @pytest.fixture
 def env(redis_url, tmp_path):
-    return base_env(redis_url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_VISIBILITY_TIMEOUT=str(VT),
-                    HARDNET_STATE_DIR=str(tmp_path / "state"))
+    return base_env(redis_url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_OUTPUT_ROOTS=str(tmp_path),
+                    HARDNET_VISIBILITY_TIMEOUT=str(VT), HARDNET_STATE_DIR=str(tmp_path / "state"))
 
 
 def test_worker_sigkilled_mid_chunk_is_redelivered(env, redis_url, tmp_path):
@@ -134,8 +134,8 @@ def test_all_workers_killed_then_restarted(env, tmp_path):
 
 def test_redis_restart_with_persistence(tmp_path):
     srv = RedisServer(tmp_path / "redis", persist=True).start()
-    env = base_env(srv.url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_VISIBILITY_TIMEOUT=str(VT),
-                   HARDNET_STATE_DIR=str(tmp_path / "state"))
+    env = base_env(srv.url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_OUTPUT_ROOTS=str(tmp_path),
+                   HARDNET_VISIBILITY_TIMEOUT=str(VT), HARDNET_STATE_DIR=str(tmp_path / "state"))
     _images(tmp_path / "in", 96)
     out = tmp_path / "out"
     w = Worker(env, "steady", tmp_path)
