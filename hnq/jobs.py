@@ -35,6 +35,7 @@ PREFIX = "hnq"
 # Returns 1 when the job is now complete, 0 when not, -1 when mode 'dead' found the chunk completed
 # by an earlier attempt (nothing changed: its part and counts stand).
 _COMPLETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- Redis lost the job: `hardnet resume` rebuilds it
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local dead_now = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1
 if ARGV[8] == 'dead' and prev and not dead_now then return -1 end
