@@ -135,7 +135,7 @@ def test_queue_list_deleted_mid_job_sweeper_heals_it(env, redis_url, tmp_path):
         # status shows the lost chunks as stalled once they have been quiet for the visibility timeout
         st = {}
         while time.monotonic() - deleted_at < 60:
-            _, st = cli_json(["status", job, "--json"], dict(env, HARDNET_VISIBILITY_TIMEOUT="1"))
+            _, st = cli_json(["status", job, "--json"], dict(env, HARDNET_VISIBILITY_TIMEOUT="2"))
             if st.get("stalled_chunks") or st.get("state") != "running":
                 break
             time.sleep(0.2)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from hnq.errors import ErrorCode
+from hnq.errors import ConfigError, ErrorCode
 from hnq.finish import finalize, finalize_or_fail, is_complete_unfinished
-from hnq.inputs import OutputPolicy, read_chunk_uris
+from hnq.inputs import OutputPolicy, check_output, read_chunk_uris
 from hnq.jobs import JobStore
 from hnq.schema import ChunkTask, Manifest, ResultRecord
 from hnq.storage import open_destination
@@ -61,6 +61,11 @@ def dead_letter(store: JobStore, task: ChunkTask, uris: list[str] | None, error:
             finalize_or_fail(store, job, policy)
         return "kept"
     log.error("chunk %s/%d dead-lettered after %d attempts: %s", job, chunk, attempts, error)
+    if write and task.dest:
+        try:
+            check_output(task.dest, policy)
+        except ConfigError:
+            write = False     # a destination this worker may not use gets nothing from it
     if write and uris is None:
         try:
             got = read_chunk_uris(store, task.dest, job, chunk)
@@ -75,8 +80,8 @@ def dead_letter(store: JobStore, task: ChunkTask, uris: list[str] | None, error:
         except Exception as e:  # noqa: BLE001 - the destination itself may be what is failing
             log.error("could not write the failure records of %s/%d: %s", job, chunk, e)
         if store.is_completed(job, chunk):
-            log.error("chunk %s/%d completed by another attempt while it was dead-lettered: its part "
-                      "may hold chunk_failed records; `hardnet resume %s --verify` rewrites it", job, chunk, job)
+            log.error("chunk %s/%d completed by another attempt while it was being dead-lettered: its "
+                      "part may hold chunk_failed records although the job counts it as labelled", job, chunk)
     if finished:
         finalize_or_fail(store, job, policy)
     return "dead"
