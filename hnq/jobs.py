@@ -10,7 +10,13 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
   hnq:job:ID:done             HASH chunk -> "ok failed"
   hnq:job:ID:attempts         HASH chunk -> deliveries so far
   hnq:job:ID:lasterr          HASH chunk -> last error message
-  hnq:job:ID:dead             HASH chunk -> dead letter (JSON: uris, error, attempts, at)
+  hnq:job:ID:dead             HASH chunk -> dead letter (JSON: count, error, attempts, at)
+  hnq:job:ID:codes            HASH chunk -> its error records per code (JSON)
+  hnq:job:ID:errcodes         HASH code -> error records of the job (adjusted by difference)
+  hnq:job:ID:weights          SET  weights the records were made with
+  hnq:job:ID:seen             HASH chunk -> "q TIME" (sent) or "s TIME" (started), for the sweeper
+  hnq:wm:QUEUE                STRING latest send time of a chunk taken from QUEUE (FIFO watermark)
+  hnq:job:ID:in:N             STRING the chunk's stored URIs (gzip JSONL) when DEST is Redis
   hnq:job:ID:part:N           STRING the chunk's JSONL records when DEST is Redis
 """
 from __future__ import annotations
