@@ -10,7 +10,13 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
   hnq:job:ID:done             HASH chunk -> "ok failed"
   hnq:job:ID:attempts         HASH chunk -> deliveries so far
   hnq:job:ID:lasterr          HASH chunk -> last error message
-  hnq:job:ID:dead             HASH chunk -> dead letter (JSON: uris, error, attempts, at)
+  hnq:job:ID:dead             HASH chunk -> dead letter (JSON: count, error, attempts, at)
+  hnq:job:ID:codes            HASH chunk -> its error records per code (JSON)
+  hnq:job:ID:errcodes         HASH code -> error records of the job (adjusted by difference)
+  hnq:job:ID:weights          SET  weights the records were made with
+  hnq:job:ID:seen             HASH chunk -> "q TIME" (sent) or "s TIME" (started), for the sweeper
+  hnq:wm:QUEUE                STRING latest send time of a chunk taken from QUEUE (FIFO watermark)
+  hnq:job:ID:in:N             STRING the chunk's stored URIs (gzip JSONL) when DEST is Redis
   hnq:job:ID:part:N           STRING the chunk's JSONL records when DEST is Redis
 """
 from __future__ import annotations
@@ -30,20 +36,38 @@ from hnq.schema import JobInfo
 
 PREFIX = "hnq"
 
-# KEYS: job, done, dead ; ARGV: chunk, ok, failed, now, ttl
+# KEYS: job, done, dead, codes, errcodes, weights
+# ARGV: chunk, ok, failed, now, ttl, codes (JSON object code -> n), weights, mode ('ok'|'dead'), dead entry
+# Returns 1 when the job is now complete, 0 when not, -1 when mode 'dead' found the chunk completed
+# by an earlier attempt (nothing changed: its part and counts stand).
 _COMPLETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- Redis lost the job: `hardnet resume` rebuilds it
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
+local dead_now = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1
+if ARGV[8] == 'dead' and prev and not dead_now then return -1 end
 if prev then
   local pok, pf = string.match(prev, '(%d+) (%d+)')
   redis.call('HINCRBY', KEYS[1], 'succeeded', 0 - tonumber(pok))
   redis.call('HINCRBY', KEYS[1], 'failed', 0 - tonumber(pf))
+  local pc = redis.call('HGET', KEYS[4], ARGV[1])
+  if pc then
+    for code, n in pairs(cjson.decode(pc)) do
+      if redis.call('HINCRBY', KEYS[5], code, 0 - n) <= 0 then redis.call('HDEL', KEYS[5], code) end
+    end
+  end
 else
   redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'succeeded', tonumber(ARGV[2]))
 redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[3]))
-if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
+for code, n in pairs(cjson.decode(ARGV[6])) do redis.call('HINCRBY', KEYS[5], code, n) end
+if ARGV[7] ~= '' then redis.call('SADD', KEYS[6], ARGV[7]) end
+if ARGV[8] == 'dead' then
+  if redis.call('HSET', KEYS[3], ARGV[1], ARGV[9]) == 1 then redis.call('HINCRBY', KEYS[1], 'dead_chunks', 1) end
+elseif dead_now then
+  redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'dead_chunks', -1)
 end
 for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ARGV[5]) end
@@ -64,12 +88,49 @@ if tonumber(redis.call('HGET', KEYS[1], 'chunks_done') or '0') >= tonumber(ARGV[
 return 0
 """
 
-# KEYS: job ; ARGV: now.  Returns the state the chunk should act on.
+# KEYS: job, attempts, seen ; ARGV: now, chunk, ttl.  Returns {state before, delivery number}.
+# Also the sweeper's bookkeeping: seen[chunk] = "s <now>" (started), and the job's queue watermark
+# (hnq:wm:QUEUE = the latest send time of a chunk taken from that queue: every chunk sent before it
+# has left the list, since the list is FIFO).
 _START = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'missing' end
+if not state then return {'missing', 0} end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
+end
+local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local prev = redis.call('HGET', KEYS[3], ARGV[2])
+if prev and string.sub(prev, 1, 1) == 'q' then
+  local q = redis.call('HGET', KEYS[1], 'queue')
+  if q then
+    local wk = 'hnq:wm:' .. q
+    local t = tonumber(string.sub(prev, 3))
+    if t and t > tonumber(redis.call('GET', wk) or '0') then redis.call('SET', wk, string.sub(prev, 3)) end
+  end
+end
+redis.call('HSET', KEYS[3], ARGV[2], 's ' .. ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return {state, n}
+"""
+
+# KEYS: job ; ARGV: state, now, error.  A final state, unless the job was cancelled meanwhile.
+_FINISH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state == 'cancelled' then return state end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) else redis.call('HDEL', KEYS[1], 'error') end
+return ARGV[1]
+"""
+
+# KEYS: job ; ARGV: now.  Cancel only a job that is still queued or running; returns its state.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state == 'queued' or state == 'running' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+  return 'cancelled'
 end
 return state
 """
@@ -99,16 +160,21 @@ def _iso(ts: str | None) -> datetime | None:
 class DeadLetter:
     job_id: str
     chunk: int
-    uris: list[str]
+    count: int
     error: str
     attempts: int
     at: float
 
 
 class JobStore:
-    """Job state for one Redis. Both sides use it; it holds one connection pool."""
+    """Job state for one Redis. Both sides use it; it holds one connection pool.
+
+    ``patient`` (the default, for workers and `--wait`): ride out a Redis restart with about two
+    minutes of backoff. The CLI checks first contact with :meth:`ping_fast` instead, so an
+    unreachable broker is reported within seconds."""
 
     def __init__(self, url: str, ttl_days: int = 14, client: redis.Redis | None = None):
+        self.url = url
         self.r = client or redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=30, socket_connect_timeout=10,
             health_check_interval=10,
@@ -119,6 +185,26 @@ class JobStore:
         self._complete = self.r.register_script(_COMPLETE)
         self._seal = self.r.register_script(_SEAL)
         self._start = self.r.register_script(_START)
+        self._finish = self.r.register_script(_FINISH)
+        self._cancel = self.r.register_script(_CANCEL)
+
+    def ping_fast(self, within_s: float = 8.0) -> None:
+        """Raise redis.ConnectionError (or AuthenticationError) unless Redis answers within about
+        ``within_s`` seconds: a short-lived client without the long retry."""
+        deadline = time.monotonic() + within_s
+        while True:
+            left = deadline - time.monotonic()
+            c = redis.Redis.from_url(self.url, socket_connect_timeout=max(0.5, min(3.0, left)),
+                                     socket_timeout=max(0.5, min(3.0, left)), retry=None)
+            try:
+                c.ping()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + 1.0 > deadline:
+                    raise
+                time.sleep(0.5)
+            finally:
+                c.close()
 
     # -- keys --
     @staticmethod
@@ -126,35 +212,67 @@ class JobStore:
         return ":".join((PREFIX, "job", job_id) + parts)
 
     # -- producer side --
-    def create(self, job_id: str, *, model: str, dest: str | None, weights: str | None = None) -> None:
+    def create(self, job_id: str, *, model: str, dest: str | None, weights: str | None = None,
+               queue: str | None = None, sources: list[str] | None = None, chunk_size: int | None = None,
+               submitted_at: float | None = None, state: str = "queued") -> None:
         k = self.key(job_id)
-        now = time.time()
+        now = submitted_at or time.time()
         with self.r.pipeline() as p:
-            p.hset(k, mapping={"model": model, "dest": dest or "", "state": "queued",
+            p.hset(k, mapping={"model": model, "dest": dest or "", "state": state,
                                "submitted_at": now, "sealed": 0, "chunks_done": 0,
                                "succeeded": 0, "failed": 0, "dead_chunks": 0,
-                               "weights": weights or ""})
+                               "weights": weights or "", "queue": queue or "",
+                               "sources": json.dumps((sources or [])[:100]),
+                               "chunk_size": chunk_size or 0})
             p.expire(k, self.ttl)
             p.zadd(f"{PREFIX}:jobs", {job_id: now})
             p.execute()
+
+    def raw(self, job_id: str) -> dict[str, str]:
+        return self.r.hgetall(self.key(job_id))
 
     def seal(self, job_id: str, total: int, chunks: int) -> bool:
         """Listing finished: record the totals. True if every chunk already finished (the caller
         must then have the job finalised, since no worker will see a last chunk any more)."""
         return bool(self._seal(keys=[self.key(job_id)], args=[total, chunks]))
 
-    def cancel(self, job_id: str) -> bool:
-        k = self.key(job_id)
-        if not self.r.exists(k):
-            return False
-        self.r.hset(k, mapping={"state": "cancelled", "finished_at": time.time()})
-        return True
+    def mark_sent(self, job_id: str, chunks: list[int], at: float | None = None) -> None:
+        """Sweeper bookkeeping: these chunks were just put in the queue."""
+        if not chunks:
+            return
+        k = self.key(job_id, "seen")
+        v = f"q {at or time.time():.3f}"
+        with self.r.pipeline(transaction=False) as p:
+            p.hset(k, mapping={str(c): v for c in chunks})
+            p.expire(k, self.ttl)
+            p.execute()
+
+    def seen(self, job_id: str) -> dict[int, tuple[str, float]]:
+        out = {}
+        for c, v in self.r.hscan_iter(self.key(job_id, "seen"), count=1000):
+            kind, _, ts = v.partition(" ")
+            out[int(c)] = (kind, float(ts or 0))
+        return out
+
+    def done_chunks(self, job_id: str) -> set[int]:
+        return {int(c) for c in self.r.hkeys(self.key(job_id, "done"))}
+
+    def watermark(self, queue: str) -> float:
+        return float(self.r.get(f"{PREFIX}:wm:{queue}") or 0)
+
+    def cancel(self, job_id: str) -> str:
+        """'cancelled', or the state that made cancelling pointless ('done', 'failed', ...), or
+        'missing'. A finished job is never changed."""
+        return self._cancel(keys=[self.key(job_id)], args=[time.time()])
 
     def recent(self, n: int = 20) -> list[str]:
         return list(self.r.zrevrange(f"{PREFIX}:jobs", 0, n - 1))
 
     def info(self, job_id: str) -> JobInfo | None:
-        h = self.r.hgetall(self.key(job_id))
+        with self.r.pipeline(transaction=False) as p:
+            p.hgetall(self.key(job_id))
+            p.hgetall(self.key(job_id, "errcodes"))
+            h, codes = p.execute()
         if not h:
             return None
         done = int(h.get("succeeded", 0)) + int(h.get("failed", 0))
@@ -169,22 +287,27 @@ class JobStore:
             chunks_done=int(h.get("chunks_done", 0)), succeeded=int(h.get("succeeded", 0)),
             failed=int(h.get("failed", 0)), dead_chunks=int(h.get("dead_chunks", 0)),
             submitted_at=_iso(h.get("submitted_at")), started_at=_iso(h.get("started_at")),
-            finished_at=_iso(h.get("finished_at")), rate=rate, eta_s=eta)
+            finished_at=_iso(h.get("finished_at")), rate=rate, eta_s=eta, error=h.get("error") or None,
+            error_codes={k: int(v) for k, v in sorted(codes.items()) if int(v) > 0})
+
+    def weights_used(self, job_id: str) -> list[str]:
+        return sorted(self.r.smembers(self.key(job_id, "weights")))
 
     def dead_letters(self, job_id: str) -> list[DeadLetter]:
         out = []
         for chunk, raw in self.r.hgetall(self.key(job_id, "dead")).items():
             d = json.loads(raw)
-            out.append(DeadLetter(job_id=job_id, chunk=int(chunk), uris=d["uris"], error=d["error"],
+            out.append(DeadLetter(job_id=job_id, chunk=int(chunk), count=d.get("count", 0), error=d["error"],
                                   attempts=d["attempts"], at=d["at"]))
         return sorted(out, key=lambda d: d.chunk)
 
     def reset_attempts(self, job_id: str, chunk: int) -> None:
-        """Before a re-drive: the chunk gets a fresh allowance of attempts, and the job runs again."""
+        """Before a re-drive or a re-send: the chunk gets a fresh allowance of attempts, and the
+        job runs again."""
         with self.r.pipeline() as p:
             p.hdel(self.key(job_id, "attempts"), chunk)
             p.hset(self.key(job_id), "state", "running")
-            p.hdel(self.key(job_id), "finished_at")
+            p.hdel(self.key(job_id), "finished_at", "error")
             p.execute()
 
     # -- worker side --
@@ -195,13 +318,9 @@ class JobStore:
 
     def start_chunk(self, job_id: str, chunk: int) -> tuple[str, int]:
         """Mark the job running; returns (state before, this chunk's delivery number)."""
-        state = self._start(keys=[self.key(job_id)], args=[time.time()])
-        if state == "missing":
-            return state, 0
-        k = self.key(job_id, "attempts")
-        n = self.r.hincrby(k, chunk, 1)
-        self.r.expire(k, self.ttl)
-        return state, n
+        keys = [self.key(job_id), self.key(job_id, "attempts"), self.key(job_id, "seen")]
+        state, n = self._start(keys=keys, args=[time.time(), chunk, self.ttl])
+        return state, int(n)
 
     def note_error(self, job_id: str, chunk: int, message: str) -> None:
         k = self.key(job_id, "lasterr")
@@ -211,23 +330,56 @@ class JobStore:
     def last_error(self, job_id: str, chunk: int) -> str | None:
         return self.r.hget(self.key(job_id, "lasterr"), chunk)
 
-    def complete_chunk(self, job_id: str, chunk: int, ok: int, failed: int) -> bool:
-        """Record a chunk's outcome (idempotent). True when every chunk of a sealed job is done:
-        the caller then writes the manifest (which is idempotent too)."""
-        keys = [self.key(job_id), self.key(job_id, "done"), self.key(job_id, "dead")]
-        return bool(self._complete(keys=keys, args=[chunk, ok, failed, time.time(), self.ttl]))
+    def _outcome_keys(self, job_id: str) -> list[str]:
+        return [self.key(job_id), self.key(job_id, "done"), self.key(job_id, "dead"),
+                self.key(job_id, "codes"), self.key(job_id, "errcodes"), self.key(job_id, "weights")]
 
-    def mark_dead(self, job_id: str, chunk: int, uris: list[str], error: str, attempts: int) -> None:
-        k = self.key(job_id, "dead")
-        entry = json.dumps({"uris": uris, "error": error, "attempts": attempts, "at": time.time()})
-        if self.r.hset(k, chunk, entry):
-            self.r.hincrby(self.key(job_id), "dead_chunks", 1)
-        self.r.expire(k, self.ttl)
+    def complete_chunk(self, job_id: str, chunk: int, ok: int, failed: int,
+                       codes: dict[str, int] | None = None, weights: str | None = None) -> bool:
+        """Record a chunk's outcome (idempotent; ``codes``: error records per code). True when
+        every chunk of a sealed job is done: the caller then finalises the job."""
+        args = [chunk, ok, failed, time.time(), self.ttl, json.dumps(codes or {}), weights or "", "ok", ""]
+        return self._complete(keys=self._outcome_keys(job_id), args=args) == 1
 
+    def complete_dead(self, job_id: str, chunk: int, count: int, error: str, attempts: int) -> int | None:
+        """Record a dead-lettered chunk (all ``count`` URIs failed), atomically, unless an earlier
+        attempt completed it: then nothing changes and None is returned (its part must be kept).
+        Else 1 if the job is now complete, 0 if not."""
+        entry = json.dumps({"count": count, "error": error[:2000], "attempts": attempts, "at": time.time()})
+        args = [chunk, 0, count, time.time(), self.ttl, json.dumps({"chunk_failed": count}), "", "dead", entry]
+        res = self._complete(keys=self._outcome_keys(job_id), args=args)
+        return None if res == -1 else int(res)
+
+    def is_completed(self, job_id: str, chunk: int) -> bool:
+        """The chunk has an outcome that is not a dead letter (its part was written)."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hexists(self.key(job_id, "done"), chunk)
+            p.hexists(self.key(job_id, "dead"), chunk)
+            done, dead = p.execute()
+        return bool(done and not dead)
+
+    def finish(self, job_id: str, state: str, error: str | None = None) -> str:
+        """Set the final state (never over 'cancelled'); returns the state the job is in."""
+        return self._finish(keys=[self.key(job_id)], args=[state, time.time(), error or ""])
+
+    # kept for callers of the former API
     def mark_done(self, job_id: str) -> None:
-        k = self.key(job_id)
-        if self.r.hget(k, "state") != "cancelled":
-            self.r.hset(k, mapping={"state": "done", "finished_at": time.time()})
+        self.finish(job_id, "done")
+
+    # -- claim-check inputs when DEST is Redis --
+    def put_inputs(self, job_id: str, chunk: int, data: bytes) -> None:
+        self.r.set(self.key(job_id, "in", str(chunk)), data, ex=self.ttl)
+
+    def get_inputs(self, job_id: str, chunk: int) -> bytes | None:
+        v = self._binary().get(self.key(job_id, "in", str(chunk)))
+        return v
+
+    def _binary(self) -> redis.Redis:
+        if not hasattr(self, "_rb"):
+            self._rb = redis.Redis(connection_pool=redis.ConnectionPool(
+                **{**self.r.connection_pool.connection_kwargs, "decode_responses": False},
+                connection_class=self.r.connection_pool.connection_class))
+        return self._rb
 
     # -- Redis as the results destination --
     def put_part(self, job_id: str, chunk: int, jsonl: bytes) -> None:

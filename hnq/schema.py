@@ -14,7 +14,7 @@ MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 ModelName = Literal["hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85"]
 
 #: Bumped when a message or record changes incompatibly; workers refuse messages of another version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the claim check (URIs stored with the job, not in the message)
 
 
 class Label(BaseModel):
@@ -55,18 +55,23 @@ class ResultRecord(BaseModel):
 
 
 class ChunkTask(BaseModel):
-    """The body of one Celery task: a chunk of URIs of one job."""
+    """The body of one Celery task: a claim check for one chunk of a job. The URIs themselves are
+    stored with the job (:mod:`hnq.inputs`); ``count`` and ``digest`` let the worker verify them."""
 
     model_config = ConfigDict(extra="forbid")
-    v: int = SCHEMA_VERSION
-    job_id: str
+    v: Literal[2] = SCHEMA_VERSION
+    job_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     chunk: int = Field(ge=0, description="chunk index within the job; names the output part")
-    uris: list[str] = Field(min_length=1)
+    count: int = Field(ge=1, description="URIs in the chunk")
+    digest: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="hnq.inputs digest of the URI list")
     model: ModelName
     dest: str | None = Field(None, description="s3://… or file://… output prefix; None = Redis results")
 
 
-JobStateName = Literal["queued", "running", "done", "cancelled", "failed", "lost"]
+#: done: every image labelled; done_with_errors: some images have error records; failed: chunks
+#: dead-lettered or the output could not be written; cancelled; lost: Redis no longer knows the job.
+JobStateName = Literal["queued", "running", "done", "done_with_errors", "failed", "cancelled", "lost"]
+FINAL_STATES = ("done", "done_with_errors", "failed", "cancelled")
 
 
 class JobInfo(BaseModel):
@@ -87,16 +92,35 @@ class JobInfo(BaseModel):
     finished_at: datetime | None = None
     rate: float | None = Field(None, description="images per second since the first chunk started")
     eta_s: float | None = None
+    error: str | None = Field(None, description="why the job failed, when it was not its chunks")
+    error_codes: dict[str, int] = Field(default_factory=dict, description="error records per code")
+
+
+class DeadChunk(BaseModel):
+    chunk: int
+    count: int
+    attempts: int
+    error: str
 
 
 class Manifest(BaseModel):
-    """DEST/JOB_ID/manifest.json, written by the worker that finishes the last chunk."""
+    """DEST/JOB_ID/manifest.json, written last (after every part, before the job's final state),
+    atomically, by whoever finishes the job. ``parts`` lists only parts that exist."""
 
     job_id: str
     model: str
+    weights: list[str] = Field(default_factory=list, description="weights the records were made with")
     state: JobStateName
     total: int
     succeeded: int
     failed: int
+    error_codes: dict[str, int] = Field(default_factory=dict)
     parts: list[str]
+    missing_parts: list[int] = Field(default_factory=list, description="chunks without a part")
+    dead_chunks: list[DeadChunk] = Field(default_factory=list)
+    sources: list[str] = Field(default_factory=list)
+    error: str | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     created_at: datetime

@@ -86,3 +86,11 @@ def celery_config(s: CommonSettings) -> dict:
         task_send_sent_event=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+
+
+def lean_messages(app) -> None:
+    """Keep each task message small in Redis: no argsrepr/kwargsrepr copies of the arguments in the
+    headers (they only feed monitoring tools, and would be truncated reprs anyway). A chunk message
+    is then about 1.2 KB while queued (measured: benchmarks/bench_submit_scale.py)."""
+    app.amqp.argsrepr_maxsize = 0
+    app.amqp.kwargsrepr_maxsize = 0

@@ -18,6 +18,15 @@ EXIT_ERROR = 1            # unexpected failure
 EXIT_USAGE = 2            # bad arguments or configuration
 EXIT_SOME_FAILED = 3      # the job/command finished, but some images could not be labelled
 EXIT_JOB_FAILED = 4       # the job itself failed, was cancelled, or its state was lost
+EXIT_TIMEOUT = 5          # `wait`/`submit --wait --timeout`: gave up waiting; the job goes on
+
+#: exit code of a job that ended in this state
+STATE_EXIT = {"done": EXIT_OK, "done_with_errors": EXIT_SOME_FAILED, "failed": EXIT_JOB_FAILED,
+              "cancelled": EXIT_JOB_FAILED, "lost": EXIT_JOB_FAILED}
+
+
+class BrokerUnreachable(Exception):
+    """First contact with Redis failed within seconds (the CLI does not wait minutes)."""
 
 
 
@@ -96,9 +105,20 @@ def _settings():
 
 
 def _store(s):
+    """The job store, once Redis has answered (within about 8 s, or BrokerUnreachable). After that
+    first contact the store rides out a Redis restart with its long backoff (`--wait`)."""
+    import redis
+
     from hnq.jobs import JobStore
 
-    return JobStore(s.broker_url, s.results_ttl_days)
+    store = JobStore(s.broker_url, s.results_ttl_days)
+    try:
+        store.ping_fast(8.0)
+    except redis.AuthenticationError:
+        raise
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise BrokerUnreachable(str(e)) from None
+    return store
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
@@ -115,7 +135,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
         if a.from_file:
             yield from read_uri_list(a.from_file)
 
-    job = submit(s, uris(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size)
+    sources = list(a.sources) + ([f"@{a.from_file}"] if a.from_file else [])
+    job = submit(s, uris(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size,
+                 store=_store(s), force=a.force, sources=sources)
     if a.json:
         print(json.dumps({"job_id": job.job_id, "total": job.total, "chunks": job.chunks,
                           "dest": job.dest, "model": job.model}), flush=True)
@@ -124,11 +146,22 @@ def cmd_submit(a: argparse.Namespace) -> int:
         _err(f"job {job.job_id}: {job.total} images in {job.chunks} chunks -> {job.dest or 'redis'}")
     if not a.wait:
         return EXIT_OK
-    return wait_for(s, job.job_id, json_out=a.json)
+    return wait_for(s, job.job_id, json_out=a.json, timeout=a.timeout)
 
 
-def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = None) -> int:
+def cmd_wait(a: argparse.Namespace) -> int:
+    s = _settings()
     store = _store(s)
+    if store.info(a.job) is None:
+        return _lost(s, store, a.job, a.json)
+    return wait_for(s, a.job, json_out=a.json, timeout=a.timeout, store=store)
+
+
+def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = None, store=None) -> int:
+    """Progress until the job ends; the exit code follows its final state (STATE_EXIT)."""
+    from hnq.schema import FINAL_STATES
+
+    store = store or _store(s)
     start = time.monotonic()
     tty = sys.stderr.isatty()
     last = ""
@@ -141,11 +174,11 @@ def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = 
         if line != last:
             print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
             last = line
-        if info.state in ("done", "cancelled", "failed"):
+        if info.state in FINAL_STATES:
             break
         if timeout and time.monotonic() - start > timeout:
-            _err(f"\ngave up waiting after {timeout:.0f}s; the job goes on (hardnet status {job_id})")
-            return EXIT_JOB_FAILED
+            _err(f"\ngave up waiting after {timeout:.0f}s; the job goes on (hardnet wait {job_id})")
+            return EXIT_TIMEOUT
         time.sleep(s.poll_interval)
     if tty:
         print(file=sys.stderr)
@@ -153,11 +186,12 @@ def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = 
     if json_out:
         print(json.dumps(summary), flush=True)
     else:
+        codes = ", ".join(f"{k}={v}" for k, v in info.error_codes.items())
         _err(f"job {job_id} {info.state}: {info.succeeded} labelled, {info.failed} failed of {info.total}"
-             + (f", {info.dead_chunks} dead-lettered chunks (hardnet redrive {job_id})" if info.dead_chunks else ""))
-    if info.state != "done":
-        return EXIT_JOB_FAILED
-    return EXIT_SOME_FAILED if info.failed else EXIT_OK
+             + (f" ({codes})" if codes else "")
+             + (f", {info.dead_chunks} dead-lettered chunks (hardnet redrive {job_id})" if info.dead_chunks else "")
+             + (f"; {info.error}" if info.error else ""))
+    return STATE_EXIT.get(info.state, EXIT_JOB_FAILED)
 
 
 def _progress_line(info) -> str:
@@ -193,20 +227,28 @@ def cmd_status(a: argparse.Namespace) -> int:
     info = store.info(a.job)
     if info is None:
         return _lost(s, store, a.job, a.json)
+    from hnq.sweep import stalled_chunks
+
     dead = store.dead_letters(a.job)
+    stalled = stalled_chunks(store, a.job, s.visibility_timeout)
     if a.json:
         d = info.model_dump(mode="json")
-        d["dead_letters"] = [{"chunk": x.chunk, "uris": len(x.uris), "attempts": x.attempts, "error": x.error}
+        d["dead_letters"] = [{"chunk": x.chunk, "uris": x.count, "attempts": x.attempts, "error": x.error}
                              for x in dead]
+        d["stalled_chunks"] = stalled
         print(json.dumps(d))
     else:
         for k, v in info.model_dump(mode="json").items():
             if v is not None:
                 print(f"{k:13} {v}")
         for x in dead:
-            print(f"dead chunk {x.chunk}: {len(x.uris)} URIs, {x.attempts} attempts, last error: {x.error}")
+            print(f"dead chunk {x.chunk}: {x.count} URIs, {x.attempts} attempts, last error: {x.error}")
         if dead:
             print(f"re-drive with: hardnet redrive {a.job}")
+        if stalled:
+            print(f"stalled chunks ({len(stalled)}: neither queued, in flight nor done for over "
+                  f"{s.visibility_timeout}s): {stalled[:50]}; the workers' sweeper re-sends them, or "
+                  "run: hardnet sweep")
     return EXIT_OK
 
 
@@ -272,10 +314,41 @@ def cmd_results(a: argparse.Namespace) -> int:
 
 def cmd_cancel(a: argparse.Namespace) -> int:
     s = _settings()
-    if not _store(s).cancel(a.job):
+    state = _store(s).cancel(a.job)
+    if state == "missing":
         _err(f"unknown job {a.job}")
         return EXIT_JOB_FAILED
+    if state != "cancelled":
+        _err(f"job {a.job} already ended ({state}): nothing changed")
+        return EXIT_OK
     _err(f"job {a.job} cancelled: chunks not yet started will be dropped")
+    return EXIT_OK
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    from producer.resume import resume
+
+    s = _settings()
+    r = resume(s, _store(s), a.job, dest=a.out)
+    _err(f"job {a.job}: {r['rebuilt'] and 'state rebuilt from storage; ' or ''}{r['complete']} chunks "
+         f"complete, {len(r['sent'])} sent again" + (f" {r['sent'][:20]}" if r['sent'] else "")
+         + (f"; {r['note']}" if r.get("note") else ""))
+    if a.wait:
+        return wait_for(s, a.job, timeout=a.timeout)
+    return EXIT_OK
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from hnq.sweep import sweep
+    from producer.submit import sender
+
+    s = _settings()
+    store = _store(s)
+    sent = sweep(store, sender(s), s.visibility_timeout, jobs=[a.job] if a.job else None)
+    for job, chunks in sent.items():
+        print(f"{job}: re-sent {len(chunks)} stalled chunk(s) {chunks[:50]}")
+    if not sent:
+        _err("no stalled chunks")
     return EXIT_OK
 
 
@@ -347,8 +420,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", choices=MODELS)
     s.add_argument("--chunk-size", type=int)
     s.add_argument("--wait", action="store_true", help="show progress and wait for the end")
+    s.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up waiting after S seconds (exit 5)")
+    s.add_argument("--force", action="store_true",
+                   help="allow a job above HARDNET_REDIS_RESULTS_MAX images without --out (results kept in Redis)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_submit)
+
+    wt = sub.add_parser("wait", help="show a job's progress until it ends; exit code as submit --wait")
+    wt.add_argument("job")
+    wt.add_argument("--timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 5)")
+    wt.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    wt.set_defaults(fn=cmd_wait)
+
+    rs = sub.add_parser("resume", help="finish a job from its stored inputs and parts (e.g. after Redis lost it)")
+    rs.add_argument("job")
+    rs.add_argument("--out", metavar="DEST", help="the job's destination (needed when Redis no longer knows the job)")
+    rs.add_argument("--wait", action="store_true", help="then wait for the end, as submit --wait")
+    rs.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S seconds (exit 5)")
+    rs.set_defaults(fn=cmd_resume)
+
+    sw = sub.add_parser("sweep", help="re-send chunks of live jobs that are neither queued, in flight nor done")
+    sw.add_argument("job", nargs="?", help="only this job (default: the recent live jobs)")
+    sw.set_defaults(fn=cmd_sweep)
 
     st = sub.add_parser("status", help="a job's state, or the recent jobs")
     st.add_argument("job", nargs="?")
@@ -427,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except HardnetError as e:
         _err(f"{e.code.value}: {e}")
+        return EXIT_ERROR
+    except BrokerUnreachable as e:
+        from hnq.settings import CommonSettings, redact_url
+
+        _err(f"cannot reach Redis at {redact_url(CommonSettings().broker_url)} (gave up after about 8 s: {e}); "
+             "is it running? is HARDNET_BROKER_URL right, password and TLS included?")
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001
         if not _is_broker_error(e):

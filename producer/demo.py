@@ -88,17 +88,23 @@ def run_demo(a) -> int:
         url, started_redis = _start_redis(workdir)
         _say(f"started redis-server on 127.0.0.1:{started_redis}")
     weights = _resolve_weights(a.model, a.weights or os.environ.get("HARDNET_WEIGHTS"))
-    env = dict(os.environ, HARDNET_BROKER_URL=url, HARDNET_MODEL=a.model, HARDNET_FILE_ROOTS=",".join(roots))
+    # A queue of its own: the demo's worker never takes a shared queue's chunks (nor a fleet the
+    # demo's), even when it uses a Redis that real workers use.
+    queue = f"hardnet-demo-{os.getpid()}"
+    env = dict(os.environ, HARDNET_BROKER_URL=url, HARDNET_MODEL=a.model, HARDNET_FILE_ROOTS=",".join(roots),
+               HARDNET_QUEUE=queue, HARDNET_SWEEP_INTERVAL="0")
     env.pop("HARDNET_WEIGHTS", None)
     if weights != "official":
         env["HARDNET_WEIGHTS"] = weights
     log = open(workdir / "worker.log", "w")
     worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO",
                                "--hostname", f"demo-{os.getpid()}@%h"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    _say(f"started a worker (pid {worker.pid}, log {workdir / 'worker.log'})")
+    _say(f"started a worker (pid {worker.pid}, log {workdir / 'worker.log'}) on queue {queue}")
     try:
         os.environ["HARDNET_BROKER_URL"] = url
+        os.environ["HARDNET_QUEUE"] = queue
         s = ProducerSettings()
+        _say(f"queue {queue} (its own)")
         job = submit(s, expand_sources(inputs), dest=None, model=a.model, chunk_size=4)
         _say(f"submitted job {job.job_id}: {job.total} images in {job.chunks} chunks")
         rc = wait_for(s, job.job_id, timeout=600)

@@ -1,20 +1,26 @@
-"""Submitting a job: stream the sources into chunks and enqueue each as soon as it is full, so a
-million-key prefix is never held in memory. The job is "sealed" with its totals at the end."""
+"""Submitting a job: stream the sources into chunks; write each chunk's URIs beside the job's
+results (the claim check, :mod:`hnq.inputs`) and only then enqueue its small message, so a
+million-key prefix is never held in memory and Redis holds about a kilobyte per chunk. The job is
+"sealed" with its totals at the end, and DEST/JOB_ID/job.json describes it for `hardnet resume`."""
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
 from celery import Celery
 
 from hnq.errors import ConfigError
+from hnq.inputs import store_chunk_uris
 from hnq.jobs import JobStore, new_job_id
 from hnq.schema import MODELS, ChunkTask
-from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE, celery_config, redact_url
-from hnq.storage import validate_destination
+from hnq.settings import TASK_FINALIZE, celery_config, lean_messages, redact_url
+from hnq.sweep import resend_chunk, send_chunk
+from hnq.storage import check_writable, open_destination, validate_destination
 from producer.settings import ProducerSettings
 from producer.sources import chunked
 
@@ -26,7 +32,22 @@ def sender(s: ProducerSettings) -> Celery:
     """A Celery app that only sends (same transport config as the workers, no task code, no torch)."""
     app = Celery("hardnet-producer")
     app.conf.update(celery_config(s))
+    lean_messages(app)
     return app
+
+
+def descriptor_path(job_id: str) -> str:
+    return f"{job_id}/job.json"
+
+
+def write_descriptor(d, job_id: str, **fields) -> None:
+    d.put(descriptor_path(job_id), json.dumps({"job_id": job_id, **fields}, indent=2).encode())
+
+
+def read_descriptor(dest: str, job_id: str) -> dict | None:
+    d = open_destination(dest)
+    data = d.get(descriptor_path(job_id))
+    return json.loads(data) if data else None
 
 
 @dataclass
@@ -44,12 +65,12 @@ class LocalJobs:
     def __init__(self, s: ProducerSettings):
         self.path = s.state_dir / "jobs.jsonl"
 
-    def add(self, job_id: str, broker: str, run_id: str | None) -> None:
+    def add(self, job_id: str, broker: str, run_id: str | None, dest: str | None = None) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps({"job_id": job_id, "broker": redact_url(broker), "run_id": run_id,
-                                    "at": time.time()}) + "\n")
+                                    "dest": dest, "at": time.time()}) + "\n")
         except OSError as e:  # a read-only home must not stop a submit
             log.warning("could not remember job %s in %s: %s", job_id, self.path, e)
 
@@ -65,38 +86,76 @@ class LocalJobs:
         return None
 
 
+def _too_big_for_redis(limit: int) -> ConfigError:
+    return ConfigError(
+        f"this job has more than {limit} images and no --out: its results would be kept in Redis and "
+        "fill the broker. Give --out s3://BUCKET/PREFIX/ (or a directory), or --force "
+        f"(limit: HARDNET_REDIS_RESULTS_MAX={limit})")
+
+
 def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model: str,
-           chunk_size: int | None = None, store: JobStore | None = None, app: Celery | None = None) -> Submitted:
+           chunk_size: int | None = None, store: JobStore | None = None, app: Celery | None = None,
+           force: bool = False, sources: list[str] | None = None) -> Submitted:
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    d = None
     if dest:
         dest = validate_destination(dest)
+        check_writable(dest)              # a missing bucket / unwritable directory: fail now
+        d = open_destination(dest)
     size = chunk_size or s.chunk_size
     store = store or JobStore(s.broker_url, s.results_ttl_days)
     app = app or sender(s)
     job_id = new_job_id()
-    store.create(job_id, model=model, dest=dest)
+    now = time.time()
+    meta = dict(model=model, dest=dest, queue=s.queue, chunk_size=size, sources=(sources or [])[:100],
+                submitted_at=now)
+    if d is not None:
+        write_descriptor(d, job_id, **meta)
+    store.create(job_id, model=model, dest=dest, queue=s.queue, sources=sources, chunk_size=size,
+                 submitted_at=now)
     try:
         run_id = store.r.info("server").get("run_id")
     except Exception:  # noqa: BLE001
         run_id = None
-    LocalJobs(s).add(job_id, s.broker_url, run_id)
+    LocalJobs(s).add(job_id, s.broker_url, run_id, dest)
     total = chunks = 0
+    window = 2 * s.upload_threads
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(s.upload_threads, thread_name_prefix="hardnet-upload")
     try:
         with app.producer_or_acquire() as prod:
+            def send_oldest() -> None:
+                c, n, fut = pending.popleft()
+                task = ChunkTask(job_id=job_id, chunk=c, count=n, digest=fut.result(), model=model, dest=dest)
+                send_chunk(app, store, s.queue, task, producer=prod)
+
             for chunk in chunked(uris, size):
-                task = ChunkTask(job_id=job_id, chunk=chunks, uris=chunk, model=model, dest=dest)
-                app.send_task(TASK_CLASSIFY, args=[task.model_dump()], queue=s.queue, producer=prod)
+                if d is None and not force and total + len(chunk) > s.redis_results_max:
+                    raise _too_big_for_redis(s.redis_results_max)
+                # Inputs are written by a few threads; each message goes out, in chunk order, once
+                # its inputs are stored. At most `window` chunks are held in memory.
+                pending.append((chunks, len(chunk), pool.submit(store_chunk_uris, store, d, job_id, chunks, chunk)))
                 chunks += 1
                 total += len(chunk)
+                while pending and (len(pending) > window or pending[0][2].done()):
+                    send_oldest()
+            while pending:
+                send_oldest()
     except BaseException:
-        # Listing failed half way (or Ctrl-C): what was sent will be dropped by the workers.
+        # Listing failed half way (or Ctrl-C, or a refused size): what was sent will be dropped.
+        for _, _, fut in pending:
+            fut.cancel()
         store.cancel(job_id)
         raise
+    finally:
+        pool.shutdown(wait=True)
     if total == 0:
         store.cancel(job_id)
         raise ConfigError("no images found in the given sources (looked for .jpg .jpeg .png .webp .gif "
                           ".tif .tiff .bmp)")
+    if d is not None:
+        write_descriptor(d, job_id, **meta, total=total, chunks=chunks)
     if store.seal(job_id, total, chunks):
         # Every chunk finished before we had counted them: no worker saw a "last" chunk.
         app.send_task(TASK_FINALIZE, args=[job_id, dest], queue=s.queue)
@@ -109,14 +168,16 @@ def requeue_dead(s: ProducerSettings, store: JobStore, job_id: str, chunk: int |
     info = store.info(job_id)
     if info is None:
         raise ConfigError(f"unknown job {job_id}")
+    if info.state == "cancelled":
+        raise ConfigError(f"job {job_id} was cancelled: its chunks are not sent again "
+                          "(submit the sources again for a new job)")
     app = app or sender(s)
+    queue = store.raw(job_id).get("queue") or s.queue
     n = 0
     for d in store.dead_letters(job_id):
         if chunk is not None and d.chunk != chunk:
             continue
         store.reset_attempts(job_id, d.chunk)
-        task = ChunkTask(job_id=job_id, chunk=d.chunk, uris=d.uris, model=info.model or "hardnet68",
-                         dest=info.dest)
-        app.send_task(TASK_CLASSIFY, args=[task.model_dump()], queue=s.queue)
-        n += 1
+        if resend_chunk(app, store, queue, job_id, d.chunk, info.model or "hardnet68", info.dest):
+            n += 1
     return n

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
         "HARDNET_VISIBILITY_TIMEOUT": "30",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",               # two workers on two cores
+        # test outputs live under the temp dir (pytest's tmp_path); refusal tests override this
+        "HARDNET_OUTPUT_ROOTS": tempfile.gettempdir(),
     })
     env.update(extra)
     return env

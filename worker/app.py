@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from celery import Celery
 
-from hnq.settings import celery_config
+from hnq.settings import celery_config, lean_messages
 from worker import transport
 from worker.settings import WorkerSettings
 
 transport.install()
 
 settings = WorkerSettings()
-app = Celery("hardnet", include=["worker.tasks"])
+app = Celery("hardnet", include=["worker.tasks", "worker.sweeper"])
 app.conf.update(celery_config(settings))
 app.conf.update(worker_pool="threads", worker_concurrency=settings.chunks_in_flight)
+lean_messages(app)  # retries re-send the message: keep it small

@@ -80,6 +80,24 @@ class WorkerSettings(CommonSettings):
         return RetryPolicy(attempts=self.fetch_attempts, deadline_s=self.fetch_deadline,
                            backoff_s=min(0.5, self.fetch_backoff_max), backoff_max_s=self.fetch_backoff_max)
 
+    output_roots: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Comma-separated directories that file:// destinations must lie in (symlinks "
+        "resolved). Unset = workers refuse local destinations. The destination in a message is "
+        "checked against this, never trusted.")
+    output_buckets: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Comma-separated S3 buckets that results may be written to. Unset = any "
+        "bucket the worker's credentials can write.")
+    sweep_interval: int = Field(
+        120, ge=0, description="Seconds between the workers' sweeps for lost chunks (chunks of a live "
+        "job neither queued, in flight nor done for longer than the visibility timeout are sent "
+        "again; one worker sweeps at a time). 0 = off.")
+
+    def output_policy(self):
+        from hnq.inputs import OutputPolicy
+
+        return OutputPolicy(roots=tuple(self.output_roots) if self.output_roots is not None else (),
+                            buckets=tuple(self.output_buckets) if self.output_buckets is not None else None)
+
     def fetch_policy(self):
         from hnq.storage import FetchPolicy
 
@@ -104,7 +122,7 @@ class WorkerSettings(CommonSettings):
     def _lower(cls, v):
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("http_allow_hosts", "file_roots", mode="before")
+    @field_validator("http_allow_hosts", "file_roots", "output_roots", "output_buckets", mode="before")
     @classmethod
     def _split_commas(cls, v):
         if isinstance(v, str):

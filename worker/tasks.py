@@ -15,7 +15,8 @@ import threading
 from celery import signals
 from pydantic import ValidationError
 
-from hnq.errors import ErrorCode, TransientError
+from hnq.errors import ConfigError, TransientError
+from hnq.inputs import load_chunk_uris
 from hnq.jobs import JobStore
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
@@ -92,31 +93,18 @@ def _store() -> JobStore:
 
 
 def _dead_letter(store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
-    """Give up on a chunk: every URI gets a chunk_failed record (so the output still has one record
-    per URI), the chunk is counted as failed and listed as a dead letter that `hardnet redrive`
-    can send again."""
-    from worker.pipeline.write import write_part
+    """Give up on a chunk (worker/pipeline/write.py: dead_letter): never over a part that an earlier
+    attempt completed; otherwise chunk_failed records, a dead letter for `hardnet redrive`, and the
+    job finalised if this was its last chunk."""
+    from worker.pipeline.write import dead_letter
 
-    log.error("chunk %s/%d dead-lettered after %d attempts: %s", task.job_id, task.chunk, attempts, error)
-    msg = f"chunk failed after {attempts} attempts: {error}"
-    records = [ResultRecord.failure(u, ErrorCode.chunk_failed, msg, task.model, job_id=task.job_id)
-               for u in task.uris]
-    try:
-        write_part(store, task.dest, task.job_id, task.chunk, records)
-    except Exception as e:  # noqa: BLE001 - the destination itself may be what is failing
-        log.error("could not write the failure records of %s/%d: %s", task.job_id, task.chunk, e)
-    finished = store.complete_chunk(task.job_id, task.chunk, 0, len(task.uris))
-    store.mark_dead(task.job_id, task.chunk, task.uris, error, attempts)
-    if finished:
-        _finalize(store, task.dest, task.job_id)
+    dead_letter(store, task, None, error, attempts, settings.output_policy())
 
 
 def _finalize(store: JobStore, dest: str | None, job_id: str) -> None:
-    from worker.pipeline.write import write_manifest
+    from hnq.finish import finalize
 
-    write_manifest(store, dest, job_id)
-    store.mark_done(job_id)
-    log.info("job %s done", job_id)
+    finalize(store, job_id, settings.output_policy())
 
 
 @app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -140,12 +128,13 @@ def classify_chunk(self, payload: dict) -> dict | None:
         _dead_letter(store, task, err, attempt - 1)
         return None
 
-    from worker.pipeline.write import write_part
+    from worker.pipeline.write import outcome_extras, write_part
 
-    log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, len(task.uris))
+    log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
     try:
+        uris = load_chunk_uris(store, task, settings.output_policy())
         engine = context().engine(task.model)
-        records = _run_in_engine(engine, store, task, watch=state != "missing")
+        records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
         if records is None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
             return None
@@ -155,13 +144,14 @@ def classify_chunk(self, payload: dict) -> dict | None:
                  len(records) - ok, _rss_mb(), engine.summary())
         # Inside the try: if the manifest can't be written the chunk is retried, and the retry
         # (idempotent) finds the job complete again and writes it then.
-        if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok):
+        if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
+                                                        **outcome_extras(records)):
             _finalize(store, task.dest, task.job_id)
     except Exception as e:  # noqa: BLE001
         err = f"{type(e).__name__}: {e}"
         if state != "missing":
             store.note_error(task.job_id, task.chunk, err)
-        if attempt >= settings.max_attempts:
+        if attempt >= settings.max_attempts or isinstance(e, ConfigError):  # config: no retry
             if state != "missing":
                 _dead_letter(store, task, err, attempt)
             return None
@@ -177,11 +167,12 @@ def classify_chunk(self, payload: dict) -> dict | None:
 CANCEL_POLL_S = 1.0
 
 
-def _run_in_engine(engine, store: JobStore, task: ChunkTask, *, watch: bool) -> list[ResultRecord] | None:
+def _run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
+                   watch: bool) -> list[ResultRecord] | None:
     """Hand the chunk's URIs to the engine and wait for one record per URI, in order. Returns None
     when the job is cancelled meanwhile (its remaining images are dropped from the engine).
     StorageDown (a TransientError) propagates: the whole chunk is retried."""
-    chunk = engine.submit(task.uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}")
+    chunk = engine.submit(uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}")
     try:
         while not chunk.wait(CANCEL_POLL_S):
             if watch and store.job_state(task.job_id) == "cancelled":
@@ -196,7 +187,9 @@ def _run_in_engine(engine, store: JobStore, task: ChunkTask, *, watch: bool) -> 
 @app.task(name=TASK_FINALIZE, acks_late=True, reject_on_worker_lost=True)
 def finalize_job(job_id: str, dest: str | None = None) -> None:
     """Sent by the producer when every chunk finished before it had counted them all."""
-    _finalize(_store(), dest, job_id)
+    from hnq.finish import finalize_or_fail
+
+    finalize_or_fail(_store(), job_id, settings.output_policy())
 
 
 # --- memory guard -------------------------------------------------------------------------------

@@ -34,3 +34,18 @@ def test_demo_falls_back_to_random_weights_when_offline(monkeypatch, capsys):
     assert _resolve_weights("hardnet68", None) == "random"
     err = capsys.readouterr().err
     assert "could not get the official hardnet68 weights" in err and "RANDOM WEIGHTS" in err
+
+
+def test_demo_never_consumes_a_shared_queue(tmp_path, redis_server):
+    """With a Redis that a fleet uses, the demo works on a queue of its own: an item waiting in the
+    shared `hardnet` list is still there, untouched, afterwards."""
+    import redis
+
+    redis_server.flush()
+    r = redis.Redis.from_url(redis_server.url)
+    r.lpush("hardnet", b"a chunk of somebody else's job")
+    env = base_env(redis_server.url, HARDNET_STATE_DIR=str(tmp_path / "state"))
+    p = cli(["demo", "--model", "hardnet39ds", "--weights", "random"], env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "using the Redis at" in p.stderr and "queue hardnet-demo-" in p.stderr
+    assert r.lrange("hardnet", 0, -1) == [b"a chunk of somebody else's job"]

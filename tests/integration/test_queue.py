@@ -23,7 +23,8 @@ def cluster(redis_server, moto_server, tmp_path_factory):
 
     logdir = tmp_path_factory.mktemp("logs")
     roots = tmp_path_factory.mktemp("local-images")
-    env = base_env(redis_server.url, HARDNET_FILE_ROOTS=str(roots), **s3_env(moto_server.url))
+    env = base_env(redis_server.url, HARDNET_FILE_ROOTS=str(roots),
+                   HARDNET_OUTPUT_ROOTS=str(tmp_path_factory.getbasetemp()), **s3_env(moto_server.url))
     workers = [Worker(env, f"w{i}", logdir) for i in range(2)]
     try:
         for w in workers:
@@ -54,7 +55,7 @@ def test_s3_prefix_to_s3_destination(cluster, s3, redis_url):
                             "--wait", "--json"], env, timeout=600)
     n_bad = len(bad_images())
     assert rc == 3, "some images failed: exit code 3"
-    assert summary["state"] == "done"
+    assert summary["state"] == "done_with_errors"
     assert summary["total"] == len(images) == N_GOOD + n_bad
     assert summary["succeeded"] == N_GOOD and summary["failed"] == n_bad
     job = summary["job_id"]
@@ -62,11 +63,16 @@ def test_s3_prefix_to_s3_destination(cluster, s3, redis_url):
     # Output layout: one deterministic part per chunk + manifest written by a worker.
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="labels", Prefix=f"run1/{job}/")["Contents"]]
     chunks = -(-len(images) // 32)
+    # parts + manifest + the claim check: the job's description and each chunk's stored inputs
     assert sorted(keys) == sorted([f"run1/{job}/part-{c:05d}.jsonl" for c in range(chunks)]
-                                  + [f"run1/{job}/manifest.json"])
+                                  + [f"run1/{job}/inputs/chunk-{c:05d}.jsonl.gz" for c in range(chunks)]
+                                  + [f"run1/{job}/manifest.json", f"run1/{job}/job.json"])
     manifest = json.loads(s3.get_object(Bucket="labels", Key=f"run1/{job}/manifest.json")["Body"].read())
     assert manifest["total"] == len(images) and manifest["succeeded"] == N_GOOD and manifest["failed"] == n_bad
     assert manifest["parts"] == [f"part-{c:05d}.jsonl" for c in range(chunks)]
+    assert manifest["state"] == "done_with_errors" and manifest["dead_chunks"] == []
+    assert sum(manifest["error_codes"].values()) == n_bad and set(manifest["error_codes"]) <= {"decode_error", "empty"}
+    assert manifest["weights"] == ["random"] and manifest["sources"] == ["s3://photos/2026/"]
     head = s3.get_object_acl(Bucket="labels", Key=f"run1/{job}/manifest.json")
     assert all("AllUsers" not in json.dumps(g) for g in head["Grants"]), "results must not be public"
 
@@ -87,7 +93,7 @@ def test_s3_prefix_to_s3_destination(cluster, s3, redis_url):
 
     # `status` and `results` read the same story back.
     rc, st = cli_json(["status", job, "--json"], env)
-    assert rc == 0 and st["state"] == "done" and st["succeeded"] == N_GOOD and st["failed"] == n_bad
+    assert rc == 0 and st["state"] == "done_with_errors" and st["succeeded"] == N_GOOD and st["failed"] == n_bad
     assert st["rate"] and st["finished_at"]
     p = cli(["results", job], env)
     assert p.returncode == 0, p.stderr

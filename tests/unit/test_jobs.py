@@ -39,10 +39,10 @@ def test_seal_before_completion_and_dead_letters(store):
     assert not store.seal("j3", total=10, chunks=2)
     store.complete_chunk("j3", 0, 5, 0)
     # chunk 1 is dead-lettered: counted as failed, listed, and the job can still finish
-    assert store.complete_chunk("j3", 1, 0, 5)
-    store.mark_dead("j3", 1, ["s3://b/x"] * 5, "boom", 5)
+    assert store.complete_dead("j3", 1, 5, "boom", 5) == 1
     info = store.info("j3")
     assert (info.failed, info.dead_chunks) == (5, 1)
+    assert info.error_codes == {"chunk_failed": 5}
     assert [d.chunk for d in store.dead_letters("j3")] == [1]
     # a re-drive that succeeds replaces the failure and clears the dead letter
     store.reset_attempts("j3", 1)
@@ -50,17 +50,18 @@ def test_seal_before_completion_and_dead_letters(store):
     assert store.complete_chunk("j3", 1, 5, 0)
     info = store.info("j3")
     assert (info.succeeded, info.failed, info.dead_chunks) == (10, 0, 0)
-    assert store.dead_letters("j3") == []
+    assert store.dead_letters("j3") == [] and store.info("j3").error_codes == {}
 
 
 def test_cancelled_job_never_finishes(store):
     store.create("j4", model="hardnet68", dest=None)
     store.seal("j4", total=1, chunks=1)
-    assert store.cancel("j4")
+    assert store.cancel("j4") == "cancelled"
     assert store.start_chunk("j4", 0)[0] == "cancelled"
     assert not store.complete_chunk("j4", 0, 1, 0)
     assert store.info("j4").state == "cancelled"
-    assert not store.cancel("nope")
+    assert store.finish("j4", "done") == "cancelled"          # a final state never overwrites it
+    assert store.cancel("nope") == "missing"
 
 
 def test_redis_results_parts(store):
@@ -68,3 +69,39 @@ def test_redis_results_parts(store):
     store.put_part("j5", 0, b'{"uri":"a"}\n')
     store.put_part("j5", 0, b'{"uri":"b"}\n')                # retried chunk overwrites
     assert list(store.iter_parts("j5", 2)) == [(0, '{"uri":"b"}\n'), (1, None)]
+
+
+def test_cancel_of_a_finished_job_changes_nothing(store):
+    store.create("j6", model="m", dest=None)
+    store.seal("j6", total=1, chunks=1)
+    assert store.complete_chunk("j6", 0, 1, 0)
+    store.finish("j6", "done")
+    before = store.raw("j6")
+    assert store.cancel("j6") == "done"
+    assert store.raw("j6") == before
+
+
+def test_dead_letter_never_replaces_a_completed_chunk(store):
+    store.create("j7", model="m", dest=None)
+    store.seal("j7", total=6, chunks=2)
+    assert not store.complete_chunk("j7", 0, 2, 1, codes={"decode_error": 1}, weights="random")
+    # a late redelivery of chunk 0 past max attempts: the completed outcome stands
+    assert store.complete_dead("j7", 0, 3, "worker died", 6) is None
+    info = store.info("j7")
+    assert (info.succeeded, info.failed, info.dead_chunks, info.error_codes) == (2, 1, 0, {"decode_error": 1})
+    # a dead letter followed by a successful attempt is replaced, codes included
+    assert store.complete_dead("j7", 1, 3, "boom", 5) == 1
+    assert store.info("j7").error_codes == {"chunk_failed": 3, "decode_error": 1}
+    assert store.complete_chunk("j7", 1, 3, 0)
+    info = store.info("j7")
+    assert (info.succeeded, info.failed, info.dead_chunks, info.error_codes) == (5, 1, 0, {"decode_error": 1})
+    assert store.weights_used("j7") == ["random"]
+
+
+def test_start_keeps_the_sweeper_bookkeeping(store):
+    store.create("j8", model="m", dest=None, queue="qq")
+    store.mark_sent("j8", [0, 1], at=100.0)
+    assert store.start_chunk("j8", 1) == ("queued", 1)
+    seen = store.seen("j8")
+    assert seen[0] == ("q", 100.0) and seen[1][0] == "s"
+    assert store.watermark("qq") == 100.0

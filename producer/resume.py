@@ -1,0 +1,127 @@
+"""`hardnet resume JOB [--out DEST]`: finish a job from what storage holds.
+
+When Redis still knows the job, the chunks without an outcome that are not in flight are sent
+again. When Redis lost it (FLUSHALL, a restart without persistence), the job's state is rebuilt from
+DEST/JOB_ID/: job.json (written by `submit`: model, chunk size, totals), the stored inputs
+(inputs/chunk-N.jsonl.gz) and the parts. A part counts as complete when it holds one record per URI
+of its chunk and no chunk_failed record; its counts (ok, failed, per error code) are read back from
+it. Every other chunk is sent again, after the job is sealed, so the last one to finish writes the
+manifest as usual.
+
+Cost: one LIST per 1,000 parts, one GET per existing part (read with a few threads), one GET per
+chunk sent again."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from hnq.errors import ConfigError
+from hnq.finish import finalize_or_fail, is_complete_unfinished
+from hnq.jobs import JobStore
+from hnq.storage import open_destination, validate_destination
+from hnq.sweep import in_flight, resend_chunk
+from producer.settings import ProducerSettings
+from producer.submit import LocalJobs, read_descriptor, sender
+
+log = logging.getLogger("hardnet.resume")
+
+
+def _part_outcome(data: bytes, expected: int) -> dict | None:
+    """Counts of a complete part, or None when it is incomplete (or holds chunk_failed records)."""
+    ok = failed = 0
+    codes: Counter = Counter()
+    weights = None
+    uris = set()
+    for line in data.decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            return None
+        uris.add(r.get("uri"))
+        if r.get("status") == "ok":
+            ok += 1
+            weights = weights or r.get("weights")
+        else:
+            code = (r.get("error") or {}).get("code", "internal_error")
+            if code == "chunk_failed":
+                return None      # a dead letter's records: labelling it again may succeed now
+            failed += 1
+            codes[code] += 1
+    if ok + failed != expected or len(uris) != expected:
+        return None
+    return {"ok": ok, "failed": failed, "codes": dict(codes), "weights": weights}
+
+
+def resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None = None, app=None) -> dict:
+    app = app or sender(s)
+    info = store.info(job_id)
+    if info is not None:
+        return _resume_known(s, store, app, job_id, info, dest)
+    if not dest:
+        known = LocalJobs(s).get(job_id) or {}
+        dest = known.get("dest")
+    if not dest:
+        raise ConfigError(f"Redis no longer knows job {job_id}: give --out DEST, the destination its "
+                          "results were written to")
+    dest = validate_destination(dest)
+    desc = read_descriptor(dest, job_id)
+    if desc is None:
+        raise ConfigError(f"no job {job_id} under {dest} (no {job_id}/job.json there); a job whose "
+                          "results were kept in Redis cannot be rebuilt from storage")
+    if "chunks" not in desc:
+        raise ConfigError(f"the submit of job {job_id} never finished listing its sources; submit them again")
+    chunks, total, size = int(desc["chunks"]), int(desc["total"]), int(desc["chunk_size"])
+    model = desc["model"]
+    d = open_destination(dest)
+    store.create(job_id, model=model, dest=dest, queue=s.queue, sources=desc.get("sources"),
+                 chunk_size=size, submitted_at=desc.get("submitted_at"), state="running")
+    have = {p.rsplit("/", 1)[-1] for p in d.list(f"{job_id}/part-")}
+
+    def check(c: int):
+        name = d.part_path(job_id, c)
+        if name.rsplit("/", 1)[-1] not in have:
+            return c, None
+        data = d.get(name)
+        return c, (_part_outcome(data, min(size, total - c * size)) if data is not None else None)
+
+    to_send = []
+    complete = 0
+    with ThreadPoolExecutor(16) as ex:
+        for c, out in ex.map(check, range(chunks)):
+            if out is None:
+                to_send.append(c)
+            else:
+                store.complete_chunk(job_id, c, out["ok"], out["failed"], codes=out["codes"],
+                                     weights=out["weights"])
+                complete += 1
+    if store.seal(job_id, total, chunks):
+        finalize_or_fail(store, job_id)
+        return {"rebuilt": True, "complete": complete, "sent": []}
+    sent = [c for c in to_send if resend_chunk(app, store, s.queue, job_id, c, model, dest)]
+    gone = sorted(set(to_send) - set(sent))
+    return {"rebuilt": True, "complete": complete, "sent": sent,
+            "note": f"{len(gone)} chunks have no stored inputs: {gone[:20]}" if gone else ""}
+
+
+def _resume_known(s, store: JobStore, app, job_id: str, info, dest: str | None) -> dict:
+    if dest and info.dest and validate_destination(dest) != info.dest:
+        raise ConfigError(f"job {job_id} writes to {info.dest}, not {dest}")
+    if info.state == "cancelled":
+        raise ConfigError(f"job {job_id} was cancelled: it is not resumed")
+    if info.chunks is None:
+        raise ConfigError(f"job {job_id} is still being listed by its submit")
+    done = store.done_chunks(job_id)
+    if info.state in ("done", "done_with_errors", "failed") and len(done) >= info.chunks:
+        return {"rebuilt": False, "complete": len(done), "sent": [], "note": f"already {info.state}"}
+    if is_complete_unfinished(store, job_id):
+        finalize_or_fail(store, job_id)
+        return {"rebuilt": False, "complete": len(done), "sent": [], "note": "finalised"}
+    flying = in_flight(store)
+    queue = store.raw(job_id).get("queue") or s.queue
+    todo = [c for c in range(info.chunks) if c not in done and (job_id, c) not in flying]
+    sent = [c for c in todo if resend_chunk(app, store, queue, job_id, c, info.model or "hardnet68", info.dest)]
+    return {"rebuilt": False, "complete": len(done), "sent": sent}
