@@ -17,7 +17,9 @@ class Batcher:
         self.size = size
         self.max_wait_s = max_wait_s
         self.capacity = max(capacity, size)
-        self._cv = threading.Condition()
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)          # the device thread waits here
+        self._room = threading.Condition(lock)        # decoders wait here when the buffer is full
         self._ready: deque = deque()       # (time it became ready, item)
         self._upstream = 0                 # images admitted and not yet ready nor finished
         self._closed = False
@@ -31,17 +33,19 @@ class Batcher:
         """``n`` admitted images will never become ready (failed, skipped)."""
         with self._cv:
             self._upstream -= n
-            self._cv.notify_all()
+            if self._upstream <= 0:
+                self._cv.notify()
 
     def put(self, item) -> bool:
         with self._cv:
             while len(self._ready) >= self.capacity and not self._closed:
-                self._cv.wait()
+                self._room.wait()
             if self._closed:
                 return False
             self._ready.append((time.monotonic(), item))
             self._upstream -= 1
-            self._cv.notify_all()
+            if len(self._ready) >= self.size or self._upstream <= 0 or len(self._ready) == 1:
+                self._cv.notify()      # a batch can be cut, or the first item starts the clock
             return True
 
     def take(self, block: bool = True) -> list | None:
@@ -67,7 +71,7 @@ class Batcher:
 
     def _cut(self) -> list:
         out = [self._ready.popleft()[1] for _ in range(min(self.size, len(self._ready)))]
-        self._cv.notify_all()
+        self._room.notify(len(out))
         return out
 
     def depth(self) -> tuple[int, int]:
@@ -78,3 +82,4 @@ class Batcher:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+            self._room.notify_all()

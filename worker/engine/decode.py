@@ -15,59 +15,69 @@ from worker.engine.stats import StageStats
 
 class BoundedQueue:
     """FIFO bounded by item count and by the sum of the items' sizes (an item larger than the
-    byte bound alone still passes when the queue is empty, so nothing can wedge it)."""
+    byte bound alone still passes when the queue is empty, so nothing can wedge it).
+
+    Two conditions on one lock, and ``notify`` rather than ``notify_all``: with 64-256 fetchers
+    blocked on a full queue, waking them all on every ``get`` made them fight over the GIL."""
 
     def __init__(self, max_items: int, max_bytes: int):
         self.max_items = max_items
         self.max_bytes = max_bytes
-        self._cv = threading.Condition()
+        lock = threading.Lock()
+        self._not_empty = threading.Condition(lock)
+        self._not_full = threading.Condition(lock)
         self._q: deque = deque()
         self._bytes = 0
         self._closed = False
 
+    def _full_for(self, nbytes: int) -> bool:
+        return bool(self._q) and (len(self._q) >= self.max_items or self._bytes + nbytes > self.max_bytes)
+
     def put(self, item, nbytes: int) -> bool:
-        with self._cv:
-            while not self._closed and self._q and (
-                    len(self._q) >= self.max_items or self._bytes + nbytes > self.max_bytes):
-                self._cv.wait()
+        with self._not_full:
+            while not self._closed and self._full_for(nbytes):
+                self._not_full.wait()
             if self._closed:
                 return False
             self._q.append((item, nbytes))
             self._bytes += nbytes
-            self._cv.notify_all()
+            self._not_empty.notify()
             return True
 
+    def _pop(self):
+        item, nbytes = self._q.popleft()
+        self._bytes -= nbytes
+        return item
+
     def get(self):
-        with self._cv:
+        with self._not_empty:
             while not self._q and not self._closed:
-                self._cv.wait()
+                self._not_empty.wait()
             if not self._q:
                 return None
-            item, nbytes = self._q.popleft()
-            self._bytes -= nbytes
-            self._cv.notify_all()
+            item = self._pop()
+            self._not_full.notify()
             return item
 
     def get_many(self, n: int) -> list:
         """At least one item (blocking), at most ``n``; [] once closed and empty."""
-        with self._cv:
+        with self._not_empty:
             while not self._q and not self._closed:
-                self._cv.wait()
+                self._not_empty.wait()
             out = []
             while self._q and len(out) < n:
-                item, nbytes = self._q.popleft()
-                self._bytes -= nbytes
-                out.append(item)
-            self._cv.notify_all()
+                out.append(self._pop())
+            self._not_full.notify(len(out))
             return out
 
     def close(self) -> None:
-        with self._cv:
+        with self._not_empty:
             self._closed = True
-            self._cv.notify_all()
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
 
     def depth(self) -> tuple[int, int]:
-        with self._cv:
+        with self._not_empty:
             return len(self._q), self._bytes
 
 

@@ -49,8 +49,9 @@ class WorkQueue:
 
     def put_many(self, items) -> None:
         with self._cv:
+            before = len(self._now)
             self._now.extend(items)
-            self._cv.notify_all()
+            self._cv.notify(len(self._now) - before)
 
     def put_later(self, item, due: float) -> None:
         with self._cv:

@@ -1,0 +1,118 @@
+"""Why the engine's stages are our own threads and bounded queues, not SPDL: the same work through
+both, measured in the same run.
+
+    pip install spdl==0.8.0      # only for this comparison; not a dependency of the project
+    python benchmarks/bench_stages.py [--n 2000] [--latency-ms 20] [--repeat 3]
+
+Work: N in-memory 500x375 JPEGs; "fetch" sleeps ``--latency-ms`` (a remote store's latency, GIL
+released) and returns the bytes; decode is the worker's `decode_image`; batches of 32; the
+"device" is a zero-cost stand-in (torch.stack of the batch). Both sides: 64 fetches in flight,
+as many decode threads as allowed CPUs, completion order.
+
+(ours)  worker.engine.Engine (fetch -> decode -> batcher -> device runner -> records, per chunk)
+        fed chunks of 256, with benchmarks/_common.ZeroNet as the model.
+(spdl)  spdl.pipeline.PipelineBuilder: source -> pipe(fetch, concurrency=64) -> pipe(decode,
+        concurrency=CPUs) -> aggregate(32) -> pipe(stack) -> sink, on a 64+CPUs thread pool;
+        records are not built (less work than ours).
+
+Prints images/s and CPU ms/image (this process, all threads) per side, median of repeats."""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+
+from _common import photo_like_jpeg, reexec_with_malloc_tuning
+
+
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def main() -> None:
+    reexec_with_malloc_tuning()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--latency-ms", type=float, default=20)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*RANDOM, untrained weights.*")
+    import torch
+
+    from hnq.storage import Fetched
+    from worker.engine import DeviceRunner, Engine, EngineConfig, allowed_cpus
+    from worker.pipeline.decode import decode_image
+    from worker.pipeline.predict import Classifier
+    from _common import ZeroNet
+
+    cpus = allowed_cpus()
+    blobs = {f"mem://{i}": photo_like_jpeg(500, 375, seed=i) for i in range(a.n)}
+    uris = list(blobs)
+    lat = a.latency_ms / 1000
+
+    def fetch(uri: str) -> Fetched:
+        time.sleep(lat)
+        d = blobs[uri]
+        return Fetched(data=d, etag=None, size=len(d))
+
+    clf = Classifier("hardnet39ds", "random", device="cpu", batch_size=32)
+    runner = DeviceRunner(ZeroNet(), clf.device, 32, amp=False)
+    eng = Engine(fetch=fetch, decode=decode_image, runner=runner, record=clf.record,
+                 cfg=EngineConfig(batch_size=32, fetch_threads=64, decode_threads=cpus))
+
+    def ours() -> int:
+        chunks = [eng.submit(uris[i:i + 256]) for i in range(0, a.n, 256)]
+        return sum(len(c.result()) for c in chunks)
+
+    try:
+        from spdl.pipeline import PipelineBuilder
+    except ImportError:
+        PipelineBuilder = None
+
+    def spdl() -> int:
+        pipe = (PipelineBuilder()
+                .add_source(uris)
+                .pipe(lambda u: fetch(u).data, concurrency=64)
+                .pipe(decode_image, concurrency=cpus)
+                .aggregate(32)
+                .pipe(lambda xs: torch.stack(xs), concurrency=1)
+                .add_sink(4)
+                .build(num_threads=64 + cpus))
+        n = 0
+        with pipe.auto_stop():
+            for batch in pipe:
+                n += batch.shape[0]
+        return n
+
+    sides = [("ours", ours)] + ([("spdl", spdl)] if PipelineBuilder else [])
+    print(f"bench_stages: N={a.n} JPEGs 500x375, fetch latency {a.latency_ms} ms, 64 fetches in flight, "
+          f"{cpus} decode threads, batch 32, zero-cost device; load {os.getloadavg()}")
+    if PipelineBuilder is None:
+        print("spdl is not installed (pip install spdl==0.8.0): only our side is measured")
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in sides}
+    for r in range(a.repeat):
+        for name, fn in (sides if r % 2 == 0 else sides[::-1]):
+            c0, t0 = cpu_s(), time.perf_counter()
+            n = fn()
+            wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+            assert n == a.n, (name, n)
+            res[name].append((n / wall, 1000 * cpu / n))
+            print(f"  repeat {r + 1} {name}: {n / wall:.0f} img/s, {1000 * cpu / n:.2f} CPU ms/img", flush=True)
+    eng.close()
+    print(f"\n{'side':6} {'img/s':>8} {'CPU ms/img':>11}   (median of {a.repeat})")
+    for name, rows in res.items():
+        print(f"{name:6} {statistics.median(r[0] for r in rows):8.0f} {statistics.median(r[1] for r in rows):11.2f}")
+    if "spdl" in res:
+        o = statistics.median(r[0] for r in res["ours"])
+        s = statistics.median(r[0] for r in res["spdl"])
+        print(f"ours / spdl images/s: {o / s:.2f}x")
+    print(f"load at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
