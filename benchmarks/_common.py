@@ -127,4 +127,6 @@ def reexec_with_malloc_tuning() -> None:
     """Run under the same glibc malloc thresholds as `hardnet worker` (which re-executes itself
     with them): the in-process model-limit figures must be measured like the worker runs."""
     if os.environ.get("HARDNET_TUNE_MALLOC", "1") != "0" and not all(k in os.environ for k in MALLOC_ENV):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+        env = {**os.environ, **MALLOC_ENV}
+        env.setdefault("MALLOC_ARENA_MAX", "1")   # as `hardnet worker` on the CPU (producer/cli.py)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
