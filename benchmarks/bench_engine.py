@@ -82,6 +82,7 @@ class Queue:
         from cluster import Worker
         from servers import RedisServer
 
+        tmp.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(tmp / "redis").start()
         self.env = dict(os.environ)
         self.env.update({"HARDNET_BROKER_URL": self.redis.url, "HARDNET_WEIGHTS": "random",
@@ -155,34 +156,41 @@ def scenario_latency39(tmp: Path, a) -> None:
         log(f"model limit before: {before:.1f} img/s (batch 32)")
         from servers import s3_env
 
-        q = Queue(tmp, {"HARDNET_MODEL": "hardnet39ds", **s3_env(proxy.url)})
-        try:
-            c0 = moto.cpu_s() + proxy.cpu_s()
-            w0 = proc_cpu_s(q.worker.proc.pid)
-            t0 = time.perf_counter()
-            info = q.submit(["s3://bench/img/", "--chunk-size", "16"])
-            wall = time.perf_counter() - t0
-            storage_cpu = moto.cpu_s() + proxy.cpu_s() - c0
-            worker_cpu = proc_cpu_s(q.worker.proc.pid) - w0
-            eng = [ln for ln in q.worker.log().splitlines() if "engine:" in ln][-1:]
-        finally:
-            q.stop()
+        runs = []
+        for cif in a.latency_chunks_in_flight.split(","):
+            q = Queue(tmp / f"cif{cif}", {"HARDNET_MODEL": "hardnet39ds", "HARDNET_CHUNKS_IN_FLIGHT": cif,
+                                          **s3_env(proxy.url)})
+            try:
+                c0 = moto.cpu_s() + proxy.cpu_s()
+                w0 = proc_cpu_s(q.worker.proc.pid)
+                t0 = time.perf_counter()
+                info = q.submit(["s3://bench/img/", "--chunk-size", "16"])
+                wall = time.perf_counter() - t0
+                storage_cpu = moto.cpu_s() + proxy.cpu_s() - c0
+                worker_cpu = proc_cpu_s(q.worker.proc.pid) - w0
+                eng = [ln for ln in q.worker.log().splitlines() if "engine:" in ln][-1:]
+            finally:
+                q.stop()
+            runs.append((cif, info, wall, storage_cpu, worker_cpu, eng))
         after = model_limit("hardnet39ds", 32)
     finally:
         proxy.stop()
         moto.stop()
     limit = (before + after) / 2
-    cpus = len(os.sched_getaffinity(0))
-    share = min(0.99, storage_cpu / (wall * cpus))
-    scaled = limit * (1 - share)
-    rate = info["succeeded"] / info["job_s"]
     log(f"model limit after: {after:.1f} img/s")
-    log(f"end to end: {info['succeeded']} ok of {info['total']} in {info['job_s']:.1f}s = {rate:.1f} img/s")
-    log(f"  worker: {eng[0].split('engine:')[1].strip() if eng else '?'}")
-    log(f"CPU during the job ({wall:.1f}s wall x {cpus} CPUs): moto+proxy {storage_cpu:.1f}s "
-        f"({100 * share:.0f}% of the machine), worker {worker_cpu:.1f}s")
-    log(f"RESULT latency39: {rate:.1f} img/s / model limit {limit:.1f} = {rate / limit:.2f}x; "
-        f"/ limit scaled by the emulators' share {scaled:.1f} = {rate / scaled:.2f}x (target >= 0.75x)")
+    cpus = len(os.sched_getaffinity(0))
+    for cif, info, wall, storage_cpu, worker_cpu, eng in runs:
+        share = min(0.99, storage_cpu / (wall * cpus))
+        scaled = limit * (1 - share)
+        rate = info["succeeded"] / info["job_s"]
+        log(f"HARDNET_CHUNKS_IN_FLIGHT={cif}: {info['succeeded']} ok of {info['total']} in "
+            f"{info['job_s']:.1f}s = {rate:.1f} img/s")
+        log(f"  worker: {eng[0].split('engine:')[1].strip() if eng else '?'}")
+        log(f"  CPU during the job ({wall:.1f}s wall x {cpus} CPUs): moto+proxy {storage_cpu:.1f}s "
+            f"({100 * share:.0f}% of the machine), worker {worker_cpu:.1f}s")
+        log(f"RESULT latency39 chunks_in_flight={cif}: {rate:.1f} img/s / model limit {limit:.1f} = "
+            f"{rate / limit:.2f}x; / limit scaled by the emulators' share {scaled:.1f} = {rate / scaled:.2f}x "
+            "(target >= 0.75x)")
 
 
 def scenario_plumbing(tmp: Path, a) -> None:
@@ -283,6 +291,8 @@ def main() -> None:
     ap.add_argument("--n-default", type=int, default=384)
     ap.add_argument("--n-latency", type=int, default=1024)
     ap.add_argument("--latency-ms", type=float, default=80)
+    ap.add_argument("--latency-chunks-in-flight", default="4,12",
+                    help="HARDNET_CHUNKS_IN_FLIGHT values for latency39 (4 = the default)")
     ap.add_argument("--n-plumbing", type=int, default=1024)
     ap.add_argument("--n-rss", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
