@@ -123,10 +123,12 @@ def zero_cost_engine(clf, policy, **kw):
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
 
 
-def reexec_with_malloc_tuning() -> None:
-    """Run under the same glibc malloc thresholds as `hardnet worker` (which re-executes itself
-    with them): the in-process model-limit figures must be measured like the worker runs."""
+def reexec_with_malloc_tuning(cpu_worker: bool = True) -> None:
+    """Run under the same glibc malloc settings as `hardnet worker` (which re-executes itself
+    with them): thresholds always, one arena as a CPU worker has (``cpu_worker``; a GPU worker
+    keeps glibc's arenas, producer/cli.py says why)."""
     if os.environ.get("HARDNET_TUNE_MALLOC", "1") != "0" and not all(k in os.environ for k in MALLOC_ENV):
         env = {**os.environ, **MALLOC_ENV}
-        env.setdefault("MALLOC_ARENA_MAX", "1")   # as `hardnet worker` on the CPU (producer/cli.py)
+        if cpu_worker:
+            env.setdefault("MALLOC_ARENA_MAX", "1")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)

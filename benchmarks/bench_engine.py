@@ -285,7 +285,10 @@ SCENARIOS = {"default68": scenario_default68, "latency39": scenario_latency39,
 
 
 def main() -> None:
-    reexec_with_malloc_tuning()
+    # `plumbing` measures the engine's own overhead, which matters on a GPU worker: it runs with
+    # glibc's arenas as a GPU worker does (a child process when other scenarios run too).
+    alone = sys.argv[1:] and "--plumbing-child" in sys.argv
+    reexec_with_malloc_tuning(cpu_worker=not alone)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default="default68,latency39,plumbing")
     ap.add_argument("--n-default", type=int, default=384)
@@ -296,6 +299,7 @@ def main() -> None:
     ap.add_argument("--n-plumbing", type=int, default=1024)
     ap.add_argument("--n-rss", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--plumbing-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     import warnings
 
@@ -305,10 +309,16 @@ def main() -> None:
     log(f"bench_engine {datetime.now().isoformat(timespec='seconds')}  python {platform.python_version()}, "
         f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} CPUs, load {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as d:
-        for name in a.scenarios.split(","):
+        for name in [x.strip() for x in a.scenarios.split(",") if x.strip()]:
+            if name == "plumbing" and not a.plumbing_child:
+                sys.stdout.flush()
+                subprocess.run([sys.executable, __file__, "--scenarios", "plumbing", "--plumbing-child",
+                                "--n-plumbing", str(a.n_plumbing), "--repeat", str(a.repeat)],
+                               env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"})
+                continue
             sub = Path(d) / name
             sub.mkdir()
-            SCENARIOS[name.strip()](sub, a)
+            SCENARIOS[name](sub, a)
     log(f"load at the end {os.getloadavg()}")
 
 
