@@ -200,6 +200,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="per model-limit row")
     ap.add_argument("--naive-seconds", type=float, default=20.0)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-models", default="hardnet68",
+                    help="models whose compiled row runs (compiling takes a minute or more each)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a rehearsal on the CPU")
     ap.add_argument("--out", help="also write the table to this file")
     a = ap.parse_args()
@@ -222,7 +224,8 @@ def main() -> None:
     limits: dict[str, float] = {}
     for m in models:
         for mode in ("eager", "compiled", "graphs"):
-            if mode == "compiled" and a.no_compile or mode == "graphs" and device.type != "cuda":
+            if mode == "compiled" and (a.no_compile or m not in a.compile_models.split(",")) \
+                    or mode == "graphs" and device.type != "cuda":
                 continue
             t0 = time.monotonic()
             v = model_limit(m, device, a.batch, mode, a.seconds)
