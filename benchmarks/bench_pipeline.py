@@ -72,6 +72,7 @@ import torch  # noqa: E402
 from hnq.storage import FetchPolicy  # noqa: E402
 from hnq.uris import path_to_file_uri  # noqa: E402
 from worker.pipeline.decode import decode_image, reference_preprocess  # noqa: E402
+from _common import photo_like_jpeg  # noqa: E402
 from worker.engine import build_engine  # noqa: E402
 from worker.pipeline.predict import Classifier  # noqa: E402
 
@@ -80,25 +81,6 @@ BUCKET = "bench"
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def photo_like_jpeg(w: int, h: int, seed: int) -> bytes:
-    """A JPEG that compresses like a photo (not a flat colour): gradients, a checker of edges,
-    per-pixel noise; different for every seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    ph = rng.uniform(0, 6.3, 3).astype(np.float32)
-    img = np.stack([
-        120 + 100 * np.sin(x / w * 3.1 + y / h * 1.3 + ph[0]),
-        60 + 150 * (x / w) * (y / h) + 30 * np.cos(ph[1] + x / w * 5),
-        200 - 120 * np.cos(y / h * 4.0 + ph[2]),
-    ], axis=-1)
-    cell = max(8, w // int(rng.integers(8, 30)))
-    img[(x // cell + y // cell) % 2 == 0] *= float(rng.uniform(0.55, 0.85))
-    img += 5 * rng.standard_normal(img.shape, dtype=np.float32)
-    b = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
-    return b.getvalue()
-
-
 def make_images(n: int, root: Path) -> list[Path]:
     paths = []
     for i in range(n):

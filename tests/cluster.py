@@ -94,6 +94,18 @@ def cli_json(args: list[str], env: dict[str, str], **kw) -> tuple[int, object]:
     return p.returncode, json.loads(lines[-1])
 
 
+def wait_state(env: dict[str, str], job: str, states=("done",), timeout: float = 240) -> dict:
+    """Poll `hardnet status JOB --json` until the job is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    st: dict = {}
+    while time.monotonic() < deadline:
+        _, st = cli_json(["status", job, "--json"], env)
+        if st.get("state") in states:
+            return st
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job} still {st.get('state')} after {timeout}s: {st}")
+
+
 def image_bytes(i: int, fmt: str = "JPEG", size=(64, 48)) -> bytes:
     from PIL import Image
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from cluster import Worker, base_env, cli, cli_json, image_bytes, read_jsonl
+from cluster import wait_state as _wait_state, Worker, base_env, cli, cli_json, image_bytes, read_jsonl
 from faultproxy import FaultProxy
 from servers import free_port, s3_env
 
@@ -27,15 +27,6 @@ def _images(d: Path, n: int, size=(48, 40)) -> Path:
     return d
 
 
-def _wait_state(env, job, states, timeout=240) -> dict:
-    deadline = time.monotonic() + timeout
-    st = {}
-    while time.monotonic() < deadline:
-        _, st = cli_json(["status", job, "--json"], env)
-        if st.get("state") in states:
-            return st
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job} still {st.get('state')} after {timeout}s: {st}")
 
 
 def _one_record_each(out: Path, job: str, n: int) -> tuple[list[dict], dict]:

@@ -13,22 +13,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from cluster import Worker, base_env, cli, cli_json, image_bytes, read_jsonl
+from cluster import wait_state as _wait_state, Worker, base_env, cli, cli_json, image_bytes, read_jsonl
 from faultproxy import FaultProxy
 from servers import s3_env
 
 pytestmark = pytest.mark.slow
 
 
-def _wait_state(env, job: str, states=("done",), timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    st: dict = {}
-    while time.monotonic() < deadline:
-        _, st = cli_json(["status", job, "--json"], env)
-        if st.get("state") in states:
-            return st
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job} still {st.get('state')} after {timeout}s: {st}")
 
 
 def _images(d: Path, n: int, fmt: str = "JPEG") -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from cluster import Worker, base_env, cli, cli_json, image_bytes, read_jsonl
+from cluster import wait_state as _wait_state, Worker, base_env, cli, cli_json, image_bytes, read_jsonl
 from faultproxy import FaultProxy
 from servers import RedisServer, s3_env
 
@@ -53,15 +53,6 @@ def _assert_one_record_each(outdir: Path, job: str, n: int) -> dict:
     return manifest
 
 
-def _wait_state(env, job: str, states=("done",), timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    st = {}
-    while time.monotonic() < deadline:
-        rc, st = cli_json(["status", job, "--json"], env)
-        if st.get("state") in states:
-            return st
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job} still {st.get('state')} after {timeout}s: {st}")
 
 
 def _started_chunks(log: str, job: str) -> set[int]:
