@@ -178,6 +178,16 @@ def test_cancel_while_chunks_are_in_flight(redis_url, s3, proxy, tmp_path):
         job = sub["job_id"]
         for c in range(4):
             w.wait_log(f"chunk {job}/{c} attempt 1 started", timeout=60)
+        # the threads pool leaves Celery's consumer free: a busy worker answers remote control
+        import socket
+        import subprocess
+        import sys
+
+        ping = subprocess.run([sys.executable, "-m", "celery", "-A", "worker.app", "inspect", "ping",
+                               "-d", f"cancel@{socket.gethostname()}", "--timeout", "10"],
+                              env=env, cwd=str(Path(__file__).resolve().parents[2]),
+                              capture_output=True, text=True, timeout=60)
+        assert ping.returncode == 0 and "pong" in ping.stdout, (ping.stdout, ping.stderr[-1000:])
         assert cli(["cancel", job], env).returncode == 0
         t0 = time.monotonic()
         for c in range(4):
