@@ -72,7 +72,7 @@ import torch  # noqa: E402
 from hnq.storage import FetchPolicy  # noqa: E402
 from hnq.uris import path_to_file_uri  # noqa: E402
 from worker.pipeline.decode import decode_image, reference_preprocess  # noqa: E402
-from _common import photo_like_jpeg  # noqa: E402
+from _common import moto_child, photo_like_jpeg  # noqa: E402
 from worker.engine import build_engine  # noqa: E402
 from worker.pipeline.predict import Classifier  # noqa: E402
 
@@ -89,29 +89,6 @@ def make_images(n: int, root: Path) -> list[Path]:
         p.write_bytes(photo_like_jpeg(w, h, seed=i))
         paths.append(p)
     return paths
-
-
-class S3Child:
-    """tests/servers.MotoS3 in a child process (moto serving in *this* process would take the GIL
-    from our fetch/decode threads and bias the comparison)."""
-
-    CODE = ("import sys; sys.path.insert(0, sys.argv[1]); from servers import MotoS3; "
-            "m = MotoS3().start(); print(m.url, flush=True); sys.stdin.read(); m.stop()")
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(ROOT / "tests")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http"):
-            raise RuntimeError("moto S3 server did not start")
-
-    def stop(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(10)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
 
 
 # ------------------------------------------------------------------------------------------- modes
@@ -311,7 +288,7 @@ def main() -> None:
         if a.s3:
             from servers import s3_env
 
-            s3 = S3Child()
+            s3 = moto_child()
             os.environ.update(s3_env(s3.url))
             from hnq.storage import reset_s3_client, s3_client
 

@@ -62,7 +62,6 @@ class Context:
                                    retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
                                    decode=s.decode,
                                    warm_up=clf.device.type == "cuda" or s.compile)
-                eng.classifier = clf
                 self._engines[model] = eng
             return self._engines[model]
 

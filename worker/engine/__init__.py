@@ -44,5 +44,7 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
         batch_decode=batch_decode,
         gpu_eligible=eligible,
     )
-    return Engine(fetch=lambda uri: fetch(uri, policy), decode=clf.decode, runner=runner,
-                  record=clf.record, cfg=cfg)
+    engine = Engine(fetch=lambda uri: fetch(uri, policy), decode=clf.decode, runner=runner,
+                    record=clf.record, cfg=cfg)
+    engine.classifier = clf
+    return engine

@@ -163,6 +163,8 @@ class Engine:
         self.cfg = cfg
         self.runner = runner
         self.record = record
+        #: the Classifier behind ``decode``/``record`` when built by :func:`build_engine`
+        self.classifier = None
         self.clock = Clock()
         self.batcher = Batcher(cfg.batch_size, cfg.batch_wait_s, cfg.ready_batches * cfg.batch_size)
         self.decoder = DecodeStage(decode, cfg.decode_threads, self._decoded, self._failed,
