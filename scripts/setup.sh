@@ -22,6 +22,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing hardnet-queue and its dependencies into .venv (torch is large: a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   # pip (not uv/poetry): it takes the pinned torch/torchvision wheels from the local disk where present.
-  .venv/bin/python -m pip install -q -e '.[worker,test]'
+  .venv/bin/python -m pip install -q -e '.[worker,test,parquet,monitor]'
   echo "$want" > "$stamp"
 fi
