@@ -58,7 +58,7 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
     except ValueError:
         sources = []
     return Manifest(
-        job_id=job_id, model=info.model or "", weights=store.weights_used(job_id),
+        job_id=job_id, model=info.model or "", weights=store.weights_used(job_id), weights_sha256=store.weights_sha256(job_id),
         state=final_state(len(dead), info.failed, len(missing)), total=info.total or 0,
         succeeded=info.succeeded, failed=info.failed, error_codes=info.error_codes, parts=parts,
         missing_parts=missing, dead_chunks=dead, sources=sources, error=error,

@@ -14,6 +14,7 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
   hnq:job:ID:codes            HASH chunk -> its error records per code (JSON)
   hnq:job:ID:errcodes         HASH code -> error records of the job (adjusted by difference)
   hnq:job:ID:weights          SET  weights the records were made with
+  hnq:job:ID:wsha             HASH weights -> sha256 of their checkpoint (provenance)
   hnq:job:ID:seen             HASH chunk -> "q TIME" (sent) or "s TIME" (started), for the sweeper
   hnq:wm:QUEUE                STRING latest send time of a chunk taken from QUEUE (FIFO watermark)
   hnq:job:ID:in:N             STRING the chunk's stored URIs (gzip JSONL) when DEST is Redis
@@ -292,6 +293,17 @@ class JobStore:
 
     def weights_used(self, job_id: str) -> list[str]:
         return sorted(self.r.smembers(self.key(job_id, "weights")))
+
+    def note_weights_sha256(self, job_id: str, weights: str, sha256: str) -> None:
+        """Provenance: the sha256 of the checkpoint that made records ``weights`` (manifest)."""
+        k = self.key(job_id, "wsha")
+        with self.r.pipeline(transaction=False) as p:
+            p.hset(k, weights, sha256)
+            p.expire(k, self.ttl)
+            p.execute()
+
+    def weights_sha256(self, job_id: str) -> dict[str, str]:
+        return dict(sorted(self.r.hgetall(self.key(job_id, "wsha")).items()))
 
     def dead_letters(self, job_id: str) -> list[DeadLetter]:
         out = []

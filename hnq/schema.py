@@ -110,6 +110,9 @@ class Manifest(BaseModel):
     job_id: str
     model: str
     weights: list[str] = Field(default_factory=list, description="weights the records were made with")
+    weights_sha256: dict[str, str] = Field(
+        default_factory=dict, description="weights -> sha256 of the checkpoint file (for 'random': of the "
+        "tensors), as the workers loaded them")
     state: JobStateName
     total: int
     succeeded: int

@@ -71,7 +71,8 @@ def _resolve_weights(model: str, weights: str | None) -> str:
 
 def run_demo(a) -> int:
     from producer.settings import ProducerSettings
-    from producer.cli import EXIT_OK, EXIT_SOME_FAILED, wait_for, _print_human
+    from hnq.console import EXIT_OK, EXIT_SOME_FAILED, print_human
+    from producer.commands import wait_for
     from producer.sources import expand_sources
     from producer.submit import submit
     from hnq.jobs import JobStore
@@ -111,7 +112,7 @@ def run_demo(a) -> int:
         store = JobStore(url)
         for c in range(job.chunks):
             for line in (store.get_part(job.job_id, c) or "").splitlines():
-                _print_human(ResultRecord.model_validate(json.loads(line)))
+                print_human(ResultRecord.model_validate(json.loads(line)))
         if weights == "random":
             _say("reminder: random weights -> meaningless labels")
         return rc if rc in (EXIT_OK, EXIT_SOME_FAILED) else rc
@@ -123,3 +124,14 @@ def run_demo(a) -> int:
             worker.kill()
         if started_redis:
             subprocess.run(["redis-cli", "-p", str(started_redis), "shutdown", "nosave"], capture_output=True)
+
+
+def register(sub) -> None:
+    from hnq.console import add_command
+    from hnq.schema import MODELS
+
+    d = add_command(sub, "demo", "set up a local Redis + worker and label the bundled samples", run_demo)
+    d.add_argument("--model", default="hardnet68", choices=MODELS, help="HarDNet variant")
+    d.add_argument("--weights", help="checkpoint or 'random'; unset: official, falling back to random if they "
+                   "cannot be downloaded")
+    d.add_argument("inputs", nargs="*", help="images or directories; unset: the bundled samples")

@@ -40,8 +40,8 @@ class Context:
         self._lock = threading.Lock()
         first = self.engine(s.model)
         clf = first.classifier
-        log.info("worker ready: model=%s weights=%s device=%s batch=%d amp=%s chunks_in_flight=%d "
-                 "fetch_threads=%d decode_threads=%d", s.model, clf.weights, clf.device,
+        log.info("worker ready: model=%s weights=%s sha256=%s device=%s batch=%d amp=%s chunks_in_flight=%d "
+                 "fetch_threads=%d decode_threads=%d", s.model, clf.weights, clf.weights_sha256, clf.device,
                  clf.batch_size, clf.amp, s.chunks_in_flight, first.cfg.fetch_threads,
                  first.cfg.decode_threads)
 
@@ -63,6 +63,7 @@ class Context:
                                    decode=s.decode,
                                    warm_up=clf.device.type == "cuda" or s.compile)
                 self._engines[model] = eng
+                log.info("engine for %s: weights=%s sha256=%s", model, clf.weights, clf.weights_sha256)
             return self._engines[model]
 
 
@@ -141,6 +142,9 @@ def classify_chunk(self, payload: dict) -> dict | None:
         ok = sum(r.status == "ok" for r in records)
         log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
                  len(records) - ok, _rss_mb(), engine.summary())
+        if state != "missing":
+            clf = engine.classifier
+            store.note_weights_sha256(task.job_id, clf.weights, clf.weights_sha256)
         # Inside the try: if the manifest can't be written the chunk is retried, and the retry
         # (idempotent) finds the job complete again and writes it then.
         if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,

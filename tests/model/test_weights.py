@@ -397,3 +397,53 @@ def test_load_weights_into_existing_model(ckpt_39ds, state_dict_39ds):
     assert model.training  # load_weights leaves the mode alone; load_model returns eval
     with pytest.raises(WeightsError, match="does not fit"):
         W.load_weights(build_hardnet(NAME, num_classes=5), NAME, ckpt_39ds.as_uri())
+
+
+# ---------------------------------------------------------------- `hardnet weights` (the CLI)
+def hardnet(*args: str, torch_home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TORCH_HOME=str(torch_home), HARDNET_TUNE_MALLOC="0")
+    return subprocess.run([sys.executable, "-m", "producer.cli", "weights", *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_weights_download_seeds_the_cache_from_a_mirror(http_server, ckpt_bytes, state_dict_39ds, tmp_path):
+    """An offline fleet's cache, pre-seeded from an internal mirror: the file lands under the
+    official name, so a worker asking for the official weights loads it with no network."""
+    official_name = W.cache_path(WEIGHTS[NAME].url).name
+    http_server.add(f"/mirror/{official_name}", ckpt_bytes)
+    home = tmp_path / "home"
+    p = hardnet("download", NAME, "--mirror", http_server.base_url + "/mirror/", "-q", torch_home=home)
+    assert p.returncode == 0, p.stderr
+    sha = hashlib.sha256(ckpt_bytes).hexdigest()
+    cached = home / "hub" / "checkpoints" / official_name
+    assert p.stdout.split() == [NAME, str(cached), f"sha256:{sha}"]
+    assert cached.read_bytes() == ckpt_bytes
+    listed = hardnet("list", torch_home=home)
+    assert f"cached {cached}" in next(x for x in listed.stdout.splitlines() if x.startswith(NAME + " "))
+    # the official weights now load from the cache alone (the official URL is unreachable here)
+    os.environ["TORCH_HOME"] = str(home)  # the autouse fixture restores it
+    assert same_tensors(W.load_state_dict(NAME, WEIGHTS[NAME].url), state_dict_39ds)
+    assert W.source_sha256(NAME, None) == sha
+
+
+def test_weights_download_refuses_a_file_that_does_not_load(http_server, tmp_path):
+    official_name = W.cache_path(WEIGHTS[NAME].url).name
+    http_server.add(f"/mirror/{official_name}", b"not a checkpoint at all")
+    home = tmp_path / "home"
+    p = hardnet("download", NAME, "--mirror", http_server.base_url + "/mirror/", "-q", torch_home=home)
+    assert p.returncode == 1
+    assert "corrupt or truncated" in p.stderr
+    assert not (home / "hub" / "checkpoints" / official_name).exists()
+
+
+def test_weights_download_usage_errors(tmp_path):
+    assert hardnet("download", torch_home=tmp_path).returncode == 2
+    p = hardnet("download", "hardnet999", torch_home=tmp_path)
+    assert p.returncode == 2 and "unknown model(s) hardnet999" in p.stderr
+
+
+def test_random_weights_have_a_stable_digest():
+    a = W.state_dict_sha256(W.load_model(NAME, "random"))
+    b = W.state_dict_sha256(W.load_model(NAME, "random"))
+    assert a == b and len(a) == 64
+    assert W.source_sha256(NAME, "random") is None

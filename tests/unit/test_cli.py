@@ -92,3 +92,63 @@ def test_worker_that_cannot_load_its_weights_exits_instead_of_taking_chunks(env,
     assert p.returncode == 78, out[-2000:]
     assert "cannot start the worker" in out and "missing.pth" in out
     assert " ready." not in out
+
+
+# ------------------------------------------------------------------------------- CLI habits
+def _all_parsers(p, path=("hardnet",)):
+    import argparse
+
+    yield path, p
+    for act in p._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            for name, sp in act.choices.items():
+                yield from _all_parsers(sp, (*path, name))
+
+
+def test_every_option_of_every_command_has_help():
+    from producer.cli import build_parser
+
+    seen = 0
+    for path, p in _all_parsers(build_parser()):
+        for act in p._actions:
+            if act.dest in ("help", "version") or act.__class__.__name__ == "_SubParsersAction":
+                continue
+            seen += 1
+            assert act.help and act.help.strip(), f"{' '.join(path)} {act.option_strings or act.dest} has no help"
+        p.format_help()  # a bad %-format in a help text raises here
+    assert seen > 40  # the walk reached the subcommands
+
+
+def test_help_shows_defaults(env):
+    p = cli(["status", "--help"], env)
+    assert p.returncode == 0
+    assert "(default: 20)" in p.stdout  # --limit
+    assert "default: None" not in p.stdout
+
+
+def test_version(env):
+    from importlib.metadata import version
+
+    p = cli(["--version"], env)
+    assert p.returncode == 0
+    assert p.stdout.startswith(f"hardnet-queue {version('hardnet-queue')} ")
+
+
+def test_worker_passes_unknown_flags_to_celery():
+    from types import SimpleNamespace
+
+    from producer.cli import parse
+    from worker.commands import celery_argv
+
+    a = parse(["worker", "--model", "hardnet39ds", "-E", "--max-tasks-per-child", "7", "--hostname", "g0@%h"])
+    assert a.model == "hardnet39ds" and a.hostname == "g0@%h"
+    argv = celery_argv(a, SimpleNamespace(chunks_in_flight=4, queue="q"))
+    assert argv[-3:] == ["-E", "--max-tasks-per-child", "7"]
+    assert "--hostname=g0@%h" in argv and "--pool=threads" in argv
+    b = parse(["worker", "--", "--autoscale=4,1"])
+    assert celery_argv(b, SimpleNamespace(chunks_in_flight=4, queue="q"))[-1] == "--autoscale=4,1"
+
+
+def test_unknown_flags_elsewhere_are_usage_errors(env):
+    p = cli(["status", "-E"], env)
+    assert p.returncode == 2 and "unrecognized arguments: -E" in p.stderr

@@ -354,6 +354,60 @@ def _fetch(name: str, url: str, *, progress: bool, timeout: float) -> Path:
     )
 
 
+def seed_cache(name: str, *, mirror: str | None = None, progress: bool = False,
+               timeout: float = DOWNLOAD_TIMEOUT_S) -> tuple[Path, str]:
+    """Put the official checkpoint of ``name`` into the cache (`hardnet weights download`), check
+    that it loads into the model, and return its path and sha256. ``mirror``: the base URL of an
+    internal copy holding the official file names; the file is cached under the official name,
+    so workers that ask for the official weights find it offline."""
+    entry = _entry(name)
+    official = cache_path(entry.url)
+    path = _cached(entry.url, entry.sha256)
+    if path is None and mirror:
+        url = mirror.rstrip("/") + "/" + official.name
+        try:
+            path = _download(url, official, entry.sha256, progress=progress, timeout=timeout)
+        except _DownloadFailed as e:
+            raise WeightsError(f"could not download {url}: {e}") from None
+    if path is None:
+        path = _fetch(name, entry.url, progress=progress, timeout=timeout)
+    # A file that is in the cache but does not load would fail every worker: find out now.
+    try:
+        load_weights(build_hardnet(name), name, str(path))
+    except WeightsError:
+        path.unlink(missing_ok=True)
+        raise
+    return path, _sha256_file(path)
+
+
+def source_sha256(name: str, weights: str | None) -> str | None:
+    """The sha256 of the checkpoint file that ``weights`` loads (as `sha256sum` prints it), for
+    provenance in logs and manifests; None for ``random`` (no file). Reads the cache, never the
+    network, once the weights have been loaded."""
+    source = resolve_source(name, weights)
+    if source == RANDOM:
+        return None
+    scheme = _scheme(source)
+    if scheme in ("http", "https"):
+        path = _fetch(name, source, progress=False, timeout=DOWNLOAD_TIMEOUT_S)
+    elif scheme == "file":
+        path = _file_url_path(source)
+    else:
+        path = Path(source)
+    return _sha256_file(path)
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A digest of the tensors a model holds (names, shapes, dtypes, bytes, in key order): the
+    provenance of weights that come from no file (``random``)."""
+    h = hashlib.sha256()
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------
 # Reading checkpoints
 # --------------------------------------------------------------------------------------------

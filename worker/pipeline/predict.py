@@ -16,7 +16,7 @@ from hnq.errors import ConfigError, ErrorCode, HardnetError, ImageError
 from hnq.schema import Label, ResultRecord
 from worker.engine.device import default_batch_size
 from worker.model.labels import IMAGENET_CATEGORIES
-from worker.model.weights import load_model
+from worker.model.weights import load_model, source_sha256, state_dict_sha256
 from worker.pipeline.decode import decode_image, normalize
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class Classifier:
         # fp16 autocast and channels_last pay off on CUDA; on CPU fp32 is the exact reference.
         self.amp = (self.device.type == "cuda") if amp is None else amp
         net = load_model(model, weights, device=str(self.device))
+        #: provenance: the checkpoint file's sha256 (as sha256sum prints it), or for weights from
+        #: no file (random) a digest of the tensors; in the worker log and the job's manifest
+        self.weights_sha256 = source_sha256(model, weights) or state_dict_sha256(net)
         if self.device.type == "cuda" or self.amp:
             net = net.to(memory_format=torch.channels_last)
         self.net = net.eval()
