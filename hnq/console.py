@@ -36,9 +36,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_command(sub, name: str, help: str, fn) -> argparse.ArgumentParser:
+def add_command(sub, name: str, help: str, fn, **kw) -> argparse.ArgumentParser:
     """One subcommand, with the house help formatter and its handler."""
-    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter, **kw)
     p.set_defaults(fn=fn)
     return p
 

@@ -42,7 +42,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse; flags a command does not know go through where the command passes them on
     (`hardnet worker -E` gives Celery its -E), and are an error anywhere else."""
     p = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    after = []
+    if "--" in argv:  # everything after -- is for the command to pass on, untouched
+        i = argv.index("--")
+        argv, after = argv[:i], argv[i + 1:]
     a, extra = p.parse_known_args(argv)
+    extra += after
     if extra:
         if not getattr(a, "passthrough", False):
             p.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -78,7 +78,7 @@ def _export_worker_options(a: argparse.Namespace) -> None:
 def celery_argv(a: argparse.Namespace, settings) -> list[str]:
     """The `celery worker` command line: ours first, then the user's extra flags, which win (Celery
     takes the last value of a repeated option)."""
-    extra = [x for x in a.celery_args if x != "--"]
+    extra = list(a.celery_args)
     argv = ["worker", "--pool=threads", f"--concurrency={settings.chunks_in_flight}", "-Q", settings.queue,
             f"--loglevel={a.loglevel}", "--without-gossip", "--without-mingle"]
     if a.hostname:
@@ -144,7 +144,9 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true", help="one JSON object per image")
 
     w = add_command(sub, "worker", "run a Celery worker (one per GPU); unknown flags go to `celery worker` "
-                    "(e.g. -E, --max-tasks-per-child)", cmd_worker)
+                    "(e.g. -E, --max-tasks-per-child)", cmd_worker,
+                    # exact names only: a Celery flag must never be taken for an abbreviation of ours
+                    allow_abbrev=False)
     w.add_argument("--model", choices=MODELS, help="unset: HARDNET_MODEL")
     w.add_argument("--weights", help="checkpoint path/URL or 'random'; unset: HARDNET_WEIGHTS, else official")
     w.add_argument("--device", help="auto, cpu, cuda, cuda:N; unset: HARDNET_DEVICE")
@@ -153,8 +155,9 @@ def register(sub) -> None:
                    help="chunks worked on at once (threads pool size); unset: HARDNET_CHUNKS_IN_FLIGHT")
     w.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h (distinct per worker on one host)")
     w.add_argument("--loglevel", default="INFO", help="Celery log level")
-    w.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra `celery worker` flags (after --, or unknown ones)")
-    w.set_defaults(passthrough=True)
+    # No positional catch-all: flags this parser does not know (and everything after --) are
+    # handed to Celery by producer.cli.parse, in order.
+    w.set_defaults(passthrough=True, celery_args=[])
 
     wt = add_command(sub, "weights", "list or pre-seed the checkpoint cache (for an offline fleet)", cmd_weights_list)
     wsub = wt.add_subparsers(dest="weights_cmd")
