@@ -120,13 +120,12 @@ def zero_cost_engine(clf, policy, **kw):
                   record=clf.record, cfg=cfg)
 
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
-
-
 def reexec_with_malloc_tuning(cpu_worker: bool = True) -> None:
     """Run under the same glibc malloc settings as `hardnet worker` (which re-executes itself
     with them): thresholds always, one arena as a CPU worker has (``cpu_worker``; a GPU worker
-    keeps glibc's arenas, producer/cli.py says why)."""
+    keeps glibc's arenas, worker/commands.py says why)."""
+    from worker.commands import MALLOC_ENV
+
     if os.environ.get("HARDNET_TUNE_MALLOC", "1") != "0" and not all(k in os.environ for k in MALLOC_ENV):
         env = {**os.environ, **MALLOC_ENV}
         if cpu_worker:

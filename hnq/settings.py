@@ -4,8 +4,12 @@ environment with the ``HARDNET_`` prefix. Values are passed down explicitly, nev
 environment deep inside the code."""
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hnq.errors import ConfigError
 
 #: The Celery queue, which on Redis is a list of this name in the broker DB (KEDA watches it).
 QUEUE = "hardnet"
@@ -13,7 +17,29 @@ TASK_CLASSIFY = "hardnet.classify_chunk"
 TASK_FINALIZE = "hardnet.finalize_job"
 
 
-class CommonSettings(BaseSettings):
+def _shown(value) -> str:
+    """A bad value as the error shows it: URLs without their password, long values cut."""
+    text = redact_url(value) if isinstance(value, str) and "://" in value else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class ClearErrors(BaseSettings):
+    """Settings whose bad values raise a ConfigError that names the environment variable
+    (`HARDNET_CHUNK_SIZE='abc': Input should be a valid integer`), not a pydantic traceback."""
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            prefix = self.model_config.get("env_prefix", "")
+            lines = []
+            for x in e.errors():
+                field = str(x["loc"][0]) if x["loc"] else "?"
+                lines.append(f"{prefix}{field.upper()}={_shown(x.get('input'))}: {x['msg']}")
+            raise ConfigError("bad setting: " + "; ".join(lines)) from None
+
+
+class CommonSettings(ClearErrors):
     model_config = SettingsConfigDict(env_prefix="HARDNET_", extra="ignore")
 
     broker_url: str = Field(
@@ -32,6 +58,31 @@ class CommonSettings(BaseSettings):
         5, ge=1, description="Deliveries of one chunk before it goes to the dead-letter list.")
     results_ttl_days: int = Field(
         14, ge=1, description="Days that job state and Redis-destination results are kept.")
+    task_events: bool = Field(
+        False, description="Send Celery task events (received/started/succeeded/failed, and "
+        "task-sent from `submit`), so that Flower and `celery events` show tasks. Costs a few "
+        "small Redis messages per chunk. `hardnet worker -E` turns on a worker's alone.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (time, level, logger, worker, "
+        "job, chunk, message) for log pipelines; `text`: for people. Credentials are redacted in "
+        "both.")
+
+
+class S3Settings(ClearErrors):
+    """How we talk to S3, beyond what boto3's own chain reads (credentials, profile, region,
+    ``AWS_ENDPOINT_URL``). Both sides, both GET clients (boto3 and obstore)."""
+
+    model_config = SettingsConfigDict(env_prefix="HARDNET_S3_", extra="ignore")
+
+    retry_mode: Literal["standard", "adaptive", "legacy"] = Field(
+        "standard", description="botocore retry mode of S3 calls.")
+    max_attempts: int = Field(
+        8, ge=1, le=100, description="Requests per S3 call in all, the first included (as "
+        "AWS_MAX_ATTEMPTS counts them).")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect to S3.")
+    read_timeout: float = Field(60.0, gt=0, description="Seconds without a byte from S3 before a read fails.")
+    addressing_style: Literal["path", "virtual", "auto"] | None = Field(
+        None, description="`path` or `virtual` bucket addressing; unset: boto3's choice.")
 
 
 def redact_url(url: str) -> str:

@@ -82,13 +82,16 @@ def run_demo(a) -> int:
     roots = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in inputs]
     workdir = Path(tempfile.mkdtemp(prefix="hardnet-demo-"))
     started_redis = None
-    url = os.environ.get("HARDNET_BROKER_URL", "redis://localhost:6379/0")
+    from hnq.settings import CommonSettings
+    from worker.settings import WorkerSettings
+
+    url = CommonSettings().broker_url
     if _reachable(url):
         _say(f"using the Redis at {redact_url(url)}")
     else:
         url, started_redis = _start_redis(workdir)
         _say(f"started redis-server on 127.0.0.1:{started_redis}")
-    weights = _resolve_weights(a.model, a.weights or os.environ.get("HARDNET_WEIGHTS"))
+    weights = _resolve_weights(a.model, a.weights or WorkerSettings().weights)
     # A queue of its own: the demo's worker never takes a shared queue's chunks (nor a fleet the
     # demo's), even when it uses a Redis that real workers use.
     queue = f"hardnet-demo-{os.getpid()}"
@@ -102,9 +105,7 @@ def run_demo(a) -> int:
                                "--hostname", f"demo-{os.getpid()}@%h"], env=env, stdout=log, stderr=subprocess.STDOUT)
     _say(f"started a worker (pid {worker.pid}, log {workdir / 'worker.log'}) on queue {queue}")
     try:
-        os.environ["HARDNET_BROKER_URL"] = url
-        os.environ["HARDNET_QUEUE"] = queue
-        s = ProducerSettings()
+        s = ProducerSettings(broker_url=url, queue=queue)
         _say(f"queue {queue} (its own)")
         job = submit(s, expand_sources(inputs), dest=None, model=a.model, chunk_size=4)
         _say(f"submitted job {job.job_id}: {job.total} images in {job.chunks} chunks")

@@ -180,23 +180,30 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": 
 TORCH_COMMANDS = {"classify", "worker", "demo"}
 
 
-def cpu_only() -> bool:
-    """Will the torch command run on the CPU? (Without importing torch: HARDNET_DEVICE / --device
-    cpu, or no NVIDIA driver on this machine.)"""
-    dev = os.environ.get("HARDNET_DEVICE", "auto")
+def cpu_only(device: str) -> bool:
+    """Will the torch command run on the CPU? (Without importing torch: the device setting or
+    --device is cpu, or there is no NVIDIA driver on this machine.)"""
     argv = sys.argv[1:]
     if "--device" in argv and argv.index("--device") + 1 < len(argv):
-        dev = argv[argv.index("--device") + 1]
-    return dev == "cpu" or (dev == "auto" and not os.path.exists("/proc/driver/nvidia"))
+        device = argv[argv.index("--device") + 1]
+    return device == "cpu" or (device == "auto" and not os.path.exists("/proc/driver/nvidia"))
 
 
 def maybe_reexec_with_malloc_tuning(argv: list[str]) -> None:
     cmd = next((x for x in argv if not x.startswith("-")), None)
-    if (cmd not in TORCH_COMMANDS or os.environ.get("HARDNET_TUNE_MALLOC", "1") == "0"
-            or all(k in os.environ for k in MALLOC_ENV)):
+    if cmd not in TORCH_COMMANDS or all(k in os.environ for k in MALLOC_ENV):
+        return
+    from hnq.errors import ConfigError
+    from worker.settings import WorkerSettings
+
+    try:
+        s = WorkerSettings()
+    except ConfigError:
+        return  # the command itself reports the bad setting
+    if not s.tune_malloc:
         return
     env = {**os.environ, **{k: v for k, v in MALLOC_ENV.items() if k not in os.environ}}
-    if cpu_only():
+    if cpu_only(s.device):
         # The engine runs the model in its own thread, and glibc gives a non-main thread its own
         # arena, whose heaps are at most 64 MiB: a batch's activations do not fit, go to mmap, and
         # fault their pages in again on every batch (measured: 82,000 page faults per batch,

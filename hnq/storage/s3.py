@@ -2,12 +2,8 @@
 
 The client comes from boto3's standard credential chain (env, profile, web identity, container /
 instance metadata) and honours ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` itself (boto3 >=
-1.28). Tunables (environment):
-
-* ``HARDNET_S3_RETRY_MODE`` (``standard``), ``HARDNET_S3_MAX_ATTEMPTS`` (8: requests in all,
-  the first one included, as ``AWS_MAX_ATTEMPTS`` counts them)
-* ``HARDNET_S3_CONNECT_TIMEOUT`` (10 s), ``HARDNET_S3_READ_TIMEOUT`` (60 s)
-* ``HARDNET_S3_ADDRESSING_STYLE`` (unset = boto3's choice; ``path`` or ``virtual``)
+1.28). Our own tunables are the ``HARDNET_S3_*`` fields of :class:`hnq.settings.S3Settings`
+(retry mode, attempts, timeouts, addressing style), read through :func:`s3_settings`.
 
 Object GETs go through boto3 or, with ``FetchPolicy.s3_client`` = ``auto`` (obstore when it is
 installed) or ``obstore``, through :mod:`hnq.storage.s3_obstore`, which keeps these semantics
@@ -37,16 +33,17 @@ import botocore.exceptions as bex
 from botocore.config import Config
 
 from hnq.errors import ConfigError, ErrorCode, ImageError, TransientError
+from hnq.settings import S3Settings
 from hnq.storage.base import (Destination, Fetched, FetchPolicy, check_relpath, clean_etag,
                               read_capped, too_large)
 from hnq.uris import InvalidURI, is_image_name, parse_s3
 
 log = logging.getLogger(__name__)
 
+# boto3's own variables that shape the client, and ours (every S3Settings field)
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "HARDNET_S3_RETRY_MODE", "HARDNET_S3_MAX_ATTEMPTS", "HARDNET_S3_CONNECT_TIMEOUT",
-    "HARDNET_S3_READ_TIMEOUT", "HARDNET_S3_ADDRESSING_STYLE",
+    *(f"HARDNET_S3_{name.upper()}" for name in S3Settings.model_fields),
 )
 _lock = threading.Lock()
 _clients: dict[tuple, object] = {}
@@ -104,18 +101,29 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+_settings_cache: tuple[tuple, S3Settings] | None = None
+
+
+def s3_settings() -> S3Settings:
+    """The HARDNET_S3_* settings (read through their pydantic class; re-read when the
+    environment changed, as the client is). A bad value raises a ConfigError naming it."""
+    global _settings_cache
+    key = env_key()
+    cached = _settings_cache
+    if cached is None or cached[0] != key:
+        cached = _settings_cache = (key, S3Settings())
+    return cached[1]
+
+
 def client_config() -> Config:
-    s3_cfg = {}
-    style = os.environ.get("HARDNET_S3_ADDRESSING_STYLE")
-    if style:
-        s3_cfg["addressing_style"] = style
+    st = s3_settings()
+    s3_cfg = {"addressing_style": st.addressing_style} if st.addressing_style else {}
     return Config(
         # total_max_attempts counts the first try too (like AWS_MAX_ATTEMPTS); botocore's
         # ``max_attempts`` key would count retries only (8 -> 9 requests).
-        retries={"mode": os.environ.get("HARDNET_S3_RETRY_MODE", "standard"),
-                 "total_max_attempts": int(os.environ.get("HARDNET_S3_MAX_ATTEMPTS", 8))},
-        connect_timeout=float(os.environ.get("HARDNET_S3_CONNECT_TIMEOUT", 10)),
-        read_timeout=float(os.environ.get("HARDNET_S3_READ_TIMEOUT", 60)),
+        retries={"mode": st.retry_mode, "total_max_attempts": st.max_attempts},
+        connect_timeout=st.connect_timeout,
+        read_timeout=st.read_timeout,
         max_pool_connections=256,  # the engine keeps up to 256 GETs in flight on a GPU
         s3=s3_cfg or None,
     )

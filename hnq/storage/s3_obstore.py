@@ -149,19 +149,16 @@ class BotoCredentialProvider:
                 "expires_at": datetime.now(timezone.utc) + CREDENTIALS_TTL}
 
 
-def _float_env(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
 def retry_config() -> dict:
-    attempts = int(os.environ.get("HARDNET_S3_MAX_ATTEMPTS", 8))
+    attempts = _s3.s3_settings().max_attempts
     return {"max_retries": max(0, attempts - 1), "retry_timeout": RETRY_TIMEOUT,
             "backoff": {"init_backoff": BACKOFF_INIT, "max_backoff": BACKOFF_MAX, "base": 2}}
 
 
 def client_options(endpoint: str) -> dict:
-    read = _float_env("HARDNET_S3_READ_TIMEOUT", 60)
-    return {"connect_timeout": timedelta(seconds=_float_env("HARDNET_S3_CONNECT_TIMEOUT", 10)),
+    st = _s3.s3_settings()
+    read = st.read_timeout
+    return {"connect_timeout": timedelta(seconds=st.connect_timeout),
             "read_timeout": timedelta(seconds=read), "timeout": timedelta(seconds=10 * read),
             "allow_http": urlsplit(endpoint).scheme.lower() == "http"}
 

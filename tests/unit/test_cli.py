@@ -152,3 +152,28 @@ def test_worker_passes_unknown_flags_to_celery():
 def test_unknown_flags_elsewhere_are_usage_errors(env):
     p = cli(["status", "-E"], env)
     assert p.returncode == 2 and "unrecognized arguments: -E" in p.stderr
+
+
+@pytest.mark.parametrize("var, value, cmd", [
+    ("HARDNET_CHUNK_SIZE", "abc", ["status"]),
+    ("HARDNET_VISIBILITY_TIMEOUT", "-3", ["status"]),
+    ("HARDNET_LOG_FORMAT", "xml", ["status"]),
+    ("HARDNET_S3_MAX_ATTEMPTS", "many", ["submit", "s3://bucket/prefix/", "--out", "s3://bucket/out/"]),
+    ("HARDNET_S3_ADDRESSING_STYLE", "sideways", ["submit", "s3://bucket/prefix/", "--out", "s3://bucket/out/"]),
+])
+def test_a_bad_setting_names_its_variable(env, var, value, cmd):
+    p = cli(cmd, {**env, var: value})
+    assert p.returncode == 2, p.stderr
+    assert f"bad setting: {var}={value!r}" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_bad_setting_never_shows_the_password(env):
+    p = cli(["status"], {**env, "HARDNET_BROKER_URL": "redis://:s3cret@localhost:6379/zero"})
+    assert "s3cret" not in p.stderr
+
+
+def test_a_bad_worker_setting_stops_the_worker_with_its_name(env):
+    p = cli(["worker"], {**env, "HARDNET_CHUNKS_IN_FLIGHT": "0"}, timeout=60)
+    assert p.returncode == 2
+    assert "HARDNET_CHUNKS_IN_FLIGHT=" in p.stderr and "Traceback" not in p.stderr
