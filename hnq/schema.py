@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hnq.errors import ErrorCode
+from hnq.logs import redact
 
 #: The HarDNet variants (worker.model.hardnet.ARCHS holds their configurations).
 MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
@@ -29,6 +30,11 @@ class RecordError(BaseModel):
     code: ErrorCode
     message: str
 
+    @field_validator("message")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        return redact(v)
+
 
 class ResultRecord(BaseModel):
     """One line of output per input URI: a top-5 label list or an explained error."""
@@ -44,6 +50,13 @@ class ResultRecord(BaseModel):
     job_id: str | None = None
     etag: str | None = Field(None, description="source object's ETag where the store gives one")
     size: int | None = Field(None, description="source object's size in bytes where known")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        # Results are shared more widely than credentials: a presigned URL keeps its path, not its
+        # signature; a user:password@ keeps the user.
+        return redact(v)
 
     @classmethod
     def failure(cls, uri: str, code: ErrorCode | str, message: str, model: str, **kw) -> "ResultRecord":

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hnq.errors import ConfigError
+from hnq.logs import redact
 
 #: The Celery queue, which on Redis is a list of this name in the broker DB (KEDA watches it).
 QUEUE = "hardnet"
@@ -86,16 +87,8 @@ class S3Settings(ClearErrors):
 
 
 def redact_url(url: str) -> str:
-    """A URL fit for logs and messages: the password replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    u = urlsplit(url)
-    if u.password is None:
-        return url
-    host = u.hostname or ""
-    if u.port:
-        host += f":{u.port}"
-    return urlunsplit(u._replace(netloc=f"{u.username or ''}:***@{host}"))
+    """A URL fit for logs and messages: the password (and any credential parameter) as ***."""
+    return redact(url)
 
 
 def celery_config(s: CommonSettings) -> dict:
@@ -133,8 +126,10 @@ def celery_config(s: CommonSettings) -> dict:
                                    "interval_max": 5},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # reconnect forever, with Celery's backoff
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Flower / `celery events` (HARDNET_TASK_EVENTS): the worker's task events, and task-sent
+        # from the producer.
+        worker_send_task_events=s.task_events,
+        task_send_sent_event=s.task_events,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
 

@@ -56,6 +56,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _setup_logging(verbose: bool) -> None:
+    from hnq.logs import setup_cli
+    from hnq.settings import CommonSettings
+
+    setup_cli(logging.INFO if verbose else logging.WARNING, CommonSettings().log_format)
+
+
 def _is_broker_error(e: BaseException) -> bool:
     import kombu.exceptions
     import redis
@@ -69,9 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
         maybe_reexec_with_malloc_tuning(sys.argv[1:])
     a = parse(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _setup_logging(a.verbose)
         return a.fn(a)
     except ConfigError as e:
         err(str(e))

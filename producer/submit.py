@@ -22,6 +22,7 @@ from hnq.settings import TASK_FINALIZE, celery_config, lean_messages, redact_url
 from hnq.sweep import resend_chunk, send_chunk
 from hnq.storage import check_writable, open_destination, validate_destination
 from producer.settings import ProducerSettings
+from hnq.logs import redact
 from producer.sources import chunked
 
 log = logging.getLogger("hardnet.producer")
@@ -104,6 +105,8 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         check_writable(dest)              # a missing bucket / unwritable directory: fail now
         d = open_destination(dest)
     size = chunk_size or s.chunk_size
+    # What the job records about its sources is for display (status, manifest): no credentials.
+    sources = [redact(x) for x in sources or []]
     store = store or JobStore(s.broker_url, s.results_ttl_days)
     app = app or sender(s)
     job_id = new_job_id()

@@ -79,7 +79,9 @@ def celery_argv(a: argparse.Namespace, settings) -> list[str]:
     """The `celery worker` command line: ours first, then the user's extra flags, which win (Celery
     takes the last value of a repeated option)."""
     extra = list(a.celery_args)
-    argv = ["worker", "--pool=threads", f"--concurrency={settings.chunks_in_flight}", "-Q", settings.queue,
+    # JSON logs: no banner on stdout (a log pipeline would choke on it); Celery's -q is global
+    quiet = ["--quiet"] if settings.log_format == "json" else []
+    argv = [*quiet, "worker", "--pool=threads", f"--concurrency={settings.chunks_in_flight}", "-Q", settings.queue,
             f"--loglevel={a.loglevel}", "--without-gossip", "--without-mingle"]
     if a.hostname:
         argv.append(f"--hostname={a.hostname}")

@@ -40,10 +40,10 @@ class Context:
         self._lock = threading.Lock()
         first = self.engine(s.model)
         clf = first.classifier
-        log.info("worker ready: model=%s weights=%s sha256=%s device=%s batch=%d amp=%s chunks_in_flight=%d "
-                 "fetch_threads=%d decode_threads=%d", s.model, clf.weights, clf.weights_sha256, clf.device,
-                 clf.batch_size, clf.amp, s.chunks_in_flight, first.cfg.fetch_threads,
-                 first.cfg.decode_threads)
+        self.summary = (
+            f"model={s.model} weights={clf.weights} sha256={clf.weights_sha256} device={clf.device} "
+            f"batch={clf.batch_size} amp={clf.amp} chunks_in_flight={s.chunks_in_flight} "
+            f"fetch_threads={first.cfg.fetch_threads} decode_threads={first.cfg.decode_threads}")
 
     def engine(self, model: str):
         from worker.engine import build_engine
@@ -115,6 +115,13 @@ def classify_chunk(self, payload: dict) -> dict | None:
         # Nothing to retry: a malformed message would fail the same way every time.
         log.error("rejected a malformed chunk message: %s", e.errors(include_input=False))
         return None
+    from hnq.logs import chunk_context
+
+    with chunk_context(task.job_id, task.chunk):  # this thread's log lines name the job and chunk
+        return _classify_chunk(self, task)
+
+
+def _classify_chunk(self, task: ChunkTask) -> dict | None:
     store = _store()
     state, attempt = store.start_chunk(task.job_id, task.chunk)
     if state == "cancelled":
@@ -218,6 +225,13 @@ def _memory_guard(**_):
         recycle_requested.set()
         # Warm shutdown: the current chunk is already acknowledged; nothing in flight is lost.
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+@signals.worker_ready.connect
+def _say_ready(**_):
+    # Logged here, not at load time: Celery has set up its log handlers (and our format) by now.
+    if _ctx is not None:
+        log.info("worker ready: %s", _ctx.summary)
 
 
 @signals.worker_init.connect
