@@ -153,7 +153,9 @@ def test_worker_setting():
 
     assert WorkerSettings().decode == "cpu"
     assert WorkerSettings(decode="GPU").decode == "gpu"
-    with pytest.raises(ValueError):
+    from hnq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="HARDNET_DECODE='fast'"):
         WorkerSettings(decode="fast")
 
 

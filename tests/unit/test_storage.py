@@ -445,15 +445,14 @@ def test_get_client_choice(monkeypatch):
 
 
 def test_worker_setting_reaches_the_policy(monkeypatch):
-    from pydantic import ValidationError
-
+    from hnq.errors import ConfigError
     from worker.settings import WorkerSettings
 
     assert WorkerSettings().fetch_policy().s3_client == "auto"
     monkeypatch.setenv("HARDNET_S3_GET_CLIENT", "boto3")
     assert WorkerSettings().fetch_policy().s3_client == "boto3"
     monkeypatch.setenv("HARDNET_S3_GET_CLIENT", "aioboto")
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigError, match="HARDNET_S3_GET_CLIENT='aioboto'"):
         WorkerSettings()
 
 
