@@ -240,7 +240,9 @@ def _live_engines() -> list:
 def _start_metrics(prefork: bool) -> None:
     """Serve /metrics, once per process, before the model loads (a port in use fails in seconds,
     not after the weights). Refused with a prefork pool: each forked child would count its own
-    chunks in its own registry, and this process's endpoint would show none of them."""
+    chunks in its own registry, and this process's endpoint would show none of them. (worker.app
+    sets the threads pool, which even `celery worker --pool=prefork` does not override here, so
+    this guard is for a changed configuration, as _preload's own prefork check is.)"""
     port = settings.metrics_port
     if port is None:
         return

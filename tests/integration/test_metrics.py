@@ -235,3 +235,37 @@ def test_exporter_port_in_use_is_a_usage_error(redis_url, tmp_path):
         rc = proc.wait(60)
     out = log_path.read_text()
     assert rc == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in out, out
+
+
+def test_metrics_port_is_served_again_after_the_memory_guard_recycles_the_worker(redis_url, tmp_path):
+    """The memory guard re-executes `hardnet worker` in the same process: the new image must bind
+    HARDNET_METRICS_PORT again (the old socket is closed on exec), not stop on 'port in use'."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(16):
+        (src / f"img-{i:03d}.jpg").write_bytes(image_bytes(i))
+    port = free_port()
+    env = base_env(redis_url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_METRICS_PORT=str(port),
+                   HARDNET_MAX_MEMORY_PER_CHILD_MB="100", HARDNET_CHUNKS_IN_FLIGHT="1",
+                   HARDNET_STATE_DIR=str(tmp_path / "state"))
+    w = Worker(env, "recycled", tmp_path)
+    try:
+        w.wait_ready()
+        scrape(port)           # a client connected to the first process's server
+        rc, st = cli_json(["submit", str(src), "--out", str(tmp_path / "out"), "--chunk-size", "8",
+                           "--wait", "--json"], env, timeout=300)
+        # the last recycle may still be starting up: wait for its endpoint
+        deadline = time.monotonic() + 120
+        while w.log().count(f"metrics on http://0.0.0.0:{port}/metrics") <= w.log().count(
+                "restarting the worker (memory guard)"):
+            assert w.proc.poll() is None and time.monotonic() < deadline, w.log()[-3000:]
+            time.sleep(0.2)
+        after = wait_scrape(port, w.proc)
+        log = w.log()
+    finally:
+        w.stop()
+    assert rc == 0 and st["succeeded"] == 16
+    assert log.count("restarting the worker (memory guard)") >= 2
+    assert "cannot serve metrics" not in log
+    # a new process image counts from zero (Prometheus's rate() handles the reset)
+    assert sum(with_name(after, "hardnet_images_total").values()) < 16
