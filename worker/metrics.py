@@ -4,7 +4,7 @@ One worker is one process running Celery's threads pool: every chunk's task thre
 stage live in this process, so the metrics are plain in-process objects in prometheus_client's
 default registry, served by its HTTP server thread. Names follow Prometheus conventions: base units
 (seconds, bytes) in the name, ``_total`` for counters. The list with labels and meanings is in
-deploy/README.md ("Metrics"); tests/unit/test_metrics.py keeps that list, this module and the
+deploy/README.md ("Metrics"); tests/unit/test_observability.py keeps that list, this module and the
 Grafana dashboard in agreement.
 
 Where things are counted:
