@@ -78,6 +78,12 @@ class WorkerSettings(CommonSettings):
         "of boto3's client CPU per object), `boto3`, or `auto` (obstore when installed, else "
         "boto3). Listing and writes always use boto3.")
 
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of the worker's Prometheus endpoint "
+        "(http://0.0.0.0:PORT/metrics), started once per worker process when the worker starts. "
+        "Unset = no metrics. A port that cannot be bound stops the worker at start-up with a message "
+        "naming this variable.")
+
     def retry_policy(self):
         from worker.engine.fetch import RetryPolicy
 

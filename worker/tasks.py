@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import threading
+import time
 
 from celery import signals
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ from hnq.inputs import load_chunk_uris
 from hnq.jobs import JobStore
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
+from worker import metrics
 from worker.app import app, settings
 from worker.settings import WorkerSettings
 
@@ -55,6 +57,7 @@ class Context:
                 # HARDNET_WEIGHTS names a checkpoint of the configured model; other variants get
                 # their official weights, except that "random" (tests, demos) applies to all.
                 weights = s.weights if (model == s.model or s.weights == "random") else None
+                t0 = time.monotonic()
                 clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size or None,
                                  amp=s.amp, fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
                 eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
@@ -62,9 +65,15 @@ class Context:
                                    retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
                                    decode=s.decode,
                                    warm_up=clf.device.type == "cuda" or s.compile)
+                metrics.instrument(eng, model)
+                metrics.engine_loaded(model, clf.device, time.monotonic() - t0)
                 self._engines[model] = eng
                 log.info("engine for %s: weights=%s sha256=%s", model, clf.weights, clf.weights_sha256)
             return self._engines[model]
+
+    def engines(self) -> list:
+        with self._lock:
+            return list(self._engines.values())
 
 
 _ctx: Context | None = None
@@ -98,7 +107,8 @@ def _dead_letter(store: JobStore, task: ChunkTask, error: str, attempts: int) ->
     job finalised if this was its last chunk."""
     from worker.pipeline.write import dead_letter
 
-    dead_letter(store, task, None, error, attempts, settings.output_policy())
+    if dead_letter(store, task, None, error, attempts, settings.output_policy()) == "dead":
+        metrics.CHUNKS.labels("dead_lettered").inc()
 
 
 def _finalize(store: JobStore, dest: str | None, job_id: str) -> None:
@@ -126,6 +136,7 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
     state, attempt = store.start_chunk(task.job_id, task.chunk)
     if state == "cancelled":
         log.info("chunk %s/%d dropped: job cancelled", task.job_id, task.chunk)
+        metrics.CHUNKS.labels("cancelled").inc()
         return None
     if state == "missing":
         log.warning("job %s unknown to Redis (state lost?): labelling chunk %d anyway", task.job_id, task.chunk)
@@ -138,12 +149,14 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
     from worker.pipeline.write import outcome_extras, write_part
 
     log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
+    t0 = time.monotonic()
     try:
         uris = load_chunk_uris(store, task, settings.output_policy())
         engine = context().engine(task.model)
         records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
         if records is None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
+            metrics.CHUNKS.labels("cancelled").inc()
             return None
         write_part(store, task.dest, task.job_id, task.chunk, records)
         ok = sum(r.status == "ok" for r in records)
@@ -157,6 +170,8 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
         if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
                                                         **outcome_extras(records)):
             _finalize(store, task.dest, task.job_id)
+        metrics.CHUNKS.labels("done").inc()
+        metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
     except Exception as e:  # noqa: BLE001
         err = f"{type(e).__name__}: {e}"
         if state != "missing":
@@ -169,6 +184,7 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
         level = logging.WARNING if isinstance(e, TransientError) else logging.ERROR
         log.log(level, "chunk %s/%d attempt %d failed (%s); retrying in %.1fs",
                  task.job_id, task.chunk, attempt, err, delay)
+        metrics.CHUNKS.labels("retried").inc()
         raise self.retry(exc=e, countdown=delay)
     return {"ok": ok, "failed": len(records) - ok}
 
@@ -234,12 +250,62 @@ def _say_ready(**_):
         log.info("worker ready: %s", _ctx.summary)
 
 
+# --- metrics (worker.metrics; HARDNET_METRICS_PORT) ---------------------------------------------
+def _live_engines() -> list:
+    return _ctx.engines() if _ctx is not None else []
+
+
+def _start_metrics(prefork: bool) -> None:
+    """Serve /metrics, once per process, before the model loads (a port in use fails in seconds,
+    not after the weights). Refused with a prefork pool: each forked child would count its own
+    chunks in its own registry, and this process's endpoint would show none of them. (worker.app
+    sets the threads pool, which even `celery worker --pool=prefork` does not override here, so
+    this guard is for a changed configuration, as _preload's own prefork check is.)"""
+    port = settings.metrics_port
+    if port is None:
+        return
+    if prefork:
+        raise ConfigError("HARDNET_METRICS_PORT needs the threads (or solo) pool: with prefork each "
+                          "child process would count its own chunks and this endpoint would show "
+                          "none of them (`hardnet worker` uses the threads pool)")
+    metrics.register_runtime(_live_engines)
+    metrics.serve(port)
+
+
+@signals.worker_ready.connect
+def _log_metrics(**_):
+    # Logged here, not when the server starts (worker_init): Celery's logging is set up by now.
+    url = metrics.served_at()
+    if url:
+        log.info("metrics on %s (HARDNET_METRICS_PORT)", url)
+
+
+@signals.task_prerun.connect
+def _chunk_started(sender=None, **_):
+    if getattr(sender, "name", None) == TASK_CLASSIFY:
+        metrics.CHUNKS_IN_FLIGHT.inc()
+
+
+@signals.task_postrun.connect
+def _chunk_ended(sender=None, **_):
+    # Sent after every task run, returned, raised or retried (celery.app.trace).
+    if getattr(sender, "name", None) == TASK_CLASSIFY:
+        metrics.CHUNKS_IN_FLIGHT.dec()
+
+
 @signals.worker_init.connect
 def _preload(sender=None, **_):
     """Load the model before taking the first chunk: a worker whose weights can't be loaded stops
     here with the reason, instead of failing (and dead-lettering) every chunk it takes. Not in a
-    prefork parent, where CUDA would then be unusable in the children."""
-    if "prefork" in str(getattr(sender, "pool_cls", "")).lower():
+    prefork parent, where CUDA would then be unusable in the children. The metrics endpoint starts
+    first."""
+    prefork = "prefork" in str(getattr(sender, "pool_cls", "")).lower()
+    try:
+        _start_metrics(prefork)
+    except ConfigError as e:
+        log.critical("cannot start the worker: %s", e)
+        raise SystemExit(78) from e  # EX_CONFIG
+    if prefork:
         return
     try:
         context()

@@ -47,6 +47,7 @@ KNOWN_ENV = {
     "HARDNET_BATCH_SIZE", "HARDNET_VISIBILITY_TIMEOUT", "HARDNET_FILE_ROOTS",
     "HARDNET_ALLOW_HTTP", "HARDNET_HTTP_ALLOW_HOSTS", "HARDNET_MAX_MEMORY_PER_CHILD_MB",
     "HARDNET_TASK_EVENTS", "HARDNET_LOG_FORMAT",
+    "HARDNET_METRICS_PORT",
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
     "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
     "TORCH_HOME",
@@ -57,9 +58,10 @@ INFRA_ENV = {"REDIS_PASSWORD"}
 IMAGE_ENV = {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR",
              "PIP_DISABLE_PIP_VERSION_CHECK"}
 
-#: Manifests applied by kustomization.yaml / kept as examples only.
-K8S_EXAMPLES = {"producer-job.yaml"}
-CRD_GROUPS = ("keda.sh/",)
+#: Manifests not in kustomization.yaml: an example, and the Prometheus Operator monitors (they need
+#: its CRDs, which not every cluster has; deploy/README.md says to apply them by hand).
+K8S_EXAMPLES = {"producer-job.yaml", "monitoring.yaml"}
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -591,7 +593,7 @@ def test_k8s_env_names_are_known_and_refs_resolve():
     cm = find("ConfigMap", "hardnet-config")
     assert set(cm["data"]) <= KNOWN_ENV, set(cm["data"]) - KNOWN_ENV
     assert secret_keys() <= KNOWN_ENV | INFRA_ENV
-    for kind, name in (("Deployment", "hardnet-worker"), ("Job", None)):
+    for kind, name in (("Deployment", "hardnet-worker"), ("Job", None), ("Deployment", "hardnet-exporter")):
         pod = find(kind, name)["spec"]["template"]["spec"]
         for c in pod["containers"]:
             used = container_env(c)
@@ -630,6 +632,63 @@ def test_k8s_worker_deployment():
     pdb = find("PodDisruptionBudget", "hardnet-worker")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
 
+    # the metrics endpoint: HARDNET_METRICS_PORT is the container's `metrics` port
+    (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert int(env["HARDNET_METRICS_PORT"]) == port["containerPort"]
+
+
+def _labels_select(selector: dict, labels: dict) -> bool:
+    return bool(selector["matchLabels"]) and selector["matchLabels"].items() <= labels.items()
+
+
+def test_k8s_exporter_deployment_and_service():
+    dep = find("Deployment", "hardnet-exporter")
+    pod = dep["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["image"] == "hardnet-producer", "torch-free: the producer image"
+    assert c["args"][0] == "exporter" and "command" not in c, "the image's ENTRYPOINT is `hardnet`"
+    port = int(c["args"][c["args"].index("--port") + 1])
+    (cport,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    assert cport["containerPort"] == port
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert dep["spec"]["replicas"] == 1
+    svc = find("Service", "hardnet-exporter")
+    assert _labels_select({"matchLabels": svc["spec"]["selector"]}, pod["metadata"]["labels"])
+    (sport,) = svc["spec"]["ports"]
+    assert sport["name"] == "metrics" and sport["targetPort"] in ("metrics", port)
+    kz = load_yaml(K8S / "kustomization.yaml")
+    assert "hardnet-producer" in {i["name"] for i in kz["images"]}
+
+
+MONITOR_SPEC_KEYS = {"PodMonitor": {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
+                                    "podTargetLabels", "sampleLimit"},
+                     "ServiceMonitor": {"selector", "endpoints", "namespaceSelector", "jobLabel",
+                                        "targetLabels", "podTargetLabels", "sampleLimit"}}
+ENDPOINT_KEYS = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings",
+                 "metricRelabelings"}
+
+
+def test_k8s_monitors_scrape_the_metrics_ports():
+    """The Prometheus Operator objects (no schema in kubernetes-validate): each selects the pods or
+    Service it is meant for, by a port name that exists there."""
+    pm = find("PodMonitor", "hardnet-worker")
+    sm = find("ServiceMonitor", "hardnet-exporter")
+    for mon in (pm, sm):
+        assert mon["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(mon["spec"]) <= MONITOR_SPEC_KEYS[mon["kind"]], set(mon["spec"])
+    worker = find("Deployment", "hardnet-worker")["spec"]["template"]
+    assert _labels_select(pm["spec"]["selector"], worker["metadata"]["labels"])
+    worker_ports = {p["name"] for c in worker["spec"]["containers"] for p in c.get("ports", [])}
+    for ep in pm["spec"]["podMetricsEndpoints"]:
+        assert set(ep) <= ENDPOINT_KEYS and ep["port"] in worker_ports and ep["path"] == "/metrics"
+    svc = find("Service", "hardnet-exporter")
+    assert _labels_select(sm["spec"]["selector"], svc["metadata"]["labels"])
+    for ep in sm["spec"]["endpoints"]:
+        assert set(ep) <= ENDPOINT_KEYS and ep["port"] in {p["name"] for p in svc["spec"]["ports"]}
+
 
 SCALEDOBJECT_SPEC_KEYS = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "idleReplicaCount",
                           "initialCooldownPeriod", "minReplicaCount", "maxReplicaCount", "fallback",
@@ -652,8 +711,9 @@ def test_keda_scaledobject():
     assert 0 <= spec["minReplicaCount"] <= 1 < spec["maxReplicaCount"]
     assert spec["cooldownPeriod"] > 0
 
-    (trig,) = spec["triggers"]
-    assert trig["type"] == "redis"
+    by_type = {t["type"]: t for t in spec["triggers"]}
+    assert set(by_type) == {"redis", "prometheus"} and len(spec["triggers"]) == 2
+    trig = by_type["redis"]
     md = trig["metadata"]
     assert set(md) <= REDIS_TRIGGER_KEYS, set(md) - REDIS_TRIGGER_KEYS
     assert md["listName"] == QUEUE
@@ -673,6 +733,33 @@ def test_keda_scaledobject():
     redis_env = find("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert any(e["name"] == "REDIS_PASSWORD" and e["valueFrom"]["secretKeyRef"]["key"] == ref["key"]
                for e in redis_env)
+
+
+PROMETHEUS_TRIGGER_KEYS = {"serverAddress", "query", "threshold", "activationThreshold", "namespace",
+                           "customHeaders", "ignoreNullValues", "queryParameters", "unsafeSsl", "authModes"}
+
+
+def test_keda_prometheus_trigger_counts_queued_and_in_flight_chunks():
+    from metric_names import exported_series, promql_metric_names
+
+    from worker.settings import WorkerSettings
+
+    (trig,) = [t for t in find("ScaledObject")["spec"]["triggers"] if t["type"] == "prometheus"]
+    md = trig["metadata"]
+    assert set(md) <= PROMETHEUS_TRIGGER_KEYS, set(md) - PROMETHEUS_TRIGGER_KEYS
+    assert re.fullmatch(r"https?://[^/\s]+(:\d+)?/?", md["serverAddress"]), md["serverAddress"]
+    names = promql_metric_names(md["query"])
+    assert names == {"hardnet_queue_messages", "hardnet_queue_unacked_messages"}, names
+    assert names <= exported_series(), "the query must use what `hardnet exporter` exports"
+    assert f'queue="{QUEUE}"' in md["query"] and f'namespace="{NAMESPACE}"' in md["query"]
+    # one worker keeps HARDNET_CHUNKS_IN_FLIGHT chunks busy: that is the target per replica
+    cm = find("ConfigMap", "hardnet-config")["data"]
+    in_flight = int(cm.get("HARDNET_CHUNKS_IN_FLIGHT", WorkerSettings.model_fields["chunks_in_flight"].default))
+    assert isinstance(md["threshold"], str) and int(md["threshold"]) == in_flight
+    assert md["ignoreNullValues"] == "false", "a blind exporter must not read as an empty queue"
+    # the list alone stays as the Prometheus-free trigger, with the same target per worker
+    (redis_trig,) = [t for t in find("ScaledObject")["spec"]["triggers"] if t["type"] == "redis"]
+    assert int(redis_trig["metadata"]["listLength"]) == in_flight
 
 
 def test_k8s_producer_job_example():

@@ -102,6 +102,8 @@ class DecodeStage:
         self.queue = BoundedQueue(max_items, max_bytes)
         self.gpu_queue = BoundedQueue(max_items, max_bytes) if batch_decode is not None else None
         self.stats = StageStats("decode", threads + (1 if batch_decode is not None else 0))
+        #: called with the seconds of each GPU decode batch (stats.observer gets CPU images only)
+        self.batch_observer = None
         self._threads = [threading.Thread(target=self._run, name=f"hnq-decode-{i}", daemon=True)
                          for i in range(threads)]
         if batch_decode is not None:
@@ -157,7 +159,10 @@ class DecodeStage:
             except Exception as e:  # noqa: BLE001 - the decoder itself broke: every image's record
                 results = [e] * len(live)
             errors = sum(isinstance(r, Exception) for r in results)
-            self.stats.add(time.monotonic() - t0, items=len(live), errors=errors)
+            dt = time.monotonic() - t0
+            self.stats.add(dt, items=len(live), errors=errors, observe=False)
+            if self.batch_observer is not None:
+                self.batch_observer(dt)
             for it, r in zip(live, results):
                 if isinstance(r, Exception):
                     self.on_failed(it, r, False)

@@ -1,5 +1,9 @@
 """Per-stage statistics of the engine: enough to find the bottleneck (which stage is busy, which
-waits) without a profiler. Cheap: one lock and a few additions per item."""
+waits) without a profiler. Cheap: one lock and a few additions per item.
+
+Each object also takes an optional ``observer``, called outside the lock with what was added: the
+worker points it at its Prometheus histograms (worker.metrics.instrument), so that the engine itself
+knows nothing about Prometheus and `hardnet classify` pays nothing for it."""
 from __future__ import annotations
 
 import threading
@@ -18,12 +22,18 @@ class StageStats:
         self.errors = 0
         self.retries = 0
         self.busy_s = 0.0
+        #: called with the seconds of each ``add`` (one fetch attempt, one image's decode)
+        self.observer = None
 
-    def add(self, seconds: float, items: int = 1, errors: int = 0) -> None:
+    def add(self, seconds: float, items: int = 1, errors: int = 0, *, observe: bool = True) -> None:
+        """``observe=False``: counted here but not passed to the observer (a GPU decode batch, whose
+        time is not one image's: DecodeStage reports it apart)."""
         with self._lock:
             self.items += items
             self.errors += errors
             self.busy_s += seconds
+        if observe and self.observer is not None:
+            self.observer(seconds)
 
     def retry(self) -> None:
         with self._lock:
@@ -45,6 +55,8 @@ class BatchStats:
         self.largest = 0
         self.busy_s = 0.0
         self.hist: dict[int, int] = {}
+        #: called with (images in the batch, device seconds) of each batch
+        self.observer = None
 
     def add(self, n: int, seconds: float) -> None:
         bucket = 1 << max(0, (n - 1).bit_length())
@@ -54,6 +66,8 @@ class BatchStats:
             self.largest = max(self.largest, n)
             self.busy_s += seconds
             self.hist[bucket] = self.hist.get(bucket, 0) + 1
+        if self.observer is not None:
+            self.observer(n, seconds)
 
     def snapshot(self) -> dict:
         with self._lock:

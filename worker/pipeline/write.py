@@ -4,6 +4,7 @@ of adding records."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from hnq.errors import ConfigError, ErrorCode
@@ -21,12 +22,19 @@ def to_jsonl(records: list[ResultRecord]) -> bytes:
 
 
 def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord]) -> None:
+    """Store the part, then count its records (hardnet_images_total counts what was written, the
+    chunk_failed records of a dead letter included) and the write's time."""
+    from worker import metrics
+
+    t0 = time.monotonic()
     data = to_jsonl(records)
     if dest:
         d = open_destination(dest)
         d.put(d.part_path(job_id, chunk), data, content_type="application/x-ndjson")
     else:
         store.put_part(job_id, chunk, data)
+    metrics.STAGE_SECONDS.labels("write").observe(time.monotonic() - t0)
+    metrics.count_records(records)
 
 
 def outcome_extras(records: list[ResultRecord]) -> dict:
