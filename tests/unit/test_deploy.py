@@ -271,6 +271,16 @@ def test_compose_flower_service():
     assert f["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_compose_metrics():
+    svc = compose()["services"]
+    w = svc["worker"]
+    assert w["environment"]["HARDNET_METRICS_PORT"] == "${HARDNET_METRICS_PORT:-9807}"
+    assert w["expose"] == ["9807"]
+    e = svc["exporter"]
+    assert e["command"][0] == "exporter" and e["build"]["dockerfile"] == "deploy/Dockerfile.producer"
+    assert e["ports"] == ["127.0.0.1:9808:9808"]
+
+
 def test_compose_aws_override_mounts_the_config_read_only():
     a = load_yaml(COMPOSE_AWS)
     for name in ("worker", "producer"):

@@ -226,8 +226,7 @@ def test_a_port_in_use_is_a_config_error_naming_the_variable():
 
 
 def test_metrics_port_setting_is_validated(monkeypatch):
-    from pydantic import ValidationError
-
+    from hnq.errors import ConfigError
     from worker.settings import WorkerSettings
 
     assert WorkerSettings().metrics_port is None
@@ -235,7 +234,7 @@ def test_metrics_port_setting_is_validated(monkeypatch):
     assert WorkerSettings().metrics_port == 9807
     for bad in ("0", "70000", "http"):
         monkeypatch.setenv("HARDNET_METRICS_PORT", bad)
-        with pytest.raises(ValidationError, match="metrics_port"):
+        with pytest.raises(ConfigError, match=f"HARDNET_METRICS_PORT='{bad}'"):
             WorkerSettings()
 
 
