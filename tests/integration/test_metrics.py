@@ -18,7 +18,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import ROOT, Worker, base_env, bad_images, cli_json, image_bytes, read_jsonl
+from cluster import ROOT, Worker, base_env, bad_images, cli_json, image_bytes, read_jsonl, wait_state
 from servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -59,6 +59,41 @@ def wait_scrape(port: int, proc: subprocess.Popen | None = None, timeout: float 
             time.sleep(0.2)
 
 
+class _SlowImage:
+    """A loopback web server whose one JPEG is held back until released: a chunk stays in flight
+    for as long as the test needs to scrape the worker mid-job."""
+
+    def __init__(self, body: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requested, self.release = threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.requested.set()
+                outer.release.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow.jpg"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_worker_metrics_match_the_records_written(redis_url, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -74,26 +109,43 @@ def test_worker_metrics_match_the_records_written(redis_url, tmp_path):
     lines += [str(src / "missing-1.jpg"), str(src / "missing-2.jpg"),    # not_found
               "ftp://example.org/a.jpg",                                  # unsupported_scheme
               "s3://"]                                                    # invalid_uri
+    slow = _SlowImage(image_bytes(99, "JPEG", (160, 120)))
+    lines.insert(3, slow.url)                                             # ok, once released
     uri_list = tmp_path / "uris.txt"
     uri_list.write_text("\n".join(lines) + "\n")
     n_uris = len(lines)
 
     port = free_port()
     env = base_env(redis_url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_METRICS_PORT=str(port),
-                   HARDNET_STATE_DIR=str(tmp_path / "state"))
+                   HARDNET_STATE_DIR=str(tmp_path / "state"), HARDNET_ALLOW_HTTP="true",
+                   HARDNET_HTTP_ALLOW_HOSTS="127.0.0.1", HARDNET_ALLOW_PRIVATE_NETWORKS="true")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(var, None)
     w = Worker(env, "metrics", tmp_path)
     try:
         w.wait_ready()
         assert f"metrics on http://0.0.0.0:{port}/metrics" in w.log()
         before = scrape(port)
-        rc, st = cli_json(["submit", "--from-file", str(uri_list), "--out", str(tmp_path / "out"),
-                           "--chunk-size", "8", "--wait", "--json"], env, timeout=300)
+        rc, sub = cli_json(["submit", "--from-file", str(uri_list), "--out", str(tmp_path / "out"),
+                            "--chunk-size", "8", "--json"], env, timeout=60)
+        assert rc == 0
+        # -- during the job: chunk 0 waits for the held image; the others finish around it --
+        assert slow.requested.wait(60)
+        deadline = time.monotonic() + 60
+        while True:
+            during = scrape(port)
+            if value(during, "hardnet_chunks_total", outcome="done") == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        slow.release.set()
+        st = wait_state(env, sub["job_id"], states=("done_with_errors", "done", "failed"))
         after = scrape(port)
         log = w.log()
     finally:
         w.stop()
+        slow.stop()
     job = st["job_id"]
-    assert rc == 3 and st["state"] == "done_with_errors", st
+    assert st["state"] == "done_with_errors", st
 
     # -- the records the job wrote --
     recs = []
@@ -102,7 +154,7 @@ def test_worker_metrics_match_the_records_written(redis_url, tmp_path):
         recs += read_jsonl(part.read_text())
     assert len(recs) == n_uris and len(parts) == st["chunks"] == 5
     written = Counter((r["status"], r["error"]["code"] if r["status"] == "error" else "") for r in recs)
-    assert written[("ok", "")] == 30
+    assert written[("ok", "")] == 31
     assert {c for s, c in written if s == "error"} >= {"empty", "decode_error", "not_found",
                                                        "unsupported_scheme", "invalid_uri"}, written
 
@@ -123,7 +175,7 @@ def test_worker_metrics_match_the_records_written(redis_url, tmp_path):
 
     # -- every stage was timed, and the counts are the work done --
     fetched = n_uris                                   # one attempt each (local files: no retries)
-    decoded = len(good) + len(bad)                     # the ones whose bytes were read
+    decoded = len(good) + len(bad) + 1                 # the ones whose bytes were read
     assert value(after, "hardnet_stage_seconds_count", stage="fetch") == fetched
     assert value(after, "hardnet_stage_seconds_count", stage="decode") == decoded
     assert value(after, "hardnet_stage_seconds_count", stage="write") == len(parts)
@@ -142,6 +194,14 @@ def test_worker_metrics_match_the_records_written(redis_url, tmp_path):
     assert value(after, "hardnet_stage_seconds_count", stage="device") == batches
     assert value(after, "hardnet_batch_size_sum", model=MODEL) == written[("ok", "")]
     assert value(after, "hardnet_batch_size_bucket", model=MODEL, le="16.0") == batches   # batch size 16
+
+    # -- mid-job: one chunk (the held image's) in flight, the other four counted --
+    assert value(during, "hardnet_chunks_total", outcome="done") == 4
+    assert value(during, "hardnet_chunks_in_flight") == 1
+    assert value(during, "hardnet_images_in_flight", model=MODEL) >= 1
+    counted_during = sum(v for l, v in with_name(during, "hardnet_images_total").items())
+    assert counted_during == n_uris - 8           # every record but chunk 0's
+    assert value(during, "hardnet_stage_seconds_count", stage="write") == 4
 
     # -- outcomes and gauges once the job is over --
     assert value(after, "hardnet_chunks_total", outcome="done") == len(parts)
