@@ -350,7 +350,7 @@ def svg_columns(values: list[float], labels: list[str], *, id: str, aria: str, c
     out = [f'<svg class="chart" id="{e(id)}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
            f'role="img" aria-label="{e(aria)}">',
            f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - 10}" y2="{height - pad_b}" stroke="#888"/>',
-           f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end">{e(_num(top))}{e(unit)}</text>',
+           f'<text x="{pad_l - 6}" y="{pad_t + 10}" text-anchor="end">{e(_num(top))}</text>',
            f'<text x="{pad_l - 6}" y="{height - pad_b}" text-anchor="end">0</text>']
     for i, v in enumerate(values):
         bh = (height - pad_b - pad_t) * v / top
@@ -488,6 +488,7 @@ def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 2
     if values:
         q.append(f'<p>{sum(n for _, n in st.parts)} images in {len(st.parts)} parts over {_dur(span)} '
                  f'(<span id="rate">{rate:.1f}</span> images/s overall), from when each part was written</p>')
+        q.append("<p><small>images per second</small></p>")
         q.append(svg_columns(values, tlabels, id="throughput-chart", aria="images per second over the job",
                              unit=" img/s"))
     else:

@@ -33,6 +33,7 @@ def cluster(redis_server, moto_server, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("logs")
     ckpts = tmp_path_factory.mktemp("ckpts")
     env = base_env(redis_server.url, HARDNET_OUTPUT_ROOTS=str(tmp_path_factory.getbasetemp()),
+                   HARDNET_FILE_ROOTS=str(tmp_path_factory.getbasetemp()),
                    HARDNET_JOB_WEIGHTS_ALLOW=str(ckpts), HARDNET_MAX_ENGINES="1",
                    HARDNET_STATE_DIR=str(tmp_path_factory.mktemp("state")),
                    TORCH_HOME=str(tmp_path_factory.mktemp("torch-home")), **s3_env(moto_server.url))
@@ -335,7 +336,6 @@ def test_top_k_and_a_job_checkpoint_with_one_engine(cluster, tmp_path):
     ckpt = cluster["ckpts"] / "mine-v1.pth"
     sha = _checkpoint(ckpt, 7)
     out = tmp_path / "out"
-    env = dict(env, HARDNET_OUTPUT_ROOTS=str(tmp_path))
     rc, s1 = cli_json(["submit", f"file://{src}", "--out", str(out), "--top-k", "3", "--weights", str(ckpt),
                        "--wait", "--json"], env, timeout=300)
     assert rc == 0 and s1["state"] == "done", s1
