@@ -74,6 +74,11 @@ def _pyarrow():
     return pa, pq
 
 
+def require_pyarrow() -> None:
+    """ConfigError (what to install) unless pyarrow can be imported here."""
+    _pyarrow()
+
+
 def parquet_available() -> bool:
     try:
         _pyarrow()
@@ -196,5 +201,5 @@ def format_of_part(name: str) -> str:
     return "parquet" if name.endswith(".parquet") else "jsonl"
 
 
-__all__ = ["PARQUET_COLUMNS", "arrow_schema", "encode_part", "decode_part", "part_jsonl_lines",
+__all__ = ["PARQUET_COLUMNS", "arrow_schema", "require_pyarrow", "encode_part", "decode_part", "part_jsonl_lines",
            "to_jsonl", "to_parquet", "iter_parquet_records", "parquet_available", "format_of_part"]

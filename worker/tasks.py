@@ -167,9 +167,9 @@ def classify_chunk(self, payload: dict) -> dict | None:
         if opts.format != "jsonl" and not task.dest:
             raise ConfigError(f"{opts.format} parts need a destination; this message has none")
         if opts.format == "parquet":
-            from hnq.output import _pyarrow
+            from hnq.output import require_pyarrow
 
-            _pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
+            require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
         with context().lease(task.model, opts.weights) as engine:
             records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
             clf = engine.classifier

@@ -413,3 +413,57 @@ def test_worker_without_pyarrow_dead_letters_parquet_chunks_with_the_reason(redi
     assert d["attempts"] == 1 and "pyarrow" in d["error"] and "hardnet-queue[parquet]" in d["error"], d
     assert not list((tmp_path / "out" / s["job_id"]).glob("part-*")), "no part without pyarrow"
     assert "attempt 2" not in log
+
+
+# ------------------------------------------------------------------------------------ resume, Redis
+def test_parquet_job_resumed_from_storage_keeps_its_options(cluster, redis_server, tmp_path):
+    """Redis loses the job and a part is gone: `hardnet resume --out` rebuilds the job from job.json
+    and re-sends the chunk with the job's options, so the part comes back as Parquet with top 3."""
+    import pyarrow.parquet as pq
+    import redis
+
+    env = cluster["env"]
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        (src / f"{i}.jpg").write_bytes(image_bytes(100 + i))
+    out = tmp_path / "out"
+    rc, s = cli_json(["submit", str(src), "--out", str(out), "--format", "parquet", "--top-k", "3",
+                      "--chunk-size", "4", "--wait", "--json"], env, timeout=300)
+    assert rc == 0, s
+    job = s["job_id"]
+    first = pq.read_table(out / job / "part-00001.parquet").to_pylist()
+    (out / job / "part-00001.parquet").unlink()
+    (out / job / "manifest.json").unlink()
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete(*list(r.scan_iter(f"hnq:job:{job}*")))
+    p = cli(["resume", job, "--out", str(out), "--wait", "--timeout", "240"], env, timeout=300)
+    assert p.returncode == 0 and "state rebuilt from storage" in p.stderr, p.stderr
+    again = pq.read_table(out / job / "part-00001.parquet")
+    assert again.schema.metadata[b"hardnet.top_k"] == b"3"
+    assert [(x["uri"], [l["index"] for l in x["topk"]]) for x in again.to_pylist()] == \
+        [(x["uri"], [l["index"] for l in x["topk"]]) for x in first]
+    m = json.loads((out / job / "manifest.json").read_text())
+    assert m["format"] == "parquet" and m["top_k"] == 3 and m["parts"] == ["part-00000.parquet", "part-00001.parquet"]
+    assert m["state"] == "done" and m["succeeded"] == 8
+
+
+def test_report_of_a_job_kept_in_redis(cluster, tmp_path):
+    env = cluster["env"]
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        (src / f"{i}.jpg").write_bytes(image_bytes(200 + i))
+    (src / "broken.jpg").write_bytes(b"no")
+    rc, s = cli_json(["submit", str(src), "--chunk-size", "3", "--wait", "--json"], env, timeout=300)
+    assert rc == 3, s
+    page_path = tmp_path / "r.html"
+    p = cli(["report", s["job_id"], "-o", str(page_path), "--no-thumbnails"], env, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == str(page_path), p.stderr
+    page = _Page()
+    page.feed(page_path.read_text())
+    assert page.counts["total"] == "6" and page.counts["succeeded"] == "5" and page.counts["failed"] == "1"
+    assert page.counts["parts"] == "2" and page.codes == {"decode_error": "1"}
+    text = page_path.read_text()
+    assert 'id="throughput-chart"' in text, "chunk completion times come from the job state"
+    assert "Thumbnails were turned off" in text and not page.imgs
