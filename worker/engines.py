@@ -63,8 +63,13 @@ def check_job_weights(weights: str | None, allow: tuple[str, ...] | None, own: s
                           "prefixes they may come from)")
     low = key.lower()
     if low.startswith(("http://", "https://")):
-        if any(low.startswith(a.lower()) for a in allow if "://" in a and not a.lower().startswith("file://")):
-            return
+        for a in allow:
+            a = a.lower()
+            if "://" not in a or a.startswith("file://"):
+                continue
+            # a prefix ends at a "/": https://models.example never admits https://models.example.evil/
+            if low.startswith(a if a.endswith("/") else a + "/"):
+                return
     else:
         path = key[len("file://"):] if low.startswith("file://") else key
         real = os.path.realpath(path)

@@ -344,13 +344,14 @@ def test_job_weights_allow_list(tmp_path):
     (allowed / "a.pth").write_bytes(b"x")
     (tmp_path / "secret.pth").write_bytes(b"x")
     (allowed / "link.pth").symlink_to(tmp_path / "secret.pth")
-    allow = (str(allowed), "https://models.example/")
+    allow = (str(allowed), "https://models.example/", "https://cdn.example")
     for ok in ("official", "random", str(allowed / "a.pth"), f"file://{allowed}/a.pth",
-               "https://models.example/hardnet/v2.pth"):
+               "https://models.example/hardnet/v2.pth", "https://cdn.example/m.pth"):
         check_job_weights(ok, allow, None)
     check_job_weights("/own/ckpt.pth", (), "/own/ckpt.pth")       # the worker's own weights
     for bad in (str(tmp_path / "secret.pth"), str(allowed / "link.pth"), str(allowed / ".." / "secret.pth"),
-                "https://evil.example/models.example/x.pth", "http://models.example/x.pth"):
+                "https://evil.example/models.example/x.pth", "http://models.example/x.pth",
+                "https://cdn.example.evil.net/m.pth"):
         with pytest.raises(ConfigError, match="HARDNET_JOB_WEIGHTS_ALLOW"):
             check_job_weights(bad, allow, None)
     with pytest.raises(ConfigError, match="loads no job-named"):
