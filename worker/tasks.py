@@ -172,7 +172,7 @@ def classify_chunk(self, payload: dict) -> dict | None:
             require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
         with context().lease(task.model, opts.weights) as engine:
             records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
-            clf = engine.classifier
+            clf, summary = engine.classifier, engine.summary()   # the engine may be swapped out after
         if records is None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
             return None
@@ -183,7 +183,7 @@ def classify_chunk(self, payload: dict) -> dict | None:
         write_part(store, task.dest, task.job_id, task.chunk, records, task.options)
         ok = sum(r.status == "ok" for r in records)
         log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
-                 len(records) - ok, _rss_mb(), engine.summary())
+                 len(records) - ok, _rss_mb(), summary)
         if state != "missing":
             store.note_weights_sha256(task.job_id, clf.weights, clf.weights_sha256)
         # Inside the try: if the manifest can't be written the chunk is retried, and the retry

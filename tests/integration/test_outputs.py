@@ -446,6 +446,13 @@ def test_parquet_job_resumed_from_storage_keeps_its_options(cluster, redis_serve
     m = json.loads((out / job / "manifest.json").read_text())
     assert m["format"] == "parquet" and m["top_k"] == 3 and m["parts"] == ["part-00000.parquet", "part-00001.parquet"]
     assert m["state"] == "done" and m["succeeded"] == 8
+    # and a report from storage alone, once Redis forgot the job again
+    r.delete(*list(r.scan_iter(f"hnq:job:{job}*")))
+    p = cli(["report", job, "--out", str(out), "--no-thumbnails"], env, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == str(out / job / "report.html"), p.stderr
+    page = _Page()
+    page.feed((out / job / "report.html").read_text())
+    assert page.counts["total"] == page.manifest["total"] == "8" and page.counts["parts"] == "2"
 
 
 def test_report_of_a_job_kept_in_redis(cluster, tmp_path):
