@@ -18,6 +18,8 @@ class ErrorCode(str, Enum):
     fetch_error = "fetch_error"                # storage kept failing after retries
     throttled = "throttled"                    # storage kept answering "slow down" (503, 429) after retries
     internal_error = "internal_error"          # a bug: the message says what
+    # --- `submit --tag`: in a record's ``tag_error`` (its labels stand, status stays ok) ---
+    tag_error = "tag_error"                    # the labels could not be written as S3 object tags
     # --- about a whole chunk: every URI of it gets this record when it is dead-lettered ---
     chunk_failed = "chunk_failed"
     cancelled = "cancelled"

@@ -2,7 +2,7 @@
 exists, and it is written last (after every part, before the final state), atomically.
 
   done               every image labelled
-  done_with_errors   some images have error records (exit 3)
+  done_with_errors   some images have error records, or tags that could not be written (exit 3)
   failed             chunks dead-lettered, a part missing, or the manifest unwritable (exit 4)
   cancelled          never overwritten by the above
 
@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 from hnq.inputs import OutputPolicy, check_output
 from hnq.jobs import JobStore
+from hnq.options import JobOptions
 from hnq.schema import DeadChunk, Manifest
 from hnq.storage import open_destination
 
@@ -34,11 +35,12 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
     if info is None or info.chunks is None:
         return None
     raw = store.raw(job_id)
+    opts = JobOptions.from_json(raw.get("options"))
     if info.dest:
         check_output(info.dest, policy)
         d = open_destination(info.dest)
         have = {p.rsplit("/", 1)[-1] for p in d.list(f"{job_id}/part-")}
-        names = [d.part_path(job_id, c).rsplit("/", 1)[-1] for c in range(info.chunks)]
+        names = [d.part_path(job_id, c, opts.format).rsplit("/", 1)[-1] for c in range(info.chunks)]
         exists = [n in have for n in names]
     else:
         names = [f"redis:{store.key(job_id, 'part', str(c))}" for c in range(info.chunks)]
@@ -53,15 +55,20 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
     error = None
     if missing:
         error = f"{len(missing)} of {info.chunks} parts are missing (chunks {missing[:20]})"
+    tag_errors = info.error_codes.get("tag_error", 0)
     try:
         sources = json.loads(raw.get("sources") or "[]")
     except ValueError:
         sources = []
     return Manifest(
         job_id=job_id, model=info.model or "", weights=store.weights_used(job_id), weights_sha256=store.weights_sha256(job_id),
-        state=final_state(len(dead), info.failed, len(missing)), total=info.total or 0,
+        # A tag that could not be written is an error of the job (done_with_errors), though the
+        # record's labels stand.
+        state=final_state(len(dead), info.failed + tag_errors, len(missing)), total=info.total or 0,
         succeeded=info.succeeded, failed=info.failed, error_codes=info.error_codes, parts=parts,
         missing_parts=missing, dead_chunks=dead, sources=sources, error=error,
+        format=opts.format, top_k=opts.top_k, tag=opts.tag, tag_errors=tag_errors,
+        weights_requested=opts.weights,
         submitted_at=info.submitted_at, started_at=info.started_at,
         finished_at=datetime.now(timezone.utc) if info.finished_at is None else info.finished_at,
         created_at=datetime.now(timezone.utc))

@@ -6,8 +6,9 @@ hash, and the job's counters are adjusted by the difference, atomically, in Lua.
 
 Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
   hnq:jobs                    ZSET job id -> submit time (for `hardnet status` without a job)
-  hnq:job:ID                  HASH model, dest, state, total, chunks, sealed, succeeded, failed, …
-  hnq:job:ID:done             HASH chunk -> "ok failed"
+  hnq:job:ID                  HASH model, dest, state, total, chunks, sealed, succeeded, failed,
+                                   options (JSON, hnq.options: format, top_k, weights, tag), …
+  hnq:job:ID:done             HASH chunk -> "ok failed time" (time: when its part was written)
   hnq:job:ID:attempts         HASH chunk -> deliveries so far
   hnq:job:ID:lasterr          HASH chunk -> last error message
   hnq:job:ID:dead             HASH chunk -> dead letter (JSON: count, error, attempts, at)
@@ -59,7 +60,7 @@ if prev then
 else
   redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'succeeded', tonumber(ARGV[2]))
 redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[3]))
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
@@ -153,6 +154,20 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:8]
 
 
+def _options(raw: str | None) -> dict | None:
+    """The job's non-default options as submitted (None for the defaults)."""
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        return None
+    from hnq.options import DEFAULT_OPTIONS
+
+    out = {k: v for k, v in d.items() if getattr(DEFAULT_OPTIONS, k, object()) != v}
+    return out or None
+
+
 def _iso(ts: str | None) -> datetime | None:
     return datetime.fromtimestamp(float(ts), timezone.utc) if ts else None
 
@@ -215,7 +230,8 @@ class JobStore:
     # -- producer side --
     def create(self, job_id: str, *, model: str, dest: str | None, weights: str | None = None,
                queue: str | None = None, sources: list[str] | None = None, chunk_size: int | None = None,
-               submitted_at: float | None = None, state: str = "queued") -> None:
+               submitted_at: float | None = None, state: str = "queued", options: str | None = None) -> None:
+        """``options``: the job's JobOptions as JSON (None / '' = the defaults)."""
         k = self.key(job_id)
         now = submitted_at or time.time()
         with self.r.pipeline() as p:
@@ -224,7 +240,7 @@ class JobStore:
                                "succeeded": 0, "failed": 0, "dead_chunks": 0,
                                "weights": weights or "", "queue": queue or "",
                                "sources": json.dumps((sources or [])[:100]),
-                               "chunk_size": chunk_size or 0})
+                               "chunk_size": chunk_size or 0, "options": options or ""})
             p.expire(k, self.ttl)
             p.zadd(f"{PREFIX}:jobs", {job_id: now})
             p.execute()
@@ -253,6 +269,15 @@ class JobStore:
         for c, v in self.r.hscan_iter(self.key(job_id, "seen"), count=1000):
             kind, _, ts = v.partition(" ")
             out[int(c)] = (kind, float(ts or 0))
+        return out
+
+    def done_times(self, job_id: str) -> dict[int, float]:
+        """chunk -> when its outcome was recorded (chunks recorded before times were kept: absent)."""
+        out = {}
+        for c, v in self.r.hscan_iter(self.key(job_id, "done"), count=1000):
+            parts = v.split()
+            if len(parts) >= 3:
+                out[int(c)] = float(parts[2])
         return out
 
     def done_chunks(self, job_id: str) -> set[int]:
@@ -289,6 +314,7 @@ class JobStore:
             failed=int(h.get("failed", 0)), dead_chunks=int(h.get("dead_chunks", 0)),
             submitted_at=_iso(h.get("submitted_at")), started_at=_iso(h.get("started_at")),
             finished_at=_iso(h.get("finished_at")), rate=rate, eta_s=eta, error=h.get("error") or None,
+            options=_options(h.get("options")),
             error_codes={k: int(v) for k, v in sorted(codes.items()) if int(v) > 0})
 
     def weights_used(self, job_id: str) -> list[str]:

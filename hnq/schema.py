@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnq.errors import ErrorCode
 from hnq.logs import redact
+from hnq.options import JobOptions
 
 #: The HarDNet variants (worker.model.hardnet.ARCHS holds their configurations).
 MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
@@ -16,6 +17,9 @@ ModelName = Literal["hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85"]
 
 #: Bumped when a message or record changes incompatibly; workers refuse messages of another version.
 SCHEMA_VERSION = 2   # 2: the claim check (URIs stored with the job, not in the message)
+#: 3: the message carries the job's options (hnq.options); sent only for jobs with non-default
+#: options, so a default job stays readable by version-2 workers.
+SCHEMA_VERSION_OPTIONS = 3
 
 
 class Label(BaseModel):
@@ -37,13 +41,19 @@ class RecordError(BaseModel):
 
 
 class ResultRecord(BaseModel):
-    """One line of output per input URI: a top-5 label list or an explained error."""
+    """One line of output per input URI: a top-k label list or an explained error. The labels are
+    in ``top5`` for a job of the default top 5, in ``topk`` for a job that asked another k
+    (`submit --top-k`); a record has at most one of them."""
 
     model_config = ConfigDict(extra="forbid", use_enum_values=True)
     uri: str
     status: Literal["ok", "error"]
     top5: list[Label] | None = None
+    topk: list[Label] | None = Field(None, description="the labels when the job's top_k is not 5")
     error: RecordError | None = None
+    tag_error: RecordError | None = Field(
+        None, description="`submit --tag`: why the labels could not be written to the object's S3 "
+        "tags (the labels themselves stand: status stays ok)")
     model: str
     weights: str | None = Field(
         None, description="'official', 'random' (labels meaningless) or the checkpoint's file name")
@@ -66,19 +76,48 @@ class ResultRecord(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
 
+    @property
+    def labels(self) -> list[Label] | None:
+        """The top-k labels, whichever field holds them."""
+        return self.topk if self.topk is not None else self.top5
+
 
 class ChunkTask(BaseModel):
     """The body of one Celery task: a claim check for one chunk of a job. The URIs themselves are
     stored with the job (:mod:`hnq.inputs`); ``count`` and ``digest`` let the worker verify them."""
 
     model_config = ConfigDict(extra="forbid")
-    v: Literal[2] = SCHEMA_VERSION
+    v: Literal[2, 3] = SCHEMA_VERSION
     job_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     chunk: int = Field(ge=0, description="chunk index within the job; names the output part")
     count: int = Field(ge=1, description="URIs in the chunk")
     digest: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="hnq.inputs digest of the URI list")
     model: ModelName
     dest: str | None = Field(None, description="s3://… or file://… output prefix; None = Redis results")
+    options: JobOptions | None = Field(
+        None, description="the job's options (format, top_k, weights, tag); absent = the defaults. "
+        "Present only with v=3")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_for_options(cls, data):
+        # Built in code with options and no version: it is a version-3 message.
+        if isinstance(data, dict) and data.get("options") is not None and "v" not in data:
+            data = {**data, "v": SCHEMA_VERSION_OPTIONS}
+        return data
+
+    @model_validator(mode="after")
+    def _options_need_v3(self):
+        if self.options is not None and self.v < SCHEMA_VERSION_OPTIONS:
+            raise ValueError("a message with options must have v=3")
+        return self
+
+    @property
+    def opts(self) -> JobOptions:
+        """The job's options (the defaults when the message has none)."""
+        from hnq.options import DEFAULT_OPTIONS
+
+        return self.options or DEFAULT_OPTIONS
 
 
 #: done: every image labelled; done_with_errors: some images have error records; failed: chunks
@@ -107,6 +146,8 @@ class JobInfo(BaseModel):
     eta_s: float | None = None
     error: str | None = Field(None, description="why the job failed, when it was not its chunks")
     error_codes: dict[str, int] = Field(default_factory=dict, description="error records per code")
+    options: dict | None = Field(None, description="the job's non-default options (format, top_k, "
+                                 "weights, tag), as submitted")
 
 
 class DeadChunk(BaseModel):
@@ -136,6 +177,12 @@ class Manifest(BaseModel):
     dead_chunks: list[DeadChunk] = Field(default_factory=list)
     sources: list[str] = Field(default_factory=list)
     error: str | None = None
+    format: str = Field("jsonl", description="format of the parts: jsonl or parquet")
+    top_k: int = Field(5, description="labels per record (`top5` when 5, else `topk`)")
+    tag: bool = Field(False, description="labels were written back as S3 object tags (`--tag`)")
+    tag_errors: int = Field(0, description="records whose S3 tags could not be written")
+    weights_requested: str | None = Field(
+        None, description="the job's `--weights` (None: each worker's own HARDNET_WEIGHTS)")
     submitted_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None

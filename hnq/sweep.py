@@ -31,6 +31,7 @@ from typing import Callable
 from hnq.finish import finalize_or_fail, is_complete_unfinished
 from hnq.inputs import read_chunk_uris
 from hnq.jobs import JobStore
+from hnq.options import JobOptions
 from hnq.schema import ChunkTask
 from hnq.settings import TASK_CLASSIFY
 
@@ -56,8 +57,10 @@ def resend_chunk(app, store: JobStore, queue: str, job_id: str, chunk: int, mode
         log.error("chunk %s/%d cannot be sent again: its stored inputs are missing", job_id, chunk)
         return False
     uris, digest = got
+    # The job's options travel with every send (a re-sent Parquet chunk stays Parquet).
+    opts = JobOptions.from_json(store.r.hget(store.key(job_id), "options")).for_message()
     send_chunk(app, store, queue, ChunkTask(job_id=job_id, chunk=chunk, count=len(uris), digest=digest,
-                                            model=model, dest=dest))
+                                            model=model, dest=dest, options=opts))
     return True
 
 

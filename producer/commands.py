@@ -61,12 +61,14 @@ def lost(s, st, job_id: str, json_out: bool) -> int:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
+    from producer.joboptions import options_from_args
     from producer.sources import expand_sources, read_uri_list
     from producer.submit import submit
 
     s = settings()
     if not a.sources and not a.from_file:
         raise ConfigError("nothing to submit: give SOURCE arguments or --from-file")
+    options = options_from_args(a)
 
     def uris():
         if a.sources:
@@ -76,7 +78,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
     sources = list(a.sources) + ([f"@{a.from_file}"] if a.from_file else [])
     job = submit(s, uris(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size,
-                 store=job_store(s), force=a.force, sources=sources)
+                 store=job_store(s), force=a.force, sources=sources, options=options)
     if a.json:
         print(json.dumps({"job_id": job.job_id, "total": job.total, "chunks": job.chunks,
                           "dest": job.dest, "model": job.model}), flush=True)
@@ -202,20 +204,25 @@ def cmd_results(a: argparse.Namespace) -> int:
         return lost(s, store, a.job, False)
     if info.chunks is None:
         raise ConfigError(f"job {a.job} is still being listed; try again shortly")
+    from hnq.options import JobOptions
+    from hnq.output import part_jsonl_lines
+
+    fmt = JobOptions.from_json(store.raw(a.job).get("options")).format
     dest = open_destination(info.dest) if info.dest else None
     out = open(a.output, "w") if a.output else sys.stdout
     missing = 0
     try:
         for c in range(info.chunks):
             if dest:
-                data = dest.get(dest.part_path(a.job, c))
-                text = data.decode() if data is not None else None
+                data = dest.get(dest.part_path(a.job, c, fmt))
+                lines = part_jsonl_lines(data, fmt) if data is not None else None  # parquet: read back
             else:
                 text = store.get_part(a.job, c)
-            if text is None:
+                lines = text.splitlines() if text is not None else None
+            if lines is None:
                 missing += 1
                 continue
-            for line in text.splitlines():
+            for line in lines:
                 if a.failed_only and '"status":"ok"' in line:
                     continue
                 out.write(line + "\n")
@@ -292,6 +299,9 @@ def register(sub) -> None:
     s.add_argument("--force", action="store_true",
                    help="allow a job above HARDNET_REDIS_RESULTS_MAX images without --out (results kept in Redis)")
     s.add_argument("--json", action="store_true", help="print the job (and with --wait its summary) as JSON")
+    from producer.joboptions import add_arguments as add_job_options
+
+    add_job_options(s)   # --format, --top-k, --weights, --tag
 
     wt = add_command(sub, "wait", "show a job's progress until it ends; exit code as submit --wait", cmd_wait)
     wt.add_argument("job", help="job id")
@@ -325,3 +335,7 @@ def register(sub) -> None:
     rd = add_command(sub, "redrive", "send a job's dead-lettered chunks again", cmd_redrive)
     rd.add_argument("job", help="job id")
     rd.add_argument("--chunk", type=int, help="only this chunk; unset: all of the job's dead letters")
+
+    from producer.report import register as register_report
+
+    register_report(sub)   # hardnet report JOB

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hnq.errors import ConfigError
 from hnq.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs import JobStore
+from hnq.options import JobOptions
 from hnq.storage import open_destination, validate_destination
 from hnq.sweep import in_flight, resend_chunk
 from producer.settings import ProducerSettings
@@ -28,20 +29,34 @@ from producer.submit import LocalJobs, read_descriptor, sender
 log = logging.getLogger("hardnet.resume")
 
 
-def _part_outcome(data: bytes, expected: int) -> dict | None:
+def _part_dicts(data: bytes, fmt: str):
+    if fmt == "parquet":
+        from hnq.output import iter_parquet_records
+
+        for rec in iter_parquet_records(data):
+            yield rec.model_dump(mode="json", exclude_none=True)
+        return
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+def _part_outcome(data: bytes, expected: int, fmt: str = "jsonl") -> dict | None:
     """Counts of a complete part, or None when it is incomplete (or holds chunk_failed records)."""
     ok = failed = 0
     codes: Counter = Counter()
     weights = None
     uris = set()
-    for line in data.decode("utf-8", "replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError:
-            return None
+    try:
+        rows = list(_part_dicts(data, fmt))
+    except ConfigError:
+        raise                    # pyarrow missing here: say so, do not re-label the whole job
+    except Exception:  # noqa: BLE001 - unreadable JSON / Parquet: an incomplete part
+        return None
+    for r in rows:
         uris.add(r.get("uri"))
+        if r.get("tag_error"):
+            codes["tag_error"] += 1
         if r.get("status") == "ok":
             ok += 1
             weights = weights or r.get("weights")
@@ -76,17 +91,19 @@ def resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None =
         raise ConfigError(f"the submit of job {job_id} never finished listing its sources; submit them again")
     chunks, total, size = int(desc["chunks"]), int(desc["total"]), int(desc["chunk_size"])
     model = desc["model"]
+    opts = JobOptions.from_dict(desc.get("options"))
     d = open_destination(dest)
     store.create(job_id, model=model, dest=dest, queue=s.queue, sources=desc.get("sources"),
-                 chunk_size=size, submitted_at=desc.get("submitted_at"), state="running")
+                 chunk_size=size, submitted_at=desc.get("submitted_at"), state="running",
+                 options=opts.to_json())
     have = {p.rsplit("/", 1)[-1] for p in d.list(f"{job_id}/part-")}
 
     def check(c: int):
-        name = d.part_path(job_id, c)
+        name = d.part_path(job_id, c, opts.format)
         if name.rsplit("/", 1)[-1] not in have:
             return c, None
         data = d.get(name)
-        return c, (_part_outcome(data, min(size, total - c * size)) if data is not None else None)
+        return c, (_part_outcome(data, min(size, total - c * size), opts.format) if data is not None else None)
 
     to_send = []
     complete = 0

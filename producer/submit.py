@@ -17,6 +17,7 @@ from celery import Celery
 from hnq.errors import ConfigError
 from hnq.inputs import store_chunk_uris
 from hnq.jobs import JobStore, new_job_id
+from hnq.options import DEFAULT_OPTIONS, JobOptions
 from hnq.schema import MODELS, ChunkTask
 from hnq.settings import TASK_FINALIZE, celery_config, lean_messages, redact_url
 from hnq.sweep import resend_chunk, send_chunk
@@ -24,6 +25,7 @@ from hnq.storage import check_writable, open_destination, validate_destination
 from producer.settings import ProducerSettings
 from hnq.logs import redact
 from producer.sources import chunked
+from producer.joboptions import check_options, only_s3
 
 log = logging.getLogger("hardnet.producer")
 
@@ -96,9 +98,14 @@ def _too_big_for_redis(limit: int) -> ConfigError:
 
 def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model: str,
            chunk_size: int | None = None, store: JobStore | None = None, app: Celery | None = None,
-           force: bool = False, sources: list[str] | None = None) -> Submitted:
+           force: bool = False, sources: list[str] | None = None,
+           options: JobOptions | None = None) -> Submitted:
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    options = options or DEFAULT_OPTIONS
+    check_options(options, dest, sources)
+    if options.tag:
+        uris = only_s3(uris)
     d = None
     if dest:
         dest = validate_destination(dest)
@@ -112,11 +119,12 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     job_id = new_job_id()
     now = time.time()
     meta = dict(model=model, dest=dest, queue=s.queue, chunk_size=size, sources=(sources or [])[:100],
-                submitted_at=now)
+                submitted_at=now, options=options.model_dump())
     if d is not None:
         write_descriptor(d, job_id, **meta)
     store.create(job_id, model=model, dest=dest, queue=s.queue, sources=sources, chunk_size=size,
-                 submitted_at=now)
+                 submitted_at=now, options=options.to_json())
+    msg_options = options.for_message()
     try:
         run_id = store.r.info("server").get("run_id")
     except Exception:  # noqa: BLE001
@@ -130,7 +138,8 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         with app.producer_or_acquire() as prod:
             def send_oldest() -> None:
                 c, n, fut = pending.popleft()
-                task = ChunkTask(job_id=job_id, chunk=c, count=n, digest=fut.result(), model=model, dest=dest)
+                task = ChunkTask(job_id=job_id, chunk=c, count=n, digest=fut.result(), model=model, dest=dest,
+                                 options=msg_options)
                 send_chunk(app, store, s.queue, task, producer=prod)
 
             for chunk in chunked(uris, size):

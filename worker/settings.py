@@ -102,6 +102,19 @@ class WorkerSettings(CommonSettings):
         "job neither queued, in flight nor done for longer than the visibility timeout are sent "
         "again; one worker sweeps at a time). 0 = off.")
 
+    max_engines: int = Field(
+        3, ge=1, le=32, description="Engines (one per model and weights that jobs ask for: "
+        "`submit --model/--weights`) a worker process keeps loaded at once; when full, the least "
+        "recently used idle one is closed for a new pair, and a chunk waits while all are in use.")
+    job_weights_allow: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Comma-separated directories and URL prefixes (`https://models.example/`) "
+        "from which a job's `--weights` may load a checkpoint. `official`, `random` and this "
+        "worker's own HARDNET_WEIGHTS are always allowed. Unset = no other checkpoint (such a "
+        "job's chunks are dead-lettered with the reason).")
+    tag_threads: int = Field(
+        16, ge=1, le=256, description="Concurrent S3 tag writes (GetObjectTagging + "
+        "PutObjectTagging) per chunk of a `submit --tag` job.")
+
     def output_policy(self):
         from hnq.inputs import OutputPolicy
 
@@ -132,7 +145,8 @@ class WorkerSettings(CommonSettings):
     def _lower(cls, v):
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("http_allow_hosts", "file_roots", "output_roots", "output_buckets", mode="before")
+    @field_validator("http_allow_hosts", "file_roots", "output_roots", "output_buckets", "job_weights_allow",
+                     mode="before")
     @classmethod
     def _split_commas(cls, v):
         if isinstance(v, str):

@@ -29,17 +29,19 @@ log = logging.getLogger("hardnet.worker")
 
 
 class Context:
-    """Per-process state, built lazily (never in a fork parent: CUDA): one engine per model, shared
-    by every chunk in flight (the threads pool runs `chunks_in_flight` tasks at once). The
-    configured model is loaded at start-up; a job that asks for another variant gets it loaded on
-    first use and kept (they are small next to a GPU's memory), so `hardnet submit --model` is
-    always honoured."""
+    """Per-process state, built lazily (never in a fork parent: CUDA): the engines
+    (worker/engines.py: one per model and weights that jobs ask for, at most HARDNET_MAX_ENGINES,
+    loaded on first use), shared by every chunk in flight (the threads pool runs
+    `chunks_in_flight` tasks at once). The configured model is loaded at start-up; a job that asks
+    for another variant or checkpoint gets it loaded on first use, so `hardnet submit --model /
+    --weights` is always honoured."""
 
     def __init__(self, s: WorkerSettings):
+        from worker.engines import EnginePool
+
         self.s = s
         self.store = JobStore(s.broker_url, s.results_ttl_days)
-        self._engines: dict = {}
-        self._lock = threading.Lock()
+        self.engines = EnginePool(self._build, s.max_engines, close=self._close)
         first = self.engine(s.model)
         clf = first.classifier
         self.summary = (
@@ -47,33 +49,52 @@ class Context:
             f"batch={clf.batch_size} amp={clf.amp} chunks_in_flight={s.chunks_in_flight} "
             f"fetch_threads={first.cfg.fetch_threads} decode_threads={first.cfg.decode_threads}")
 
-    def engine(self, model: str):
+    def weights_for(self, model: str, job_weights: str | None) -> str | None:
+        """The weights a chunk of ``model`` is labelled with (ConfigError when the job names a
+        checkpoint this worker may not load)."""
+        from worker.engines import check_job_weights, resolve_job_weights
+
+        s = self.s
+        if job_weights is not None:
+            check_job_weights(job_weights, tuple(s.job_weights_allow or ()), s.weights)
+        return resolve_job_weights(model, job_weights, s.model, s.weights)
+
+    def engine(self, model: str, job_weights: str | None = None):
+        """The engine of (model, weights), not held (start-up, logs); chunks use :meth:`lease`."""
+        return self.engines.get(model, self.weights_for(model, job_weights))
+
+    def lease(self, model: str, job_weights: str | None = None):
+        return self.engines.lease(model, self.weights_for(model, job_weights))
+
+    def _build(self, model: str, weights: str | None):
         from worker.engine import build_engine
         from worker.pipeline.predict import Classifier
 
-        with self._lock:
-            if model not in self._engines:
-                s = self.s
-                # HARDNET_WEIGHTS names a checkpoint of the configured model; other variants get
-                # their official weights, except that "random" (tests, demos) applies to all.
-                weights = s.weights if (model == s.model or s.weights == "random") else None
-                t0 = time.monotonic()
-                clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size or None,
-                                 amp=s.amp, fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
-                eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
-                                   decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
-                                   retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
-                                   decode=s.decode,
-                                   warm_up=clf.device.type == "cuda" or s.compile)
-                metrics.instrument(eng, model)
-                metrics.engine_loaded(model, clf.device, time.monotonic() - t0)
-                self._engines[model] = eng
-                log.info("engine for %s: weights=%s sha256=%s", model, clf.weights, clf.weights_sha256)
-            return self._engines[model]
+        s = self.s
+        t0 = time.monotonic()
+        clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size or None,
+                         amp=s.amp, fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
+        eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
+                           decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
+                           retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
+                           decode=s.decode,
+                           warm_up=clf.device.type == "cuda" or s.compile)
+        metrics.instrument(eng, model)
+        metrics.engine_loaded(model, clf.device, time.monotonic() - t0)
+        log.info("engine for %s: weights=%s sha256=%s", model, clf.weights, clf.weights_sha256)
+        return eng
 
-    def engines(self) -> list:
-        with self._lock:
-            return list(self._engines.values())
+    @staticmethod
+    def _close(engine) -> None:
+        engine.close()
+        engine.classifier = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 _ctx: Context | None = None
@@ -123,7 +144,12 @@ def classify_chunk(self, payload: dict) -> dict | None:
         task = ChunkTask.model_validate(payload)
     except ValidationError as e:
         # Nothing to retry: a malformed message would fail the same way every time.
-        log.error("rejected a malformed chunk message: %s", e.errors(include_input=False))
+        v = payload.get("v") if isinstance(payload, dict) else None
+        if isinstance(v, int) and v > 3:
+            log.error("rejected a chunk message of schema version %s: this worker reads versions 2 and 3 "
+                      "(upgrade it); the sweeper re-sends the chunk for another worker", v)
+        else:
+            log.error("rejected a malformed chunk message: %s", e.errors(include_input=False))
         return None
     from hnq.logs import chunk_context
 
@@ -152,18 +178,29 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
     t0 = time.monotonic()
     try:
         uris = load_chunk_uris(store, task, settings.output_policy())
-        engine = context().engine(task.model)
-        records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
+        opts = task.opts
+        if opts.format != "jsonl" and not task.dest:
+            raise ConfigError(f"{opts.format} parts need a destination; this message has none")
+        if opts.format == "parquet":
+            from hnq.output import require_pyarrow
+
+            require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
+        with context().lease(task.model, opts.weights) as engine:
+            records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
+            clf, summary = engine.classifier, engine.summary()   # the engine may be swapped out after
         if records is None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
             metrics.CHUNKS.labels("cancelled").inc()
             return None
-        write_part(store, task.dest, task.job_id, task.chunk, records)
+        from worker.pipeline.outputs import finish_records
+
+        records = finish_records(records, opts, tag_threads=settings.tag_threads,
+                                 name=f"{task.job_id}/{task.chunk}")
+        write_part(store, task.dest, task.job_id, task.chunk, records, task.options)
         ok = sum(r.status == "ok" for r in records)
         log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
-                 len(records) - ok, _rss_mb(), engine.summary())
+                 len(records) - ok, _rss_mb(), summary)
         if state != "missing":
-            clf = engine.classifier
             store.note_weights_sha256(task.job_id, clf.weights, clf.weights_sha256)
         # Inside the try: if the manifest can't be written the chunk is retried, and the retry
         # (idempotent) finds the job complete again and writes it then.
@@ -198,7 +235,7 @@ def _run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
     """Hand the chunk's URIs to the engine and wait for one record per URI, in order. Returns None
     when the job is cancelled meanwhile (its remaining images are dropped from the engine).
     StorageDown (a TransientError) propagates: the whole chunk is retried."""
-    chunk = engine.submit(uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}")
+    chunk = engine.submit(uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}", top_k=task.opts.top_k)
     try:
         while not chunk.wait(CANCEL_POLL_S):
             if watch and store.job_state(task.job_id) == "cancelled":
@@ -252,7 +289,7 @@ def _say_ready(**_):
 
 # --- metrics (worker.metrics; HARDNET_METRICS_PORT) ---------------------------------------------
 def _live_engines() -> list:
-    return _ctx.engines() if _ctx is not None else []
+    return _ctx.engines.live() if _ctx is not None else []
 
 
 def _start_metrics(prefork: bool) -> None:

@@ -123,8 +123,11 @@ class Destination(abc.ABC):
         """Full URI of ``relpath`` (``s3://bucket/prefix/relpath`` or ``file:///dir/relpath``)."""
 
     @staticmethod
-    def part_path(job_id: str, chunk: int) -> str:
-        return f"{job_id}/part-{chunk:05d}.jsonl"
+    def part_path(job_id: str, chunk: int, fmt: str = "jsonl") -> str:
+        """DEST-relative path of a chunk's part: JOB/part-NNNNN.jsonl or .parquet (hnq.options)."""
+        from hnq.options import part_relpath
+
+        return part_relpath(job_id, chunk, fmt)
 
     @staticmethod
     def manifest_path(job_id: str) -> str:

@@ -248,9 +248,14 @@ def test_official_download_cached_once(official, http_server, state_dict_39ds):
 def test_plain_http_url(http_server, ckpt_bytes, state_dict_39ds):
     url = http_server.add("/some/dir/mine.pth", ckpt_bytes)
     assert same_tensors(W.load_state_dict(NAME, url, progress=True), state_dict_39ds)
-    assert (W.cache_dir() / "mine.pth").is_file()
+    assert W.cache_path(url).is_file() and W.cache_path(url).name.endswith("-mine.pth")
     W.load_state_dict(NAME, url)
     assert http_server.hits["/some/dir/mine.pth"] == 1
+    # another URL with the same file name is another checkpoint: never served from this cache file
+    other = http_server.add("/other/dir/mine.pth", ckpt_bytes)
+    assert W.cache_path(other) != W.cache_path(url)
+    W.load_state_dict(NAME, other)
+    assert http_server.hits["/other/dir/mine.pth"] == 1
 
 
 def test_mirror_used_when_official_fails(monkeypatch, http_server, ckpt_bytes, state_dict_39ds):
@@ -386,7 +391,7 @@ def test_concurrent_processes_download_once(http_server, ckpt_bytes, state_dict_
         assert out.split() == ["ok", str(len(state_dict_39ds)), expected.hexdigest()], err
     assert http_server.hits["/race/hardnet39ds-race.pth"] == 1
     checkpoints = tmp_path / "shared-home" / "hub" / "checkpoints"
-    assert (checkpoints / "hardnet39ds-race.pth").read_bytes() == ckpt_bytes
+    assert [p.read_bytes() for p in checkpoints.glob("*-hardnet39ds-race.pth")] == [ckpt_bytes]
     assert [p.name for p in checkpoints.iterdir() if p.name.endswith(".part")] == []
 
 

@@ -81,9 +81,12 @@ class Chunk:
     """One caller's URIs in the engine. ``result()`` waits for one record per URI, in order."""
 
     def __init__(self, engine: "Engine", uris: list[str], *, job_id: str | None, name: str,
-                 storage_down_retry: bool):
+                 storage_down_retry: bool, top_k: int = 5):
         self.engine = engine
         self.uris = uris
+        #: labels per record; the device computes the top runner.k of every batch, each chunk
+        #: keeps its own first top_k of them
+        self.top_k = top_k
         self.job_id = job_id
         self.name = name
         self.records: list[ResultRecord | None] = [None] * len(uris)
@@ -183,11 +186,14 @@ class Engine:
 
     # -- public --
     def submit(self, uris: list[str], *, job_id: str | None = None, name: str = "",
-               storage_down_retry: bool = True) -> Chunk:
+               storage_down_retry: bool = True, top_k: int = 5) -> Chunk:
         if self._closed:
             raise RuntimeError("engine closed")
+        max_k = getattr(self.runner, "k", 5)
+        if not 1 <= top_k <= max_k:
+            raise ValueError(f"top_k {top_k} outside 1..{max_k} (the device's top-k)")
         chunk = Chunk(self, list(uris), job_id=job_id, name=name or f"{len(uris)} URIs",
-                      storage_down_retry=storage_down_retry)
+                      storage_down_retry=storage_down_retry, top_k=top_k)
         with self._chunks_lock:
             self._chunks.add(chunk)
         self.batcher.expect(len(uris))
@@ -309,8 +315,9 @@ class Engine:
         self.batches.add(len(items), ms / 1000 if ms is not None else time.monotonic() - t0)
         t1 = time.monotonic()
         for it, srow, irow in zip(items, scores, idx):
+            k = it.chunk.top_k
             top = [Label(index=j, label=IMAGENET_CATEGORIES[j], score=round(s, 6))
-                   for s, j in zip(srow, irow)]
+                   for s, j in zip(srow[:k], irow[:k])]
             it.chunk.put(it.index, self.record(it.uri, top, job_id=it.chunk.job_id, etag=it.etag,
                                                size=it.size))
         self.records_stats.add(time.monotonic() - t1, len(items))

@@ -216,11 +216,16 @@ def cache_dir() -> Path:
 
 
 def cache_path(url: str) -> Path:
-    """The cache file of ``url``: the basename of its path, as torch.hub names it."""
+    """The cache file of ``url``: for the registry's official and mirror URLs the basename of its
+    path, as torch.hub names it (so a seeded cache serves workers offline); for any other URL
+    (a job's ``--weights``) the basename prefixed with a digest of the whole URL, so that
+    ``…/v1/model.pth`` and ``…/v2/model.pth`` never share a cache file."""
     base = os.path.basename(urllib.parse.urlsplit(url).path)
     if not base or base in (".", ".."):
-        base = hashlib.sha256(url.encode()).hexdigest()[:16] + ".pth"
-    return cache_dir() / base
+        return cache_dir() / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".pth")
+    if any(url in w.urls for w in WEIGHTS.values()):
+        return cache_dir() / base
+    return cache_dir() / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
 
 
 class _DownloadFailed(Exception):

@@ -11,6 +11,8 @@ from hnq.errors import ConfigError, ErrorCode
 from hnq.finish import finalize, finalize_or_fail, is_complete_unfinished
 from hnq.inputs import OutputPolicy, check_output, read_chunk_uris
 from hnq.jobs import JobStore
+from hnq.options import JobOptions
+from hnq.output import encode_part
 from hnq.schema import ChunkTask, Manifest, ResultRecord
 from hnq.storage import open_destination
 
@@ -21,16 +23,23 @@ def to_jsonl(records: list[ResultRecord]) -> bytes:
     return "".join(r.to_json() + "\n" for r in records).encode()
 
 
-def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord]) -> None:
-    """Store the part, then count its records (hardnet_images_total counts what was written, the
-    chunk_failed records of a dead letter included) and the write's time."""
+def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord],
+               options: JobOptions | None = None) -> None:
+    """Store the chunk's part in the job's format (hnq.output), then count its records
+    (hardnet_images_total counts what was written, the chunk_failed records of a dead letter
+    included) and the write's time. Parquet only to a destination (submit refuses it without
+    --out, and a worker refuses a message that asks for it)."""
     from worker import metrics
 
     t0 = time.monotonic()
-    data = to_jsonl(records)
+    fmt = options.format if options else "jsonl"
+    top_k = options.top_k if options else 5
+    if fmt != "jsonl" and not dest:
+        raise ConfigError(f"{fmt} parts need a destination (--out); results kept in Redis are JSON Lines")
+    data, ctype = encode_part(records, fmt, top_k=top_k, job_id=job_id)
     if dest:
         d = open_destination(dest)
-        d.put(d.part_path(job_id, chunk), data, content_type="application/x-ndjson")
+        d.put(d.part_path(job_id, chunk, fmt), data, content_type=ctype)
     else:
         store.put_part(job_id, chunk, data)
     metrics.STAGE_SECONDS.labels("write").observe(time.monotonic() - t0)
@@ -41,6 +50,7 @@ def outcome_extras(records: list[ResultRecord]) -> dict:
     """The keyword arguments of JobStore.complete_chunk beyond ok/failed: error records per code
     and the weights the records were made with."""
     codes = Counter(r.error.code for r in records if r.error is not None)
+    codes.update(r.tag_error.code for r in records if r.tag_error is not None)
     weights = next((r.weights for r in records if r.weights), None)
     return {"codes": {str(getattr(k, "value", k)): n for k, n in codes.items()}, "weights": weights}
 
@@ -84,7 +94,7 @@ def dead_letter(store: JobStore, task: ChunkTask, uris: list[str] | None, error:
         msg = f"chunk failed after {attempts} attempts: {error}"
         records = [ResultRecord.failure(u, ErrorCode.chunk_failed, msg, task.model, job_id=job) for u in uris]
         try:
-            write_part(store, task.dest, job, chunk, records)
+            write_part(store, task.dest, job, chunk, records, task.options)
         except Exception as e:  # noqa: BLE001 - the destination itself may be what is failing
             log.error("could not write the failure records of %s/%d: %s", job, chunk, e)
         if store.is_completed(job, chunk):
