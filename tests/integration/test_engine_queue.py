@@ -167,7 +167,8 @@ def test_sigkill_with_several_chunks_in_flight_loses_nothing(redis_url, tmp_path
 
 def test_cancel_while_chunks_are_in_flight(redis_url, s3, proxy, tmp_path):
     _fill(s3, 80)
-    proxy.set_fault("slow", method="GET", path="/src/", delay=0.5)     # a slow store, for ever
+    proxy.set_fault("slow", method="GET", path="/src/", delay=2.0)     # a slow store, for ever:
+    # no chunk can finish (20 GETs over 4 fetch threads: >= 10 s) before the ping and cancel below
     env = base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"), HARDNET_CHUNKS_IN_FLIGHT="4",
                    HARDNET_FETCH_THREADS="4", HARDNET_FILE_ROOTS=str(tmp_path), **s3_env(proxy.url))
     w = Worker(env, "cancel", tmp_path)

@@ -12,17 +12,15 @@ import json
 import os
 import random
 import struct
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from cluster import Worker, base_env, cli_json, image_bytes, read_jsonl
 from faultproxy import FaultProxy
-from servers import s3_env
+from servers import LoopbackWeb, s3_env
 
 pytestmark = pytest.mark.slow
 
@@ -84,34 +82,10 @@ def _truncated_png() -> bytes:
 
 # ------------------------------------------------------------------------------- fixtures
 
-class _Loopback:
+def _loopback() -> LoopbackWeb:
     """A real HTTP server on 127.0.0.1 that serves a JPEG and counts the requests it gets."""
-
-    def __init__(self):
-        body = image_bytes(4242)
-        hits: list[str] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                hits.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.hits = hits
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    body = image_bytes(4242)
+    return LoopbackWeb(lambda path: (200, body))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +93,7 @@ def hostile(redis_server, moto_server, tmp_path_factory):
     """One worker behind the fault proxy (module scope). Buckets are (re)made by each test, after
     the function-scoped ``s3`` fixture has reset moto: the worker only knows the endpoint."""
     proxy = FaultProxy(moto_server.url).start()
-    web = _Loopback()
+    web = _loopback()
     logdir = tmp_path_factory.mktemp("hostile-logs")
     root = tmp_path_factory.mktemp("hostile-root")
     outside = tmp_path_factory.mktemp("hostile-outside")

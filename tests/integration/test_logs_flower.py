@@ -4,61 +4,27 @@ a Celery flag passed through). Real redis-server, a real worker process, a real 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from cluster import ROOT, Worker, base_env, cli, image_bytes
+from servers import LoopbackWeb, free_port
 
 pytestmark = pytest.mark.slow
 
 SECRETS = ("hunter2", "AKIAEXAMPLESECRET", "0123456789abcdefsig", "FwoGZXIvYXdzTOKEN")
 
 
-class _Images:
-    """Loopback web server: any path is a JPEG, except paths containing 'missing' (404)."""
-
-    def __init__(self):
-        body = image_bytes(5)
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                if "missing" in self.path:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def _images() -> LoopbackWeb:
+    """Any path is a JPEG, except paths containing 'missing' (404)."""
+    body = image_bytes(5)
+    return LoopbackWeb(lambda path: (404, b"") if "missing" in path else (200, body))
 
 
 def _get_json(url: str):
@@ -68,7 +34,7 @@ def _get_json(url: str):
 
 @pytest.fixture(scope="module")
 def fleet(redis_server, tmp_path_factory):
-    web = _Images()
+    web = _images()
     logdir = tmp_path_factory.mktemp("obs-logs")
     env = base_env(redis_server.url, HARDNET_QUEUE="obs", HARDNET_LOG_FORMAT="json",
                    HARDNET_ALLOW_HTTP="true", HARDNET_HTTP_ALLOW_HOSTS="127.0.0.1",
@@ -76,7 +42,7 @@ def fleet(redis_server, tmp_path_factory):
                    HARDNET_STATE_DIR=str(tmp_path_factory.mktemp("obs-state")))
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env.pop(var, None)
-    port = _free_port()
+    port = free_port()
     flower_log = open(logdir / "flower.log", "w")
     flower = subprocess.Popen(
         [sys.executable, "-m", "celery", "--broker", redis_server.url, "flower", f"--port={port}",

@@ -19,7 +19,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import ROOT, Worker, base_env, bad_images, cli_json, image_bytes, read_jsonl, wait_state
-from servers import free_port
+from servers import LoopbackWeb, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -59,39 +59,26 @@ def wait_scrape(port: int, proc: subprocess.Popen | None = None, timeout: float 
             time.sleep(0.2)
 
 
-class _SlowImage:
-    """A loopback web server whose one JPEG is held back until released: a chunk stays in flight
-    for as long as the test needs to scrape the worker mid-job."""
+class _SlowImage(LoopbackWeb):
+    """One JPEG held back until released: a chunk stays in flight for as long as the test needs
+    to scrape the worker mid-job."""
 
     def __init__(self, body: bytes):
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.requested, self.release = threading.Event(), threading.Event()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+        def respond(path):
+            self.requested.set()
+            self.release.wait(60)
+            return 200, body
 
-            def do_GET(self):
-                outer.requested.set()
-                outer.release.wait(60)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow.jpg"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(respond)
+        self.url += "/slow.jpg"
 
     def stop(self):
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
 
 
 def test_worker_metrics_match_the_records_written(redis_url, tmp_path):

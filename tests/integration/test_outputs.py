@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import html.parser
-import io
 import json
 import re
 import shutil

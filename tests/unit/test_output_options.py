@@ -11,7 +11,7 @@ import unicodedata
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hnq.errors import ConfigError, ErrorCode
 from hnq.options import DEFAULT_OPTIONS, JobOptions, normalize_weights
