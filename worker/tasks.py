@@ -16,8 +16,9 @@ from celery import signals
 from pydantic import ValidationError
 
 from hnq.errors import ConfigError, TransientError
-from hnq.inputs import load_chunk_uris
+from hnq.inputs import load_chunk_entries
 from hnq.jobs import JobStore
+from hnq.objects import with_precoded
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
 from worker.app import app, settings
@@ -132,9 +133,11 @@ def classify_chunk(self, payload: dict) -> dict | None:
 
     log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
     try:
-        uris = load_chunk_uris(store, task, settings.output_policy())
+        entries = load_chunk_entries(store, task, settings.output_policy())
         engine = context().engine(task.model)
-        records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
+        # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
+        records = with_precoded(entries, task.model, task.job_id, lambda uris: _run_in_engine(
+            engine, store, task, uris, watch=state != "missing"))
         if records is None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
             return None
