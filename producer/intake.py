@@ -9,7 +9,7 @@ from typing import Iterator
 from hnq.console import err
 from hnq.errors import ConfigError
 from producer.incremental import SkipLabelled, find_base
-from producer.inventory import InventoryStats, iter_inventory, resolve_manifest
+from producer.inventory import InventoryStats, iter_inventory, open_report
 from producer.settings import ProducerSettings
 from producer.sources import expand_sources, read_uri_list
 
@@ -25,9 +25,9 @@ class Intake:
             raise ConfigError(f"--list-depth must be at least 0, not {self.depth}")
         self.tmpdir = str(s.spool_dir) if s.spool_dir else None
         # resolved now: a missing report fails before a job exists, and the job records which one
-        self.manifests = [resolve_manifest(m) for m in (a.inventory or [])]
+        self.reports = [open_report(m) for m in (a.inventory or [])]
         self.sources = (list(a.sources) + ([f"@{a.from_file}"] if a.from_file else [])
-                        + [f"inventory:{m}" for m in self.manifests])
+                        + [f"inventory:{r.uri}" for r in self.reports])
         self.inventory_stats: list[InventoryStats] = []
         self.skip: SkipLabelled | None = None
         self.index = bool(getattr(a, "index", False))
@@ -55,10 +55,10 @@ class Intake:
             yield from expand_sources(a.sources, list_threads=self.threads, list_depth=self.depth)
         if a.from_file:
             yield from read_uri_list(a.from_file)
-        for m in self.manifests:
+        for r in self.reports:
             st = InventoryStats()
             self.inventory_stats.append(st)
-            yield from iter_inventory(m, tmpdir=self.tmpdir, stats=st)
+            yield from iter_inventory(r, tmpdir=self.tmpdir, stats=st)
 
     def report(self, job) -> None:
         for st in self.inventory_stats:

@@ -228,12 +228,19 @@ def _bucket_of(arn_or_name: str) -> str:
 
 
 # ------------------------------------------------------------------------------ the rows
-def iter_inventory(spec: str, *, images_only: bool = True, tmpdir: str | None = None,
-                   stats: InventoryStats | None = None) -> Iterator[SourceObject]:
-    """Stream the objects an inventory report lists (see the module doc)."""
-    stats = stats if stats is not None else InventoryStats()
+@dataclass
+class Report:
+    """A report whose manifest was read and found usable."""
+
+    uri: str
+    manifest: dict
+    fmt: str        # CSV or PARQUET
+
+
+def open_report(spec: str) -> Report:
+    """Resolve and read the manifest, and refuse what cannot be read (ORC, Parquet without
+    pyarrow, another format) now, before a job exists."""
     uri = resolve_manifest(spec)
-    stats.manifest = uri
     m = load_manifest(uri)
     fmt = str(m["fileFormat"]).strip().upper()
     if fmt == "ORC":
@@ -246,6 +253,16 @@ def iter_inventory(spec: str, *, images_only: bool = True, tmpdir: str | None = 
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise ConfigError(f"{uri}: this inventory report is in Parquet; {_PARQUET_HINT}") from None
+    return Report(uri, m, fmt)
+
+
+def iter_inventory(spec: "str | Report", *, images_only: bool = True, tmpdir: str | None = None,
+                   stats: InventoryStats | None = None) -> Iterator[SourceObject]:
+    """Stream the objects an inventory report lists (see the module doc)."""
+    stats = stats if stats is not None else InventoryStats()
+    report = spec if isinstance(spec, Report) else open_report(spec)
+    uri, m, fmt = report.uri, report.manifest, report.fmt
+    stats.manifest = uri
     source_bucket = str(m["sourceBucket"])
     data_bucket = _bucket_of(str(m["destinationBucket"]))
     schema = [_norm(c) for c in str(m.get("fileSchema", "")).split(",")] if fmt == "CSV" else None
