@@ -137,8 +137,11 @@ class IndexReader:
             if s in self.present:
                 data = self.d.get(shard_path(self.job_id, s))
                 if data is None:
-                    raise FileNotFoundError(f"{self.d.uri(shard_path(self.job_id, s))} is missing "
-                                            "although the index's meta.json lists it")
+                    from hnq.errors import ConfigError
+
+                    raise ConfigError(f"{self.d.uri(shard_path(self.job_id, s))} is missing although "
+                                      f"the index's meta.json lists it: delete {self.d.uri(meta_path(self.job_id))} "
+                                      "and the next --skip-labelled run rebuilds the index from the parts")
                 self._rows = {u: (e, j, p) for u, e, j, p in decode_rows(data)}
                 self.shards_read += 1
                 self.peak_entries = max(self.peak_entries, len(self._rows))

@@ -157,7 +157,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         else:
             for r in rows:
                 print(f"{r.job_id}  {r.state:9}  {r.succeeded + r.failed}/{r.total if r.total is not None else '?'}"
-                      f"  failed={r.failed}  model={r.model}  dest={r.dest or 'redis'}")
+                      f"  failed={r.failed}" + (f"  skipped={r.skipped}" if r.skipped else "")
+                      + f"  model={r.model}  dest={r.dest or 'redis'}")
         return EXIT_OK
     info = store.info(a.job)
     if info is None:

@@ -30,7 +30,9 @@ holds directly (keys beside its folders) comes with its delimited listing: no ke
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from hnq.errors import ConfigError, TransientError
 from hnq.objects import SourceObject
 from hnq.storage.base import clean_etag
 from hnq.storage import s3 as _s3
-from hnq.storage.s3 import _listing_error, s3_client
+from hnq.storage.s3 import _listing_error, boto3_session, client_config, env_key
 from hnq.uris import is_image_name, s3_uri
 
 log = logging.getLogger("hardnet.listing")
@@ -59,6 +61,36 @@ class ListingStats:
     queue_pages: int = 0           # its bound
     peak_pending_units: int = 0    # most folder names waiting to be listed at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+_lc_lock = threading.Lock()
+_lc: dict[tuple, object] = {}
+_LAST_MODIFIED = re.compile(rb"<LastModified>[^<]*</LastModified>")
+
+
+def _drop_last_modified(response_dict=None, **_) -> None:
+    # botocore turns every <LastModified> into a datetime with dateutil: 70% of the client's CPU
+    # per listed key (measured, benchmarks/bench_listing.py). Nothing here reads it.
+    body = response_dict.get("body") if response_dict else None
+    if isinstance(body, bytes) and b"<LastModified>" in body:
+        response_dict["body"] = _LAST_MODIFIED.sub(b"", body)
+
+
+def listing_client():
+    """An S3 client of the process's boto3 session (same credentials, endpoint, retries) that
+    parses ListObjectsV2 answers without their LastModified. One per process and environment."""
+    session = boto3_session()   # a new one after reset_s3_client() (new credentials)
+    key = (os.getpid(), env_key(), id(session))
+    c = _lc.get(key)
+    if c is None:
+        with _lc_lock:
+            c = _lc.get(key)
+            if c is None:
+                c = session.client("s3", config=client_config())
+                c.meta.events.register("before-parse.s3.ListObjectsV2", _drop_last_modified)
+                _lc.clear()
+                _lc[key] = c
+    return c
 
 
 def _objects(bucket: str, contents, images_only: bool) -> list[SourceObject]:
@@ -96,7 +128,7 @@ def _single(bucket, prefix, recursive, images_only, page_size, stats) -> Iterato
     if not recursive:
         kwargs["Delimiter"] = "/"
     stats.units = 1
-    client = s3_client()
+    client = listing_client()
     token = None
     while True:
         try:
@@ -161,7 +193,7 @@ class _Parallel:
         return False
 
     def _thread(self) -> None:
-        client = s3_client()
+        client = listing_client()
         while True:
             with self.cv:
                 while not self.work and self.pending > 0 and not self.stop.is_set():

@@ -121,7 +121,8 @@ def test_parquet_inventory_report_to_a_directory(cluster, s3, redis_url, tmp_pat
     p = cli(["submit", "--inventory", manifest_uri, "--out", str(out), "--chunk-size", "8", "--wait", "--json"],
             env, timeout=600)
     assert p.returncode == 3, p.stderr[-3000:]
-    assert f"inventory {manifest_uri}: {len(rows)} rows in 2 files, {len(GOOD) + 5} images" in p.stderr
+    assert (f"inventory {manifest_uri}: {len(rows)} rows in 2 files, {len(GOOD) + 5} images (skipped: "
+            "1 not images, 1 delete markers, 1 older versions)") in p.stderr
     summary = json.loads(p.stdout.splitlines()[-1])
     job = summary["job_id"]
     m = json.loads((out / job / "manifest.json").read_text())
@@ -193,6 +194,7 @@ def test_nightly_runs_label_only_what_is_new(cluster, s3, redis_url):
     rc, st = cli_json(["status", job2, "--json"], env)
     assert st["skipped"] == n - 1 and st["state"] == "done_with_errors"
     assert re.search(rf"^skipped +{n - 1}$", cli(["status", job2], env).stdout, re.M)
+    assert re.search(rf"^{job2} .* skipped={n - 1} ", cli(["status"], env).stdout, re.M)
 
     # night 3: nothing new (and the archived object is gone): no chunk at all, the job is done
     s3.delete_object(Bucket="cams", Key="site/cold/old.jpg")
@@ -203,3 +205,13 @@ def test_nightly_runs_label_only_what_is_new(cluster, s3, redis_url):
     assert man3["parts"] == [] and man3["skipped"] == n + m
     assert {r["job"]: r["records"] for r in man3["reused"]} == {job1: n - 1, job2: m + 1}
     assert cluster["worker"].log().count(f"chunk {job3}/") == 0
+
+
+def test_skip_labelled_needs_a_destination_and_a_known_job(cluster, s3, redis_url, tmp_path):
+    env = cluster["env"]
+    p = cli(["submit", "s3://cams/site/", "--skip-labelled"], env)
+    assert p.returncode == 2 and "need --out DEST" in p.stderr, p.stderr
+    p = cli(["submit", str(tmp_path), "--out", str(tmp_path / "out"), "--since", "20990101-000000-deadbeef"], env)
+    assert p.returncode == 2 and "--since 20990101-000000-deadbeef: no such job" in p.stderr, p.stderr
+    p = cli(["submit", "s3://cams/site/", "--list-threads", "0"], env)
+    assert p.returncode == 2 and "--list-threads must be at least 1" in p.stderr, p.stderr
