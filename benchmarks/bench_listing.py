@@ -179,12 +179,24 @@ def main() -> int:
                 return (f"{r['rate']:,.0f} ({r['requests']}; {r['server_cpu']:.1f}, {r['client_cpu']:.1f})")
             print(f"| {where} | {name} | {one['keys']:,} | {cell(one)} | {cell(par)} | {par['rate'] / one['rate']:.2f}x |")
         print()
-        print("moto renders every listed key in Python (~0.4 ms of its CPU per key here) and its server "
-              "runs one request at a time in effect: with or without the added delay it is the limit, "
-              "for either way of listing. The list stub (benchmarks/s3_list_stub.py) answers from a "
-              "sorted list in microseconds and overlaps concurrent requests, as S3 does: there a single "
-              "stream waits one round trip per 1,000 keys, and the fanned-out listing overlaps them until "
-              "the client's CPU (boto3 parsing the XML) is the limit. 2-core machine shared with other work.")
+        moto_rows = [(one, par) for where, _, one, par in rows if where.startswith("moto") and one["keys"] >= 50_000]
+        if moto_rows:
+            one, par = moto_rows[0]
+            print(f"moto: its CPU per listed key was {1000 * one['server_cpu'] / one['keys']:.2f} ms in the single "
+                  f"stream and {1000 * par['server_cpu'] / par['keys']:.2f} ms fanned out. It scans and sorts every "
+                  "key under the request's prefix for each request (a single stream sorts the whole prefix for "
+                  "every page, a folder's listing only the folder) and renders each key in Python, one request "
+                  "at a time in effect: its CPU is the limit, with or without the added delay, and the moto "
+                  "ratio reflects its algorithm, not S3's.")
+        stub_rows = [(one, par) for where, _, one, par in rows if where.startswith("list stub") and one["keys"] >= 50_000]
+        if stub_rows:
+            one, par = stub_rows[0]
+            print(f"list stub: answers from a sorted list in microseconds and overlaps concurrent requests, as S3 "
+                  f"does. A single stream waits one round trip per page; fanned out, the round trips overlap "
+                  f"and the client's CPU is the limit: {1000 * par['client_cpu'] / par['keys']:.3f} ms per key "
+                  f"(boto3 parsing the XML, one core under the GIL), i.e. at most "
+                  f"{par['keys'] / par['client_cpu']:,.0f} keys/s in this process.")
+        print("2-core machine shared with other work.")
     finally:
         if proxy is not None:
             proxy.stop()
