@@ -14,7 +14,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
-from hnq.index import index_after_finalize, manifest_fields
+from hnq.index import index_for_finalize, manifest_fields
 from hnq.inputs import OutputPolicy, check_output
 from hnq.jobs import JobStore
 from hnq.schema import DeadChunk, Manifest
@@ -77,10 +77,10 @@ def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -
     dest = store.raw(job_id).get("dest")
     if dest:
         d = open_destination(dest)
+        index_for_finalize(store, job_id)   # --skip-labelled / --index jobs; never raises
         d.put(d.manifest_path(job_id), m.model_dump_json(indent=2).encode(), content_type="application/json")
     state = store.finish(job_id, m.state, m.error)
     log.info("job %s %s", job_id, state)
-    index_after_finalize(store, job_id)   # --skip-labelled / --index jobs: never raises
     return state
 
 

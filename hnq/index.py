@@ -19,8 +19,8 @@ Layout, under the job's folder::
   An object that disappeared from the source drops out of the next index; one that changed
   (another ETag) is labelled again.
 * **When**: a job submitted with ``--skip-labelled``, ``--since`` or ``--index`` has its index
-  built when it is finalised (:func:`hnq.finish.finalize`, after the manifest: a failure is logged
-  and leaves the job as it is). A job without one (older, or submitted without those options) has
+  built when it is finalised (:func:`hnq.finish.finalize`, once every part is there, before the
+  manifest and the final state; a failure is logged and leaves the job to finish as it would). A job without one (older, or submitted without those options) has
   it built from its parts by the first ``--skip-labelled`` run that needs it.
 * Only ok records with an ETag are indexed: error records are labelled again, and sources whose
   records have no ETag (local files, http) are always labelled.
@@ -289,10 +289,11 @@ def manifest_fields(d: Destination | None, job_id: str, raw: dict) -> dict:
     return {"skipped": skipped, "reused": reused}
 
 
-def index_after_finalize(store, job_id: str) -> dict | None:
-    """Called by :func:`hnq.finish.finalize` once the manifest is written: build the index of a
-    job submitted with one asked for. Never raises (the job is finished either way; a later
-    ``--skip-labelled`` builds a missing index from the parts)."""
+def index_for_finalize(store, job_id: str) -> dict | None:
+    """Called by :func:`hnq.finish.finalize` when every part is there, before the manifest (still
+    written last) and the final state (so that a ``--wait`` that returned sees the index): build
+    the index of a job submitted with one asked for. Never raises (the job finishes either way; a
+    later ``--skip-labelled`` builds a missing index from the parts)."""
     raw = store.raw(job_id)
     if raw.get("index") != "1" or not raw.get("dest"):
         return None

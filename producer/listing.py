@@ -69,8 +69,8 @@ _LAST_MODIFIED = re.compile(rb"<LastModified>[^<]*</LastModified>")
 
 
 def _drop_last_modified(response_dict=None, **_) -> None:
-    # botocore turns every <LastModified> into a datetime with dateutil: 70% of the client's CPU
-    # per listed key (measured, benchmarks/bench_listing.py). Nothing here reads it.
+    # botocore turns every <LastModified> into a datetime with dateutil: 5.9 of 9.2 s in a cProfile
+    # of one stream of 20,000 keys (docs/whole-bucket.md). Nothing here reads it.
     body = response_dict.get("body") if response_dict else None
     if isinstance(body, bytes) and b"<LastModified>" in body:
         response_dict["body"] = _LAST_MODIFIED.sub(b"", body)

@@ -110,6 +110,8 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         dest = validate_destination(dest)
         check_writable(dest)              # a missing bucket / unwritable directory: fail now
         d = open_destination(dest)
+    if skip is not None and d is None:
+        raise ConfigError("--skip-labelled / --since need --out DEST (the earlier jobs' results)")
     size = chunk_size or s.chunk_size
     store = store or JobStore(s.broker_url, s.results_ttl_days)
     app = app or sender(s)
@@ -127,8 +129,6 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         run_id = None
     LocalJobs(s).add(job_id, s.broker_url, run_id, dest)
     if skip is not None:
-        if d is None:
-            raise ConfigError("--skip-labelled / --since need --out DEST (the earlier jobs' results)")
         skip.start(d, job_id)
         uris = skip.filter(uris)
     total = chunks = 0
