@@ -112,17 +112,18 @@ def check_entry(entry) -> None:
                           f"precoded record: {str(entry)[:200]}")
 
 
-def precoded_record(entry: dict, model: str, job_id: str | None):
+def precoded_record(entry: dict, model: str, job_id: str | None, weights: str | None = None):
     from hnq.schema import ResultRecord
 
     return ResultRecord.failure(entry["uri"], entry["code"], entry["message"], model, job_id=job_id,
-                                etag=entry.get("etag"), size=entry.get("size"))
+                                weights=weights, etag=entry.get("etag"), size=entry.get("size"))
 
 
 def with_precoded(entries: list, model: str, job_id: str | None,
-                  label: Callable[[list[str]], list | None]) -> list | None:
+                  label: Callable[[list[str]], list | None], weights: str | None = None) -> list | None:
     """One record per entry, in order: ``label(uris)`` makes the records of the entries to fetch
-    (None = the chunk was dropped, passed on); precoded entries get theirs without a fetch."""
+    (None = the chunk was dropped, passed on); precoded entries get theirs without a fetch (with
+    ``weights``, the worker's, like its other records)."""
     uris = [e for e in entries if isinstance(e, str)]
     fetched = label(uris) if uris else []
     if fetched is None:
@@ -130,4 +131,4 @@ def with_precoded(entries: list, model: str, job_id: str | None,
     if len(uris) == len(entries):
         return fetched
     it = iter(fetched)
-    return [next(it) if isinstance(e, str) else precoded_record(e, model, job_id) for e in entries]
+    return [next(it) if isinstance(e, str) else precoded_record(e, model, job_id, weights) for e in entries]

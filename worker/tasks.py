@@ -137,7 +137,7 @@ def classify_chunk(self, payload: dict) -> dict | None:
         engine = context().engine(task.model)
         # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
         records = with_precoded(entries, task.model, task.job_id, lambda uris: _run_in_engine(
-            engine, store, task, uris, watch=state != "missing"))
+            engine, store, task, uris, watch=state != "missing"), weights=engine.classifier.weights)
         if records is None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
             return None

@@ -35,12 +35,12 @@ def test_mixed_chunk_round_trip_and_records_in_order():
 
         return [ResultRecord(uri=u, status="ok", model="hardnet39ds", top5=[]) for u in uris]
 
-    recs = with_precoded(entries, "hardnet39ds", "job1", label)
+    recs = with_precoded(entries, "hardnet39ds", "job1", label, weights="random")
     assert fetched == [["s3://b/0.jpg", "s3://b/2.jpg", "file:///x/4.jpg", "s3://b/5.jpg"]]
     assert [r.uri for r in recs] == [str(x) for x in items]
     assert [r.status for r in recs] == ["ok", "error", "ok", "error", "ok", "ok"]
     assert recs[1].error.code == "archived" and "GLACIER" in recs[1].error.message
-    assert recs[1].etag == "e1" and recs[1].size == 10 and recs[1].job_id == "job1"
+    assert recs[1].etag == "e1" and recs[1].size == 10 and recs[1].job_id == "job1" and recs[1].weights == "random"
     assert recs[3].error.code == "empty" and recs[3].size == 0
     # a chunk of precoded entries only needs no fetch at all; a cancelled fetch stays None
     assert [r.error.code for r in with_precoded(entries[1:2], "hardnet39ds", "j", lambda u: 1 / 0)] == ["archived"]
