@@ -11,6 +11,7 @@ class ErrorCode(str, Enum):
     decode_error = "decode_error"              # bytes are not an image PIL can decode (or truncated)
     too_large = "too_large"                    # over the download size cap or the decoded-pixel cap
     empty = "empty"                            # zero bytes
+    archived = "archived"                      # in an archive storage class (Glacier, Deep Archive): restore it first
     unsupported_scheme = "unsupported_scheme"  # e.g. ftp://, or http(s):// when not enabled
     invalid_uri = "invalid_uri"                # malformed URI
     forbidden = "forbidden"                    # host not allowed / path outside the allowed roots

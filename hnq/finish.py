@@ -14,6 +14,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
+from hnq.index import index_for_finalize, manifest_fields
 from hnq.inputs import OutputPolicy, check_output
 from hnq.jobs import JobStore
 from hnq.options import JobOptions
@@ -71,7 +72,7 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
         weights_requested=opts.weights,
         submitted_at=info.submitted_at, started_at=info.started_at,
         finished_at=datetime.now(timezone.utc) if info.finished_at is None else info.finished_at,
-        created_at=datetime.now(timezone.utc))
+        created_at=datetime.now(timezone.utc), **manifest_fields(d if info.dest else None, job_id, raw))
 
 
 def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -> str | None:
@@ -83,6 +84,7 @@ def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -
     dest = store.raw(job_id).get("dest")
     if dest:
         d = open_destination(dest)
+        index_for_finalize(store, job_id)   # --skip-labelled / --index jobs; never raises
         d.put(d.manifest_path(job_id), m.model_dump_json(indent=2).encode(), content_type="application/json")
     state = store.finish(job_id, m.state, m.error)
     log.info("job %s %s", job_id, state)

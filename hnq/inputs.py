@@ -2,8 +2,11 @@
 carries only (job, chunk, count, digest, model, dest).
 
 Where the URIs go:
-  S3 / file destination   DEST/JOB_ID/inputs/chunk-NNNNN.jsonl.gz  (gzip of one JSON string a line)
+  S3 / file destination   DEST/JOB_ID/inputs/chunk-NNNNN.jsonl.gz  (gzip of one JSON value a line)
   Redis destination       hnq:job:JOB_ID:in:N                      (the same bytes, with the job's TTL)
+
+Each line is a URI string, or the entry of a record decided before any fetch (an archived or
+0-byte object: :mod:`hnq.objects`), which the worker writes without fetching.
 
 The digest is over the uncompressed JSON Lines, so the worker can tell that what it read is the
 list the producer meant (a re-submitted job id, a hand-edited object, a truncated copy). Writes are
@@ -21,6 +24,7 @@ import json
 from dataclasses import dataclass
 
 from hnq.errors import ConfigError
+from hnq.objects import check_entry, entry_uri
 from hnq.storage import Destination, open_destination, validate_destination
 from hnq.storage.file import within_roots
 from hnq.uris import file_uri_to_path
@@ -43,16 +47,24 @@ def digest_of(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:DIGEST_CHARS]
 
 
-def decode_uris(data: bytes) -> tuple[list[str], str]:
-    """(URIs, digest) of stored bytes; ConfigError when they are not a stored URI list."""
+def decode_entries(data: bytes) -> tuple[list, str]:
+    """(entries, digest) of stored bytes: each entry a URI string or a precoded record's entry
+    (:mod:`hnq.objects`); ConfigError when they are not a stored input list."""
     try:
         raw = gzip.decompress(data)
-        uris = [json.loads(line) for line in raw.decode("utf-8", "surrogatepass").splitlines() if line]
+        entries = [json.loads(line) for line in raw.decode("utf-8", "surrogatepass").splitlines() if line]
     except (OSError, EOFError, ValueError) as e:
         raise ConfigError(f"stored chunk inputs are unreadable ({e})") from None
-    if not all(isinstance(u, str) for u in uris):
-        raise ConfigError("stored chunk inputs are not a list of URI strings")
-    return uris, digest_of(raw)
+    for e in entries:
+        check_entry(e)
+    return entries, digest_of(raw)
+
+
+def decode_uris(data: bytes) -> tuple[list[str], str]:
+    """(URIs, digest) of stored bytes (the URI of every entry, precoded ones included);
+    ConfigError when they are not a stored input list."""
+    entries, digest = decode_entries(data)
+    return [entry_uri(e) for e in entries], digest
 
 
 # ----------------------------------------------------------------------------- output policy
@@ -97,31 +109,41 @@ def store_chunk_uris(store, dest: Destination | None, job_id: str, chunk: int, u
     return digest
 
 
-def read_chunk_uris(store, dest: str | None, job_id: str, chunk: int) -> tuple[list[str], str] | None:
-    """(URIs, digest) as stored, or None when they are not there."""
+def _read_chunk_data(store, dest: str | None, job_id: str, chunk: int) -> bytes | None:
     if dest:
         d = open_destination(dest)
-        data = d.get(inputs_relpath(job_id, chunk))
-    else:
-        data = store.get_inputs(job_id, chunk)
+        return d.get(inputs_relpath(job_id, chunk))
+    return store.get_inputs(job_id, chunk)
+
+
+def read_chunk_uris(store, dest: str | None, job_id: str, chunk: int) -> tuple[list[str], str] | None:
+    """(URIs, digest) as stored, or None when they are not there."""
+    data = _read_chunk_data(store, dest, job_id, chunk)
     if data is None:
         return None
     return decode_uris(data)
 
 
 def load_chunk_uris(store, task, policy: OutputPolicy | None) -> list[str]:
+    """:func:`load_chunk_entries`, as URIs."""
+    return [entry_uri(e) for e in load_chunk_entries(store, task, policy)]
+
+
+def load_chunk_entries(store, task, policy: OutputPolicy | None) -> list:
     """The worker's side: check the message's destination against the worker's own policy, read
-    the chunk's URIs and verify them against the message (count and digest). ConfigError for
-    anything that another attempt would not fix; TransientError (from storage) otherwise."""
+    the chunk's entries (URIs, and precoded records: :mod:`hnq.objects`) and verify them against
+    the message (count and digest). ConfigError for anything that another attempt would not fix;
+    TransientError (from storage) otherwise."""
     if task.dest:
         check_output(task.dest, policy)
-    got = read_chunk_uris(store, task.dest, task.job_id, task.chunk)
+    data = _read_chunk_data(store, task.dest, task.job_id, task.chunk)
+    got = decode_entries(data) if data is not None else None
     where = (open_destination(task.dest).uri(inputs_relpath(task.job_id, task.chunk)) if task.dest
              else store.key(task.job_id, "in", str(task.chunk)))
     if got is None:
         raise ConfigError(f"chunk inputs missing: {where}")
-    uris, digest = got
-    if digest != task.digest or len(uris) != task.count:
-        raise ConfigError(f"chunk inputs at {where} do not match the message ({len(uris)} URIs, "
+    entries, digest = got
+    if digest != task.digest or len(entries) != task.count:
+        raise ConfigError(f"chunk inputs at {where} do not match the message ({len(entries)} URIs, "
                           f"digest {digest}; message says {task.count}, {task.digest})")
-    return uris
+    return entries

@@ -312,6 +312,7 @@ class JobStore:
             total=total, chunks=int(h["chunks"]) if h.get("chunks") else None,
             chunks_done=int(h.get("chunks_done", 0)), succeeded=int(h.get("succeeded", 0)),
             failed=int(h.get("failed", 0)), dead_chunks=int(h.get("dead_chunks", 0)),
+            skipped=int(h.get("skipped", 0) or 0),
             submitted_at=_iso(h.get("submitted_at")), started_at=_iso(h.get("started_at")),
             finished_at=_iso(h.get("finished_at")), rate=rate, eta_s=eta, error=h.get("error") or None,
             options=_options(h.get("options")),

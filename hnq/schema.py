@@ -139,6 +139,7 @@ class JobInfo(BaseModel):
     succeeded: int = 0
     failed: int = 0
     dead_chunks: int = 0
+    skipped: int = Field(0, description="objects not fetched: labelled by an earlier job (--skip-labelled)")
     submitted_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -157,6 +158,14 @@ class DeadChunk(BaseModel):
     error: str
 
 
+class Reused(BaseModel):
+    """Records of an earlier job that a --skip-labelled job relies on instead of labelling again."""
+
+    job: str = Field(description="the job whose parts hold the records")
+    records: int = Field(description="objects skipped because that job labelled them")
+    parts: list[str] = Field(description="its parts that hold them (DEST/JOB/PART)")
+
+
 class Manifest(BaseModel):
     """DEST/JOB_ID/manifest.json, written last (after every part, before the job's final state),
     atomically, by whoever finishes the job. ``parts`` lists only parts that exist."""
@@ -172,6 +181,8 @@ class Manifest(BaseModel):
     succeeded: int
     failed: int
     error_codes: dict[str, int] = Field(default_factory=dict)
+    skipped: int = Field(0, description="objects not in total: labelled by an earlier job (--skip-labelled)")
+    reused: list[Reused] = Field(default_factory=list, description="where the skipped objects' records are")
     parts: list[str]
     missing_parts: list[int] = Field(default_factory=list, description="chunks without a part")
     dead_chunks: list[DeadChunk] = Field(default_factory=list)

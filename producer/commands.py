@@ -61,27 +61,23 @@ def lost(s, st, job_id: str, json_out: bool) -> int:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
+    from producer.intake import intake
     from producer.joboptions import options_from_args
-    from producer.sources import expand_sources, read_uri_list
     from producer.submit import submit
 
     s = settings()
-    if not a.sources and not a.from_file:
-        raise ConfigError("nothing to submit: give SOURCE arguments or --from-file")
+    if not a.sources and not a.from_file and not a.inventory:
+        raise ConfigError("nothing to submit: give SOURCE arguments, --from-file or --inventory")
     options = options_from_args(a)
-
-    def uris():
-        if a.sources:
-            yield from expand_sources(a.sources)
-        if a.from_file:
-            yield from read_uri_list(a.from_file)
-
-    sources = list(a.sources) + ([f"@{a.from_file}"] if a.from_file else [])
-    job = submit(s, uris(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size,
-                 store=job_store(s), force=a.force, sources=sources, options=options)
+    # the sources as a stream (listings, inventory reports), and the --skip-labelled filter
+    it = intake(s, a, model=a.model or s.model)
+    job = submit(s, it.items(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size,
+                 store=job_store(s), force=a.force, sources=it.sources, skip=it.skip, index=it.index,
+                 options=options)
+    it.report(job)
     if a.json:
         print(json.dumps({"job_id": job.job_id, "total": job.total, "chunks": job.chunks,
-                          "dest": job.dest, "model": job.model}), flush=True)
+                          "dest": job.dest, "model": job.model, "skipped": job.skipped}), flush=True)
     else:
         print(job.job_id, flush=True)
         err(f"job {job.job_id}: {job.total} images in {job.chunks} chunks -> {job.dest or 'redis'}")
@@ -130,6 +126,7 @@ def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = 
         codes = ", ".join(f"{k}={v}" for k, v in info.error_codes.items())
         err(f"job {job_id} {info.state}: {info.succeeded} labelled, {info.failed} failed of {info.total}"
              + (f" ({codes})" if codes else "")
+             + (f", {info.skipped} skipped (labelled by an earlier job)" if info.skipped else "")
              + (f", {info.dead_chunks} dead-lettered chunks (hardnet redrive {job_id})" if info.dead_chunks else "")
              + (f"; {info.error}" if info.error else ""))
     return STATE_EXIT.get(info.state, EXIT_JOB_FAILED)
@@ -163,7 +160,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         else:
             for r in rows:
                 print(f"{r.job_id}  {r.state:9}  {r.succeeded + r.failed}/{r.total if r.total is not None else '?'}"
-                      f"  failed={r.failed}  model={r.model}  dest={r.dest or 'redis'}")
+                      f"  failed={r.failed}" + (f"  skipped={r.skipped}" if r.skipped else "")
+                      + f"  model={r.model}  dest={r.dest or 'redis'}")
         return EXIT_OK
     info = store.info(a.job)
     if info is None:
@@ -289,6 +287,24 @@ def register(sub) -> None:
     s.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="file, directory, file://, s3://bucket/key, s3://bucket/prefix/, http(s)://")
     s.add_argument("--from-file", metavar="F", help="a file of URIs, one per line ('-' = stdin)")
+    s.add_argument("--inventory", action="append", metavar="MANIFEST",
+                   help="an S3 Inventory report (CSV, or Parquet with hardnet-queue[parquet]): its "
+                   "s3://…/manifest.json, or the configuration's folder s3://…/SOURCE-BUCKET/CONFIG-ID/ "
+                   "for its latest report; repeatable")
+    s.add_argument("--list-threads", type=int, metavar="N",
+                   help="concurrent listing requests for an s3:// prefix, fanned out over its folders "
+                   "(no fixed key order); 1 = one sorted stream; unset: HARDNET_LIST_THREADS (8)")
+    s.add_argument("--list-depth", type=int, metavar="N",
+                   help="levels of folders below the prefix the listing fans out over; unset: "
+                   "HARDNET_LIST_DEPTH (2)")
+    s.add_argument("--skip-labelled", action="store_true",
+                   help="do not fetch objects that the latest earlier job under --out with the same "
+                   "model and sources labelled (same key and ETag); they count as skipped")
+    s.add_argument("--since", metavar="JOB",
+                   help="like --skip-labelled, with JOB (under --out) as the earlier job")
+    s.add_argument("--index", action="store_true",
+                   help="index this job's labelled objects when it ends, for later --skip-labelled "
+                   "runs (implied by --skip-labelled and --since)")
     s.add_argument("--out", metavar="DEST",
                    help="s3://bucket/prefix/, file:///dir/ or a directory; unset: results kept in Redis")
     s.add_argument("--model", choices=MODELS, help="the model the workers run; unset: HARDNET_MODEL")

@@ -63,7 +63,7 @@ def only_s3(uris: Iterable[str]) -> Iterator[str]:
     """`--tag` writes S3 object tags: every source must be an S3 object. The first other URI stops
     the submit (the job is cancelled, exit 2) instead of giving half the job tag errors."""
     for u in uris:
-        if not u.startswith("s3://"):
-            raise ConfigError(f"--tag writes S3 object tags, but {u[:300]!r} is not an s3:// object; "
+        if not str(u).startswith("s3://"):   # str: listings and inventories give SourceObjects
+            raise ConfigError(f"--tag writes S3 object tags, but {str(u)[:300]!r} is not an s3:// object; "
                               "submit the S3 sources alone, or without --tag")
         yield u

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from hnq.errors import ConfigError
 from hnq.finish import finalize_or_fail, is_complete_unfinished
+from hnq.index import job_fields
 from hnq.jobs import JobStore
 from hnq.options import JobOptions
 from hnq.storage import open_destination, validate_destination
@@ -96,6 +97,9 @@ def resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None =
     store.create(job_id, model=model, dest=dest, queue=s.queue, sources=desc.get("sources"),
                  chunk_size=size, submitted_at=desc.get("submitted_at"), state="running",
                  options=opts.to_json())
+    extra = job_fields(int(desc.get("skipped") or 0), bool(desc.get("index")))  # --skip-labelled / --index
+    if extra:
+        store.r.hset(store.key(job_id), mapping=extra)
     have = {p.rsplit("/", 1)[-1] for p in d.list(f"{job_id}/part-")}
 
     def check(c: int):

@@ -26,3 +26,15 @@ class ProducerSettings(CommonSettings):
         description="Where the producer remembers the jobs it submitted, so that `hardnet status` can "
         "tell a job whose state Redis lost from a job id that never existed.")
     poll_interval: float = Field(1.0, gt=0, description="Seconds between progress polls of --wait.")
+    list_threads: int = Field(
+        8, ge=1, le=256, description="Concurrent ListObjectsV2 requests when `submit` lists an S3 "
+        "prefix: the prefix is fanned out over its folders (common prefixes), HARDNET_LIST_DEPTH levels "
+        "deep; keys then come in no fixed order. 1 = one sorted stream (`submit --list-threads`).")
+    list_depth: int = Field(
+        2, ge=0, le=16, description="Levels of folders (common prefixes, Delimiter '/') below the "
+        "given prefix that the listing fans out over; deeper folders are listed whole. Deeper = more "
+        "parallel units but more requests for small folders (`submit --list-depth`).")
+    spool_dir: Path | None = Field(
+        None, description="Where `submit --skip-labelled` spools the listing (gzip, about 30 bytes "
+        "per object) and Parquet inventory files are downloaded to; unset = the system temp "
+        "directory (TMPDIR).")

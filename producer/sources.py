@@ -8,7 +8,9 @@ Sources (:func:`expand_sources`):
 * local directory / ``file://`` directory -> every image file below it (sorted, depth-first;
   ``recursive=False``: only the files directly in it). Directory symlinks are not followed;
 * ``s3://bucket`` , ``s3://bucket/`` or ``s3://bucket/prefix/`` -> every image key under it
-  (ListObjectsV2 pages, directory markers skipped);
+  (ListObjectsV2 pages, directory markers skipped), as :class:`~hnq.objects.SourceObject` URIs
+  that carry the ETag, size and storage class; one sorted stream, or fanned out over the
+  prefix's folders with ``list_threads`` > 1 (:mod:`producer.listing`, no fixed order then);
 * ``s3://bucket/key`` with an image extension -> emitted as given (no HEAD). Without an image
   extension (``s3://bucket/photos``) it is taken as the folder ``photos/``; if that lists nothing
   the URI is emitted as given;
@@ -25,9 +27,8 @@ from typing import Iterable, Iterator
 
 from hnq.errors import ConfigError
 from hnq.storage.file import within_roots
-from hnq.storage.s3 import iter_keys
-from hnq.uris import (InvalidURI, file_uri_to_path, is_image_name, parse_s3, path_to_file_uri,
-                      s3_uri, scheme_of)
+from producer.listing import list_objects
+from hnq.uris import InvalidURI, file_uri_to_path, is_image_name, parse_s3, path_to_file_uri, scheme_of
 
 
 def _walk(root: str, recursive: bool) -> Iterator[str]:
@@ -68,7 +69,8 @@ def _expand_local(source: str, *, recursive: bool, file_roots, must_exist: bool 
         raise ConfigError(f"source {source!r} does not exist")
 
 
-def _expand_s3(source: str, *, recursive: bool) -> Iterator[str]:
+def _expand_s3(source: str, *, recursive: bool, list_threads: int = 1, list_depth: int = 2
+               ) -> Iterator[str]:
     try:
         bucket, key = parse_s3(source, require_key=False)
     except InvalidURI as e:
@@ -78,17 +80,20 @@ def _expand_s3(source: str, *, recursive: bool) -> Iterator[str]:
         return
     prefix = key if (not key or key.endswith("/")) else key + "/"
     found = False
-    for k in iter_keys(bucket, prefix, recursive=recursive):
+    # SourceObjects (str URIs with ETag, size, storage class); fanned out (producer.listing)
+    for obj in list_objects(bucket, prefix, threads=list_threads, depth=list_depth, recursive=recursive):
         found = True
-        yield s3_uri(bucket, k)
+        yield obj
     if not found and key and not key.endswith("/"):
         yield source  # an object without an image extension, perhaps: the worker will tell
 
 
 def expand_sources(sources: Iterable[str], *, recursive: bool = True,
-                   file_roots: tuple[str, ...] | list[str] | None = None) -> Iterator[str]:
+                   file_roots: tuple[str, ...] | list[str] | None = None, list_threads: int = 1,
+                   list_depth: int = 2) -> Iterator[str]:
     """Stream the image URIs of ``sources`` (see the module doc). ``file_roots``: when given,
-    local sources outside them are refused (ConfigError)."""
+    local sources outside them are refused (ConfigError). ``list_threads`` / ``list_depth``: how
+    S3 prefixes are listed (:mod:`producer.listing`; 1 thread = one sorted stream)."""
     for source in sources:
         if not isinstance(source, str) or not source.strip():
             raise ConfigError("empty source")
@@ -99,7 +104,8 @@ def expand_sources(sources: Iterable[str], *, recursive: bool = True,
         if scheme == "file":
             yield from _expand_local(source, recursive=recursive, file_roots=file_roots)
         elif scheme == "s3":
-            yield from _expand_s3(source, recursive=recursive)
+            yield from _expand_s3(source, recursive=recursive, list_threads=list_threads,
+                                  list_depth=list_depth)
         elif scheme in ("http", "https"):
             yield source
         else:

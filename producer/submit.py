@@ -15,9 +15,12 @@ from typing import Iterable
 from celery import Celery
 
 from hnq.errors import ConfigError
+from hnq.finish import finalize_or_fail
+from hnq.index import job_fields
 from hnq.inputs import store_chunk_uris
 from hnq.jobs import JobStore, new_job_id
 from hnq.options import DEFAULT_OPTIONS, JobOptions
+from hnq.objects import to_entry
 from hnq.schema import MODELS, ChunkTask
 from hnq.settings import TASK_FINALIZE, celery_config, lean_messages, redact_url
 from hnq.sweep import resend_chunk, send_chunk
@@ -60,6 +63,7 @@ class Submitted:
     chunks: int
     dest: str | None
     model: str
+    skipped: int = 0
 
 
 class LocalJobs:
@@ -99,7 +103,11 @@ def _too_big_for_redis(limit: int) -> ConfigError:
 def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model: str,
            chunk_size: int | None = None, store: JobStore | None = None, app: Celery | None = None,
            force: bool = False, sources: list[str] | None = None,
-           options: JobOptions | None = None) -> Submitted:
+           options: JobOptions | None = None, skip: "SkipLabelled | None" = None,
+           index: bool = False) -> Submitted:
+    """``options``: the job's output options (hnq.options); ``skip``: a
+    :class:`producer.incremental.SkipLabelled` filter (--skip-labelled, needs a destination);
+    ``index``: build the job's labelled index when it ends (:mod:`hnq.index`)."""
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     options = options or DEFAULT_OPTIONS
@@ -111,6 +119,8 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         dest = validate_destination(dest)
         check_writable(dest)              # a missing bucket / unwritable directory: fail now
         d = open_destination(dest)
+    if skip is not None and d is None:
+        raise ConfigError("--skip-labelled / --since need --out DEST (the earlier jobs' results)")
     size = chunk_size or s.chunk_size
     # What the job records about its sources is for display (status, manifest): no credentials.
     sources = [redact(x) for x in sources or []]
@@ -130,6 +140,9 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     except Exception:  # noqa: BLE001
         run_id = None
     LocalJobs(s).add(job_id, s.broker_url, run_id, dest)
+    if skip is not None:
+        skip.start(d, job_id)
+        uris = skip.filter(uris)
     total = chunks = 0
     window = 2 * s.upload_threads
     pending: deque = deque()
@@ -142,7 +155,7 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
                                  options=msg_options)
                 send_chunk(app, store, s.queue, task, producer=prod)
 
-            for chunk in chunked(uris, size):
+            for chunk in chunked(map(to_entry, uris), size):   # precoded records: hnq.objects
                 if d is None and not force and total + len(chunk) > s.redis_results_max:
                     raise _too_big_for_redis(s.redis_results_max)
                 # Inputs are written by a few threads; each message goes out, in chunk order, once
@@ -162,16 +175,23 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         raise
     finally:
         pool.shutdown(wait=True)
-    if total == 0:
+    skipped = skip.finish()["skipped"] if skip is not None else 0
+    if total == 0 and not skipped:
         store.cancel(job_id)
         raise ConfigError("no images found in the given sources (looked for .jpg .jpeg .png .webp .gif "
                           ".tif .tiff .bmp)")
+    extra = job_fields(skipped, index and d is not None)    # for finalize and resume
+    if extra:
+        store.r.hset(store.key(job_id), mapping=extra)
     if d is not None:
-        write_descriptor(d, job_id, **meta, total=total, chunks=chunks)
+        write_descriptor(d, job_id, **meta, total=total, chunks=chunks, **extra)
     if store.seal(job_id, total, chunks):
-        # Every chunk finished before we had counted them: no worker saw a "last" chunk.
-        app.send_task(TASK_FINALIZE, args=[job_id, dest], queue=s.queue)
-    return Submitted(job_id=job_id, total=total, chunks=chunks, dest=dest, model=model)
+        if chunks == 0:   # everything was labelled before: nothing for a worker to do
+            finalize_or_fail(store, job_id)
+        else:
+            # Every chunk finished before we had counted them: no worker saw a "last" chunk.
+            app.send_task(TASK_FINALIZE, args=[job_id, dest], queue=s.queue)
+    return Submitted(job_id=job_id, total=total, chunks=chunks, dest=dest, model=model, skipped=skipped)
 
 
 def requeue_dead(s: ProducerSettings, store: JobStore, job_id: str, chunk: int | None = None,

@@ -17,8 +17,9 @@ from celery import signals
 from pydantic import ValidationError
 
 from hnq.errors import ConfigError, TransientError
-from hnq.inputs import load_chunk_uris
+from hnq.inputs import load_chunk_entries
 from hnq.jobs import JobStore
+from hnq.objects import with_precoded
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
 from worker import metrics
@@ -177,7 +178,7 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
     log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
     t0 = time.monotonic()
     try:
-        uris = load_chunk_uris(store, task, settings.output_policy())
+        entries = load_chunk_entries(store, task, settings.output_policy())
         opts = task.opts
         if opts.format != "jsonl" and not task.dest:
             raise ConfigError(f"{opts.format} parts need a destination; this message has none")
@@ -186,7 +187,9 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
 
             require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
         with context().lease(task.model, opts.weights) as engine:
-            records = _run_in_engine(engine, store, task, uris, watch=state != "missing")
+            # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
+            records = with_precoded(entries, task.model, task.job_id, lambda uris: _run_in_engine(
+                engine, store, task, uris, watch=state != "missing"), weights=engine.classifier.weights)
             clf, summary = engine.classifier, engine.summary()   # the engine may be swapped out after
         if records is None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)

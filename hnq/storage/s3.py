@@ -10,8 +10,8 @@ installed) or ``obstore``, through :mod:`hnq.storage.s3_obstore`, which keeps th
 (same credentials, endpoint, addressing, retry budget, size cap and error mapping). Listing and
 writes always use boto3.
 
-Error mapping of a fetch: NoSuchKey/NoSuchBucket/404 -> ``not_found``; AccessDenied/403 ->
-``access_denied``; throttling, 5xx, connection trouble and timeouts that outlive boto's retries ->
+Error mapping of a fetch: NoSuchKey/NoSuchBucket/404 -> ``not_found``; InvalidObjectState (an
+archived object that was not restored) -> ``archived``; AccessDenied/403 -> ``access_denied``; throttling, 5xx, connection trouble and timeouts that outlive boto's retries ->
 :class:`TransientError` (the chunk is retried, the image gets no permanent record) whose code says
 which: ``throttled`` (SlowDown, 503, 429, Throttling...), ``timeout`` (connect / read timeouts,
 RequestTimeout) or ``fetch_error`` (the rest); credential problems (expired token, unknown key id,
@@ -223,10 +223,12 @@ def classify_s3_error(uri: str, code: str, status: int) -> Exception:
     if code in _CREDENTIALS:
         return TransientError(f"{uri}: S3 refused our credentials ({code}); check the worker's "
                               "AWS credentials", ErrorCode.fetch_error)
+    if code == "InvalidObjectState":
+        return ImageError(f"{uri}: the object is archived (InvalidObjectState: a Glacier / Deep "
+                          "Archive object, or an Intelligent-Tiering archive tier); restore it first",
+                          ErrorCode.archived)
     if code in _DENIED or status == 403:
-        extra = " (object is archived; restore it first)" if code == "InvalidObjectState" else ""
-        return ImageError(f"{uri}: access denied ({code or status}){extra}",
-                          ErrorCode.access_denied)
+        return ImageError(f"{uri}: access denied ({code or status})", ErrorCode.access_denied)
     if code in ("InvalidBucketName", "KeyTooLongError", "InvalidURI"):
         return ImageError(f"{uri}: {code}", ErrorCode.invalid_uri)
     if _is_transient(code, status):

@@ -125,8 +125,9 @@ def _bulk_put(s3, bucket: str, keys: list[str]) -> None:
 
 def test_s3_prefix_paginated(big_bucket):
     calls = []
-    s3_client().meta.events.register("before-call.s3.ListObjectsV2",
-                                     lambda **kw: calls.append(1))
+    from producer.listing import listing_client
+
+    listing_client().meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
     uris = list(expand_sources(["s3://big/pre/fix/"]))
     assert len(uris) == N_KEYS + 2
     assert len(calls) >= 2  # more than one page
@@ -144,8 +145,9 @@ def test_s3_prefix_streams_pages(big_bucket, monkeypatch):
 
     monkeypatch.setattr(s3mod, "LIST_PAGE_SIZE", 500)
     calls = []
-    s3_client().meta.events.register("before-call.s3.ListObjectsV2",
-                                     lambda **kw: calls.append(1))
+    from producer.listing import listing_client
+
+    listing_client().meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
     it = expand_sources(["s3://big/pre/"])
     first = next(it)
     assert first == "s3://big/pre/fix/00000.jpg"

@@ -1,0 +1,318 @@
+"""The *labelled index* of a job: which objects (URI and ETag) it has an ok record for, and in
+which part that record is. ``hardnet submit --skip-labelled`` reads it to leave out what an
+earlier job already labelled, without holding the earlier records in memory.
+
+Layout, under the job's folder::
+
+    DEST/JOB/index/meta.json              written last (its presence means the index is complete)
+    DEST/JOB/index/shard-XXXX.jsonl.gz    ["uri", "etag", "job", "part"] per line, sorted by URI
+    DEST/JOB/reused/bucket-XX.jsonl.gz    the same rows, for the objects this job skipped because
+                                          an earlier job had labelled them (written by submit)
+
+* **Sharded by hash**: a URI's shard is the top ``bits`` bits of the 64-bit BLAKE2b of its UTF-8
+  bytes; ``bits`` is chosen when the index is built so that a shard holds about
+  :data:`SHARD_TARGET` entries (2**bits shards, at most 2**:data:`MAX_BITS`). Empty shards are not
+  written; ``meta.json`` lists the ones that exist. A reader holds one shard at a time.
+* **Cumulative**: a job's index holds its own ok records *and* the rows it reused, which point at
+  the job that holds the record (``job``, ``part``). So the index of the latest job covers
+  everything labelled and still current, and a nightly run reads one index, not one per night.
+  An object that disappeared from the source drops out of the next index; one that changed
+  (another ETag) is labelled again.
+* **When**: a job submitted with ``--skip-labelled``, ``--since`` or ``--index`` has its index
+  built when it is finalised (:func:`hnq.finish.finalize`, once every part is there, before the
+  manifest and the final state; a failure is logged and leaves the job to finish as it would). A job without one (older, or submitted without those options) has
+  it built from its parts by the first ``--skip-labelled`` run that needs it.
+* Only ok records with an ETag are indexed: error records are labelled again, and sources whose
+  records have no ETag (local files, http) are always labelled.
+
+Parts in JSON Lines are read as such; ``.parquet`` parts (``submit --format parquet``) with
+pyarrow, from their ``uri``, ``status`` and ``etag`` columns.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Iterator
+
+from hnq.storage.base import Destination
+
+log = logging.getLogger("hardnet.index")
+
+INDEX_VERSION = 1
+HASH_NAME = "blake2b-64"
+#: entries per shard the number of shards is chosen for
+SHARD_TARGET = 65536
+#: at most 2**MAX_BITS shards (beyond 67 M entries shards grow past the target)
+MAX_BITS = 10
+#: the buckets of the reused rows written by submit (and of its spool): the top 8 bits
+REUSE_BITS = 8
+#: concurrent reads of parts while building
+READ_THREADS = 8
+_PART_RE = re.compile(r"^part-(\d+)\.(jsonl|parquet)$")
+
+Row = tuple[str, str, str, str]   # uri, etag, job, part
+
+
+def uri_hash(uri: str) -> int:
+    return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def top_bits(h: int, bits: int) -> int:
+    return h >> (64 - bits) if bits else 0
+
+
+def bits_for(n: int, target: int = SHARD_TARGET) -> int:
+    k = 0
+    while (n >> k) > target and k < MAX_BITS:
+        k += 1
+    return k
+
+
+def meta_path(job_id: str) -> str:
+    return f"{job_id}/index/meta.json"
+
+
+def shard_path(job_id: str, shard: int) -> str:
+    return f"{job_id}/index/shard-{shard:04x}.jsonl.gz"
+
+
+def reused_path(job_id: str, bucket: int) -> str:
+    return f"{job_id}/reused/bucket-{bucket:02x}.jsonl.gz"
+
+
+def encode_rows(rows: Iterable[Row]) -> bytes:
+    raw = "".join(json.dumps(list(r), ensure_ascii=False) + "\n" for r in rows)
+    return gzip.compress(raw.encode("utf-8", "surrogatepass"), compresslevel=6, mtime=0)
+
+
+def decode_rows(data: bytes) -> Iterator[Row]:
+    for line in gzip.decompress(data).decode("utf-8", "surrogatepass").splitlines():
+        if line:
+            u, e, j, p = json.loads(line)
+            yield u, e, j, p
+
+
+# ------------------------------------------------------------------------------ reading
+def read_meta(d: Destination, job_id: str) -> dict | None:
+    """The index's meta.json, or None when the job has no (complete, readable) index."""
+    data = d.get(meta_path(job_id))
+    if data is None:
+        return None
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    if meta.get("version") != INDEX_VERSION or meta.get("hash") != HASH_NAME:
+        return None
+    return meta
+
+
+class IndexReader:
+    """One job's index, a shard at a time (the last one read is kept)."""
+
+    def __init__(self, d: Destination, job_id: str, meta: dict):
+        self.d, self.job_id, self.meta = d, job_id, meta
+        self.bits = int(meta["bits"])
+        self.present = set(meta.get("shards", []))
+        self._shard: int | None = None
+        self._rows: dict[str, tuple[str, str, str]] = {}
+        self.peak_entries = 0          # most entries held at once (tests check the bound)
+        self.shards_read = 0
+
+    def shard(self, s: int) -> dict[str, tuple[str, str, str]]:
+        """uri -> (etag, job, part) of shard ``s``."""
+        if s != self._shard:
+            self._rows = {}
+            self._shard = s
+            if s in self.present:
+                data = self.d.get(shard_path(self.job_id, s))
+                if data is None:
+                    from hnq.errors import ConfigError
+
+                    raise ConfigError(f"{self.d.uri(shard_path(self.job_id, s))} is missing although "
+                                      f"the index's meta.json lists it: delete {self.d.uri(meta_path(self.job_id))} "
+                                      "and the next --skip-labelled run rebuilds the index from the parts")
+                self._rows = {u: (e, j, p) for u, e, j, p in decode_rows(data)}
+                self.shards_read += 1
+                self.peak_entries = max(self.peak_entries, len(self._rows))
+        return self._rows
+
+
+# ------------------------------------------------------------------------------ building
+def _bounded_map(fn: Callable, items: list, threads: int = READ_THREADS) -> Iterator:
+    """fn over items with a few threads, in order, at most 2 x threads results held."""
+    if not items:
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="hardnet-index") as ex:
+        window: deque = deque()
+        it = iter(items)
+        for x in it:
+            window.append(ex.submit(fn, x))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _part_rows(job_id: str, name: str, data: bytes) -> list[Row]:
+    rows = []
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(io.BytesIO(data))
+        cols = set(t.column_names)
+        if not {"uri", "status", "etag"} <= cols:
+            return rows
+        for u, st, e in zip(t.column("uri").to_pylist(), t.column("status").to_pylist(),
+                            t.column("etag").to_pylist()):
+            if st == "ok" and e and u:
+                rows.append((u, e, job_id, name))
+        return rows
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        if '"ok"' not in line:   # cheap pre-filter; the JSON decides
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("status") == "ok" and r.get("etag") and isinstance(r.get("uri"), str):
+            rows.append((r["uri"], r["etag"], job_id, name))
+    return rows
+
+
+def iter_labelled(d: Destination, job_id: str) -> Iterator[Row]:
+    """The job's ok records with an ETag, from its parts, then the rows it reused."""
+    parts = sorted(p.rsplit("/", 1)[-1] for p in d.list(f"{job_id}/part-"))
+    parts = [p for p in parts if _PART_RE.match(p)]
+    reused = [p for p in d.list(f"{job_id}/reused/") if p.endswith(".jsonl.gz")]
+
+    def read_part(name: str) -> list[Row]:
+        data = d.get(f"{job_id}/{name}")
+        return _part_rows(job_id, name, data) if data is not None else []
+
+    def read_reused(path: str) -> list[Row]:
+        data = d.get(path)
+        return list(decode_rows(data)) if data is not None else []
+
+    for rows in _bounded_map(read_part, parts):
+        yield from rows
+    for rows in _bounded_map(read_reused, reused):
+        yield from rows
+
+
+def build_index(d: Destination, job_id: str, *, estimate: int | None = None,
+                tmpdir: str | None = None, target: int = SHARD_TARGET,
+                flush_lines: int = 50_000) -> dict:
+    """Build (or rebuild) the job's index from its parts and reused rows; returns its meta.
+
+    Memory: at most ``flush_lines`` rows buffered while partitioning into one local temporary
+    file per shard, then one shard at a time (about ``target`` entries) while sorting."""
+    rows = iter_labelled(d, job_id)
+    if estimate is None:   # a first pass only to count: cheap next to a wrong shard count
+        estimate = sum(1 for _ in iter_labelled(d, job_id))
+    bits = bits_for(estimate, target)
+    work = tempfile.mkdtemp(prefix=f"hardnet-index-{job_id}-", dir=tmpdir)
+    try:
+        buf: dict[int, list[str]] = {}
+        held = 0
+
+        def flush() -> None:
+            for s, lines in buf.items():
+                with open(os.path.join(work, f"{s:04x}"), "a", encoding="utf-8", errors="surrogatepass") as f:
+                    f.writelines(lines)
+            buf.clear()
+
+        count_in = 0
+        for r in rows:
+            buf.setdefault(top_bits(uri_hash(r[0]), bits), []).append(json.dumps(list(r), ensure_ascii=False) + "\n")
+            held += 1
+            count_in += 1
+            if held >= flush_lines:
+                flush()
+                held = 0
+        flush()
+        shards, count = [], 0
+        for name in sorted(os.listdir(work)):
+            s = int(name, 16)
+            entries: dict[str, Row] = {}
+            with open(os.path.join(work, name), encoding="utf-8", errors="surrogatepass") as f:
+                for line in f:
+                    u, e, j, p = json.loads(line)
+                    entries[u] = (u, e, j, p)    # one row per URI (the last one read)
+            d.put(shard_path(job_id, s), encode_rows(entries[u] for u in sorted(entries)),
+                  content_type="application/gzip")
+            shards.append(s)
+            count += len(entries)
+            os.unlink(os.path.join(work, name))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta = {"version": INDEX_VERSION, "job_id": job_id, "hash": HASH_NAME, "bits": bits,
+            "count": count, "shards": shards, "created_at": datetime.now(timezone.utc).isoformat()}
+    d.put(meta_path(job_id), json.dumps(meta, indent=1).encode(), content_type="application/json")
+    log.info("job %s: index of %d labelled objects in %d shards (%d bits)", job_id, count, len(shards), bits)
+    return meta
+
+
+def ensure_index(d: Destination, job_id: str, **kw) -> tuple[dict, bool]:
+    """(meta, built): the job's index, built from its parts first if it has none."""
+    meta = read_meta(d, job_id)
+    if meta is not None:
+        return meta, False
+    return build_index(d, job_id, **kw), True
+
+
+# ------------------------------------------------------------------------------ job bookkeeping
+#: DEST/JOB/ file where submit writes what it skipped (read into the manifest)
+SUMMARY_PATH = "reused/summary.json"
+
+
+def manifest_fields(d: Destination | None, job_id: str, raw: dict) -> dict:
+    """The manifest's ``skipped`` and ``reused`` for a job (empty when it skipped nothing)."""
+    skipped = int(raw.get("skipped") or 0)
+    if not skipped or d is None:
+        return {}
+    data = d.get(f"{job_id}/{SUMMARY_PATH}")
+    try:
+        reused = json.loads(data).get("reused", []) if data else []
+    except ValueError:
+        reused = []
+    return {"skipped": skipped, "reused": reused}
+
+
+def index_for_finalize(store, job_id: str) -> dict | None:
+    """Called by :func:`hnq.finish.finalize` when every part is there, before the manifest (still
+    written last) and the final state (so that a ``--wait`` that returned sees the index): build
+    the index of a job submitted with one asked for. Never raises (the job finishes either way; a
+    later ``--skip-labelled`` builds a missing index from the parts)."""
+    raw = store.raw(job_id)
+    if raw.get("index") != "1" or not raw.get("dest"):
+        return None
+    try:
+        from hnq.storage import open_destination
+
+        estimate = int(raw.get("succeeded") or 0) + int(raw.get("skipped") or 0)
+        return build_index(open_destination(raw["dest"]), job_id, estimate=estimate)
+    except Exception as e:  # noqa: BLE001 - the job stays finished; the index can be built later
+        log.warning("job %s: its labelled index could not be built (%s: %s); the next --skip-labelled "
+                    "run builds it from the parts", job_id, type(e).__name__, e)
+        return None
+
+
+def job_fields(skipped: int = 0, index: bool = False) -> dict:
+    """The job hash fields (and job.json keys) that carry this for finalize and resume."""
+    out: dict = {}
+    if index:
+        out["index"] = "1"
+    if skipped:
+        out["skipped"] = skipped
+    return out

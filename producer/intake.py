@@ -1,0 +1,72 @@
+"""What ``hardnet submit`` reads its images from: SOURCE arguments (listed with
+``--list-threads`` / ``--list-depth``), ``--from-file``, ``--inventory`` reports, and the
+``--skip-labelled`` / ``--since`` filter over all of them (:mod:`producer.incremental`)."""
+from __future__ import annotations
+
+import argparse
+from typing import Iterator
+
+from hnq.console import err
+from hnq.errors import ConfigError
+from producer.incremental import SkipLabelled, find_base
+from producer.inventory import InventoryStats, iter_inventory, open_report
+from producer.settings import ProducerSettings
+from producer.sources import expand_sources, read_uri_list
+
+
+class Intake:
+    def __init__(self, s: ProducerSettings, a: argparse.Namespace, model: str):
+        self.a = a
+        self.threads = a.list_threads if a.list_threads is not None else s.list_threads
+        self.depth = a.list_depth if a.list_depth is not None else s.list_depth
+        if self.threads < 1:
+            raise ConfigError(f"--list-threads must be at least 1, not {self.threads}")
+        if self.depth < 0:
+            raise ConfigError(f"--list-depth must be at least 0, not {self.depth}")
+        self.tmpdir = str(s.spool_dir) if s.spool_dir else None
+        # resolved now: a missing report fails before a job exists, and the job records which one
+        self.reports = [open_report(m) for m in (a.inventory or [])]
+        self.sources = (list(a.sources) + ([f"@{a.from_file}"] if a.from_file else [])
+                        + [f"inventory:{r.uri}" for r in self.reports])
+        self.inventory_stats: list[InventoryStats] = []
+        self.skip: SkipLabelled | None = None
+        self.index = bool(getattr(a, "index", False))
+        if a.skip_labelled or a.since:
+            if not a.out:
+                raise ConfigError("--skip-labelled / --since need --out DEST: the earlier jobs are "
+                                  "looked for there")
+            from hnq.storage import open_destination, validate_destination
+
+            d = open_destination(validate_destination(a.out))
+            base = find_base(d, model=model, sources=self.sources, since=a.since, tmpdir=self.tmpdir)
+            if base is None:
+                err(f"--skip-labelled: no earlier job under {d.dest} with model {model} and these sources: "
+                    "every object is labelled (this job's index serves the next run)")
+            else:
+                err(f"--skip-labelled: objects labelled by job {base.job_id} or the jobs its index covers "
+                    f"({base.meta['count']} objects{', index just built from its parts' if base.built else ''}) "
+                    "are skipped")
+            self.skip = SkipLabelled(base, self.tmpdir)
+            self.index = True
+
+    def items(self) -> Iterator[str]:
+        a = self.a
+        if a.sources:
+            yield from expand_sources(a.sources, list_threads=self.threads, list_depth=self.depth)
+        if a.from_file:
+            yield from read_uri_list(a.from_file)
+        for r in self.reports:
+            st = InventoryStats()
+            self.inventory_stats.append(st)
+            yield from iter_inventory(r, tmpdir=self.tmpdir, stats=st)
+
+    def report(self, job) -> None:
+        for st in self.inventory_stats:
+            err(st.line())
+        if self.skip is not None and self.skip.base is not None:
+            err(f"job {job.job_id}: {self.skip.skipped} objects skipped (labelled before), "
+                f"{job.total} to label")
+
+
+def intake(s: ProducerSettings, a: argparse.Namespace, *, model: str) -> Intake:
+    return Intake(s, a, model)
