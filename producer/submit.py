@@ -10,7 +10,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from celery import Celery
 
@@ -26,6 +26,9 @@ from hnq.sweep import resend_chunk, send_chunk
 from hnq.storage import check_writable, open_destination, validate_destination
 from producer.settings import ProducerSettings
 from producer.sources import chunked
+
+if TYPE_CHECKING:
+    from producer.incremental import SkipLabelled
 
 log = logging.getLogger("hardnet.producer")
 

@@ -3,14 +3,13 @@ destination: which objects are skipped, what the new job's cumulative index hold
 choice, and the memory bound (entries held, allocation peak) with 60,000 earlier records."""
 from __future__ import annotations
 
-import gzip
 import json
 import tracemalloc
 
 import pytest
 
 from hnq.errors import ConfigError
-from hnq.index import (IndexReader, bits_for, build_index, decode_rows, ensure_index, read_meta,
+from hnq.index import (bits_for, build_index, decode_rows, ensure_index, read_meta,
                        reused_path, shard_path, top_bits, uri_hash)
 from hnq.objects import SourceObject
 from hnq.storage import open_destination
