@@ -10,7 +10,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from celery import Celery
 
@@ -29,6 +29,9 @@ from producer.settings import ProducerSettings
 from hnq.logs import redact
 from producer.sources import chunked
 from producer.joboptions import check_options, only_s3
+
+if TYPE_CHECKING:
+    from producer.incremental import SkipLabelled
 
 log = logging.getLogger("hardnet.producer")
 

@@ -3,14 +3,13 @@ destination: which objects are skipped, what the new job's cumulative index hold
 choice, and the memory bound (entries held, allocation peak) with 60,000 earlier records."""
 from __future__ import annotations
 
-import gzip
 import json
 import tracemalloc
 
 import pytest
 
 from hnq.errors import ConfigError
-from hnq.index import (IndexReader, bits_for, build_index, decode_rows, ensure_index, read_meta,
+from hnq.index import (bits_for, build_index, decode_rows, ensure_index, read_meta,
                        reused_path, shard_path, top_bits, uri_hash)
 from hnq.objects import SourceObject
 from hnq.storage import open_destination
@@ -161,3 +160,21 @@ def test_memory_stays_bounded_with_many_earlier_records(tmp_path, target):
     assert peak < 8 * 2**20 and peak < naive_peak / 3, (peak, naive_peak)
     assert sum(len(list(decode_rows(d.get(reused_path("20260102-000000-bbbbbbbb", b)))))
                for b in range(256) if d.exists(reused_path("20260102-000000-bbbbbbbb", b))) == sk.skipped
+
+
+def test_parquet_parts_are_indexed(tmp_path):
+    """Parts in Parquet (`submit --format parquet`: uri, status, etag columns among others)."""
+    pa = pytest.importorskip("pyarrow")
+    import io
+
+    import pyarrow.parquet as pq
+
+    d = open_destination(str(tmp_path))
+    t = pa.table({"uri": ["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"], "status": ["ok", "error", "ok"],
+                  "etag": ["e1", "e2", None], "top_k": [5, 5, 5]})
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    d.put("job1/part-00000.parquet", buf.getvalue())
+    meta = build_index(d, "job1", estimate=3)
+    assert meta["count"] == 1
+    assert list(decode_rows(d.get(shard_path("job1", 0)))) == [("s3://b/1.jpg", "e1", "job1", "part-00000.parquet")]

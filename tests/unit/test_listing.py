@@ -126,3 +126,15 @@ def test_access_denied_on_one_folder_names_it(bucket, moto_server, monkeypatch):
             assert proxy.faults_injected >= 1
         finally:
             reset_s3_client()
+
+
+def test_fetching_an_archived_object_anyway_is_archived(bucket, s3_get):
+    """A URI list carries no storage class: the GET's InvalidObjectState becomes `archived`, with
+    either GET client."""
+    from hnq.errors import ErrorCode, ImageError
+    from hnq.storage import fetch
+
+    with pytest.raises(ImageError) as ei:
+        fetch("s3://lst/top/a/00/0/deep/x0.jpeg", s3_get.policy())
+    assert ei.value.code == ErrorCode.archived and "restore it first" in str(ei.value)
+    assert fetch("s3://lst/top/a/00/1/deep/x1.jpeg", s3_get.policy()).data == b"top/a/00/1/deep/x1.jpeg"
