@@ -93,6 +93,17 @@ def listing_client():
     return c
 
 
+def _next_page(resp: dict, bucket: str, prefix: str) -> str | None:
+    """The continuation token of a ListObjectsV2 page, None after the last page."""
+    if not resp.get("IsTruncated"):
+        return None
+    token = resp.get("NextContinuationToken")
+    if not token:
+        raise TransientError(f"s3://{bucket}/{prefix}: S3 said the listing is truncated but gave "
+                             "no continuation token")
+    return token
+
+
 def _objects(bucket: str, contents, images_only: bool) -> list[SourceObject]:
     out = []
     for obj in contents or ():
@@ -139,12 +150,9 @@ def _single(bucket, prefix, recursive, images_only, page_size, stats) -> Iterato
         objs = _objects(bucket, resp.get("Contents"), images_only)
         stats.keys += len(objs)
         yield from objs
-        if not resp.get("IsTruncated"):
+        token = _next_page(resp, bucket, prefix)
+        if token is None:
             return
-        token = resp.get("NextContinuationToken")
-        if not token:
-            raise TransientError(f"s3://{bucket}/{prefix}: S3 said the listing is truncated but gave "
-                                 "no continuation token")
 
 
 class _Parallel:
@@ -241,9 +249,6 @@ class _Parallel:
             objs = _objects(self.bucket, resp.get("Contents"), self.images_only)
             if objs and not self._put(objs):
                 return
-            if not resp.get("IsTruncated"):
+            token = _next_page(resp, self.bucket, prefix)
+            if token is None:
                 return
-            token = resp.get("NextContinuationToken")
-            if not token:
-                raise TransientError(f"s3://{self.bucket}/{prefix}: S3 said the listing is truncated "
-                                     "but gave no continuation token")

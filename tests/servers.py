@@ -163,3 +163,14 @@ class LoopbackWeb:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def without_proxies(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without proxy variables (boto3 and urllib honour them): everything in the tests
+    stays on 127.0.0.1."""
+    for var in PROXY_VARS:
+        env.pop(var, None)
+    return env

@@ -20,7 +20,7 @@ import pytest
 
 from cluster import Worker, base_env, cli_json, image_bytes, read_jsonl
 from faultproxy import FaultProxy
-from servers import LoopbackWeb, s3_env
+from servers import LoopbackWeb, without_proxies, s3_env
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +109,7 @@ def hostile(redis_server, moto_server, tmp_path_factory):
         HARDNET_FETCH_TIMEOUT="10",
         **s3_env(proxy.url))
     env.pop("HARDNET_ALLOW_PRIVATE_NETWORKS", None)
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        env.pop(var, None)  # boto3 would honour them: everything here stays on 127.0.0.1
+    without_proxies(env)  # everything here stays on 127.0.0.1
     w = Worker(env, "hostile", logdir)
     try:
         w.wait_ready()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster import ROOT, Worker, base_env, cli, image_bytes
-from servers import LoopbackWeb, free_port
+from servers import LoopbackWeb, without_proxies, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,7 @@ def fleet(redis_server, tmp_path_factory):
                    HARDNET_ALLOW_HTTP="true", HARDNET_HTTP_ALLOW_HOSTS="127.0.0.1",
                    HARDNET_ALLOW_PRIVATE_NETWORKS="true",
                    HARDNET_STATE_DIR=str(tmp_path_factory.mktemp("obs-state")))
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        env.pop(var, None)
+    without_proxies(env)  # everything here stays on 127.0.0.1
     port = free_port()
     flower_log = open(logdir / "flower.log", "w")
     flower = subprocess.Popen(

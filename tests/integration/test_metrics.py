@@ -19,7 +19,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import ROOT, Worker, base_env, bad_images, cli_json, image_bytes, read_jsonl, wait_state
-from servers import LoopbackWeb, free_port
+from servers import LoopbackWeb, without_proxies, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +106,7 @@ def test_worker_metrics_match_the_records_written(redis_url, tmp_path):
     env = base_env(redis_url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_METRICS_PORT=str(port),
                    HARDNET_STATE_DIR=str(tmp_path / "state"), HARDNET_ALLOW_HTTP="true",
                    HARDNET_HTTP_ALLOW_HOSTS="127.0.0.1", HARDNET_ALLOW_PRIVATE_NETWORKS="true")
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        env.pop(var, None)
+    without_proxies(env)  # everything here stays on 127.0.0.1
     w = Worker(env, "metrics", tmp_path)
     try:
         w.wait_ready()
