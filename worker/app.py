@@ -4,10 +4,11 @@
     hardnet worker                              # the same, wrapped
 
 The pool comes from our settings, not from Celery's default (prefork): the **threads** pool with
-``HARDNET_CHUNKS_IN_FLIGHT`` threads, each running one chunk's task, all feeding the process's one
-engine (CUDA is initialised once, in this process; prefork children could not use it). With
-``acks_late`` and prefetch multiplier 1 the worker reserves exactly as many messages as it has
-chunks in flight.
+``HARDNET_MAX_CHUNKS_IN_FLIGHT`` threads, each running one chunk's task, all feeding the process's
+one engine (CUDA is initialised once, in this process; prefork children could not use it). With
+``acks_late`` and prefetch multiplier 1 the worker reserves only messages it is running; how many
+it takes is decided by worker.admission (``HARDNET_CHUNKS_IN_FLIGHT`` at least, more while they
+hold fewer than ``HARDNET_IMAGES_IN_FLIGHT`` images).
 """
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ from celery import Celery, signals
 from hnq import logs
 from hnq.settings import celery_config, lean_messages
 from worker import transport
+from worker.admission import Admission
 from worker.settings import WorkerSettings
 
-transport.install()
-
 settings = WorkerSettings()
+#: told the images to hold once the engine (its batch size) is built: worker.tasks.Context
+admission = Admission(settings.chunks_in_flight, settings.pool_size)
+transport.install(gate=admission)
+
 app = Celery("hardnet", include=["worker.tasks", "worker.sweeper"])
 app.conf.update(celery_config(settings))
-app.conf.update(worker_pool="threads", worker_concurrency=settings.chunks_in_flight)
+app.conf.update(worker_pool="threads", worker_concurrency=settings.pool_size)
 lean_messages(app)  # retries re-send the message: keep it small
 if settings.log_format == "json":
     logging.captureWarnings(True)  # warnings become log lines (JSON) instead of raw stderr text

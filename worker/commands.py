@@ -81,7 +81,7 @@ def celery_argv(a: argparse.Namespace, settings) -> list[str]:
     extra = list(a.celery_args)
     # JSON logs: no banner on stdout (a log pipeline would choke on it); Celery's -q is global
     quiet = ["--quiet"] if settings.log_format == "json" else []
-    argv = [*quiet, "worker", "--pool=threads", f"--concurrency={settings.chunks_in_flight}", "-Q", settings.queue,
+    argv = [*quiet, "worker", "--pool=threads", f"--concurrency={settings.pool_size}", "-Q", settings.queue,
             f"--loglevel={a.loglevel}", "--without-gossip", "--without-mingle"]
     if a.hostname:
         argv.append(f"--hostname={a.hostname}")
@@ -154,7 +154,8 @@ def register(sub) -> None:
     w.add_argument("--device", help="auto, cpu, cuda, cuda:N; unset: HARDNET_DEVICE")
     w.add_argument("--batch-size", type=int, help="unset: HARDNET_BATCH_SIZE (0 = chosen from the device)")
     w.add_argument("--chunks-in-flight", type=int,
-                   help="chunks worked on at once (threads pool size); unset: HARDNET_CHUNKS_IN_FLIGHT")
+                   help="chunks always taken at once (more while they hold fewer than HARDNET_IMAGES_IN_FLIGHT "
+                   "images); unset: HARDNET_CHUNKS_IN_FLIGHT")
     w.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h (distinct per worker on one host)")
     w.add_argument("--loglevel", default="INFO", help="Celery log level")
     # No positional catch-all: flags this parser does not know (and everything after --) are

@@ -24,8 +24,17 @@ class WorkerSettings(CommonSettings):
         0, ge=0, le=4096, description="Images per forward pass; 0 = chosen from the device (256 on a "
         "GPU, 32 on the CPU).")
     chunks_in_flight: int = Field(
-        4, ge=1, le=64, description="Chunks (Celery messages) one worker process works on at once: "
-        "the threads pool's concurrency. They share one engine, whose batches mix their images.")
+        4, ge=1, le=64, description="Chunks (Celery messages) one worker process always takes at "
+        "once. They share one engine, whose batches mix their images. It takes more (small chunks) "
+        "while they hold fewer than HARDNET_IMAGES_IN_FLIGHT images.")
+    images_in_flight: int = Field(
+        0, ge=0, le=1_000_000, description="A worker keeps taking chunks, beyond "
+        "HARDNET_CHUNKS_IN_FLIGHT and up to HARDNET_MAX_CHUNKS_IN_FLIGHT, while the chunks it holds "
+        "have fewer images than this (enough in flight to keep the device busy through the store's "
+        "latency); 0 = 8 batches: 256 on the CPU, 2048 on a GPU.")
+    max_chunks_in_flight: int = Field(
+        32, ge=1, le=256, description="Most chunks one worker process holds at once: the threads "
+        "pool's size (never below HARDNET_CHUNKS_IN_FLIGHT).")
     batch_wait_ms: float = Field(
         10.0, ge=0, le=10_000, description="How long a short batch may wait for more images while "
         "more are being fetched or decoded (never when nothing else is on its way).")
@@ -33,6 +42,11 @@ class WorkerSettings(CommonSettings):
                                              "(short batches padded).")
     cuda_graphs: bool = Field(False, description="Replay the forward pass as a CUDA graph of the "
                                                  "fixed batch shape (CUDA only; short batches padded).")
+    torchscript: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run the model traced to TorchScript: one call per batch that holds "
+        "the GIL only at its ends, instead of hundreds of eager ops that each re-take it while the "
+        "worker's fetch and decode threads want it too. `auto` = on the CPU (measured faster "
+        "there), off on CUDA and with HARDNET_COMPILE or autocast.")
     amp: bool | None = Field(
         None, description="fp16 autocast + channels_last on CUDA. Unset = on for CUDA, off for CPU.")
     fetch_threads: int = Field(
@@ -83,6 +97,11 @@ class WorkerSettings(CommonSettings):
         "(http://0.0.0.0:PORT/metrics), started once per worker process when the worker starts. "
         "Unset = no metrics. A port that cannot be bound stops the worker at start-up with a message "
         "naming this variable.")
+
+    @property
+    def pool_size(self) -> int:
+        """Threads of the Celery pool: the most chunks held at once."""
+        return max(self.chunks_in_flight, self.max_chunks_in_flight)
 
     def retry_policy(self):
         from worker.engine.fetch import RetryPolicy
@@ -140,7 +159,7 @@ class WorkerSettings(CommonSettings):
                 raise ValueError("obstore is not installed (pip install 'obstore>=0.12,<0.13')")
         return v
 
-    @field_validator("decode", mode="before")
+    @field_validator("decode", "torchscript", mode="before")
     @classmethod
     def _lower(cls, v):
         return v.strip().lower() if isinstance(v, str) else v

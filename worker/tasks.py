@@ -45,9 +45,15 @@ class Context:
         self.engines = EnginePool(self._build, s.max_engines, close=self._close)
         first = self.engine(s.model)
         clf = first.classifier
+        from worker.admission import BATCHES_IN_FLIGHT
+        from worker.app import admission
+
+        # Now that the device's batch size is known: the images a worker holds in flight.
+        admission.configure(s.images_in_flight or BATCHES_IN_FLIGHT * clf.batch_size)
         self.summary = (
             f"model={s.model} weights={clf.weights} sha256={clf.weights_sha256} device={clf.device} "
-            f"batch={clf.batch_size} amp={clf.amp} chunks_in_flight={s.chunks_in_flight} "
+            f"batch={clf.batch_size} amp={clf.amp} chunks_in_flight={s.chunks_in_flight}.."
+            f"{s.pool_size} images_in_flight={admission.images} "
             f"fetch_threads={first.cfg.fetch_threads} decode_threads={first.cfg.decode_threads}")
 
     def weights_for(self, model: str, job_weights: str | None) -> str | None:
@@ -78,6 +84,7 @@ class Context:
         eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
                            decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
                            retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
+                           torchscript=s.torchscript,
                            decode=s.decode,
                            warm_up=clf.device.type == "cuda" or s.compile)
         metrics.instrument(eng, model)

@@ -142,11 +142,11 @@ def test_worker_passes_unknown_flags_to_celery():
 
     a = parse(["worker", "--model", "hardnet39ds", "-E", "--max-tasks-per-child", "7", "--hostname", "g0@%h"])
     assert a.model == "hardnet39ds" and a.hostname == "g0@%h"
-    argv = celery_argv(a, SimpleNamespace(chunks_in_flight=4, queue="q", log_format="text"))
+    argv = celery_argv(a, SimpleNamespace(pool_size=32, queue="q", log_format="text"))
     assert argv[-3:] == ["-E", "--max-tasks-per-child", "7"]
-    assert "--hostname=g0@%h" in argv and "--pool=threads" in argv
+    assert "--hostname=g0@%h" in argv and "--pool=threads" in argv and "--concurrency=32" in argv
     b = parse(["worker", "--", "--autoscale=4,1"])
-    assert celery_argv(b, SimpleNamespace(chunks_in_flight=4, queue="q", log_format="text"))[-1] == "--autoscale=4,1"
+    assert celery_argv(b, SimpleNamespace(pool_size=32, queue="q", log_format="text"))[-1] == "--autoscale=4,1"
 
 
 def test_unknown_flags_elsewhere_are_usage_errors(env):

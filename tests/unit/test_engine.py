@@ -262,17 +262,50 @@ def test_work_queue_hands_out_due_retries_first():
     assert q.get() is None
 
 
-def test_device_runner_matches_the_classifier_and_pads(clf, samples_dir):
+@pytest.mark.parametrize("torchscript", ["off", "on"])
+def test_device_runner_matches_the_classifier_and_pads(clf, samples_dir, torchscript):
     blobs = [p.read_bytes() for p in sorted(samples_dir.glob("*.*g"))]
     batch, _ = clf.preprocess(blobs)
     ref = clf.predict(batch)
     for pad in (False, True):
-        r = DeviceRunner(clf.net, clf.device, 8, amp=False)
+        r = DeviceRunner(clf.net, clf.device, 8, amp=False, torchscript=torchscript)
+        assert r.torchscript == (torchscript == "on")
+        assert isinstance(r.net, torch.jit.ScriptModule) == r.torchscript
         r.pad = pad
-        scores, idx, ms = r.finish(r.launch(list(batch)))
-        assert ms is None and len(idx) == len(blobs)
-        assert [[t.index for t in row] for row in ref] == idx
-        assert all(abs(s - t.score) < 1e-5 for row, srow in zip(ref, scores) for t, s in zip(row, srow))
+        # the traced forward takes any batch size (traced at 2): the full batch and a short one
+        for n in (len(blobs), 1):
+            scores, idx, ms = r.finish(r.launch(list(batch[:n])))
+            assert ms is None and len(idx) == n
+            assert [[t.index for t in row] for row in ref[:n]] == idx
+            assert all(abs(s - t.score) < 1e-5 for row, srow in zip(ref, scores) for t, s in zip(row, srow))
+
+
+@pytest.mark.parametrize("mode,device,amp,compile,expected", [
+    ("auto", "cpu", False, False, True),     # the CPU worker's default
+    ("auto", "cuda", False, False, False),   # CUDA: CUDA graphs are its option for launch overhead
+    ("on", "cuda", False, False, True),
+    ("auto", "cpu", True, False, False),     # a trace does not carry autocast
+    ("on", "cpu", False, True, False),       # torch.compile wins
+    ("off", "cpu", False, False, False),
+])
+def test_torchscript_rules(mode, device, amp, compile, expected):
+    from worker.engine.device import use_torchscript
+
+    assert use_torchscript(mode, torch.device(device), amp=amp, compile=compile) is expected
+    with pytest.raises(ValueError):
+        use_torchscript("sometimes", torch.device("cpu"), amp=False, compile=False)
+
+
+def test_a_failed_trace_falls_back_to_the_eager_model(caplog):
+    from worker.engine.device import trace
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            return {"not": "a tensor"}   # tracing refuses non-tensor outputs
+
+    net = Untraceable()
+    assert trace(net, torch.device("cpu")) is net
+    assert "TorchScript trace failed" in caplog.text
 
 
 def test_allowed_cpus_is_within_the_affinity_mask():

@@ -20,7 +20,7 @@ def default_fetch_threads(device_type: str) -> int:
 
 def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0,
                  batch_wait_s: float = 0.01, retry: RetryPolicy | None = None,
-                 compile: bool = False, cuda_graphs: bool = False,
+                 compile: bool = False, cuda_graphs: bool = False, torchscript: str = "auto",
                  decode: str = "cpu", warm_up: bool = False) -> Engine:
     """``decode``: cpu | gpu | auto (HARDNET_DECODE): batched nvJPEG for baseline JPEGs on a CUDA
     device (worker.pipeline.gpu_decode), CPU threads for everything else."""
@@ -32,7 +32,7 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
     # Top TOP_K_MAX on the device for every batch (20 of 1000 classes: the same kernel, 320 B per
     # image back to the host); each chunk keeps its job's own top_k of them.
     runner = DeviceRunner(clf.net, clf.device, clf.batch_size, amp=clf.amp, k=TOP_K_MAX,
-                          compile=compile, cuda_graphs=cuda_graphs)
+                          compile=compile, cuda_graphs=cuda_graphs, torchscript=torchscript)
     if warm_up:
         runner.warm_up()
     batch_decode = eligible = None
