@@ -1,6 +1,6 @@
 """Pieces the benchmarks share: photo-like JPEGs, moto's S3 server and the fault proxy in child
 processes (so that their CPU is theirs, measurable, and not taken from our GIL), CPU time of a
-process, a zero-cost stand-in for the model, and the malloc re-exec the `hardnet` torch commands do."""
+process, a zero-cost stand-in for the device stage, and the malloc re-exec the `hardnet` torch commands do."""
 from __future__ import annotations
 
 import io
@@ -92,27 +92,31 @@ def proxy_child(upstream: str) -> Child:
     return Child([sys.executable, str(ROOT / "tests" / "faultproxy.py"), "--upstream", upstream])
 
 
-class ZeroNet:
-    """The model replaced by a zero-cost stand-in (benchmarks only): constant logits."""
+def zero_cost_runner(device, batch_size: int, k: int = 5):
+    """The device stage with everything the model limit measures (normalise, forward, softmax,
+    top-k) replaced by a constant result (benchmarks only): what is left is the engine's own
+    host-side work, as on a GPU worker: stacking the batch into its buffer, the records."""
+    import torch
 
-    def __new__(cls):
-        import torch
+    from worker.engine import DeviceRunner
 
-        class _Zero(torch.nn.Module):
-            def forward(self, x):
-                return torch.zeros((x.shape[0], 1000), dtype=torch.float32, device=x.device)
+    class ZeroCostRunner(DeviceRunner):
+        def _forward(self, x):
+            n = x.shape[0]
+            return (torch.zeros((n, k), dtype=torch.float32, device=x.device),
+                    torch.arange(k, device=x.device).expand(n, k))
 
-        return _Zero()
+    return ZeroCostRunner(torch.nn.Identity(), device, batch_size, amp=False, k=k)
 
 
 def zero_cost_engine(clf, policy, **kw):
-    """The worker's engine with the model replaced by :class:`ZeroNet` (same fetch, decode,
-    batcher, device runner, records)."""
-    from worker.engine import DeviceRunner, Engine, EngineConfig, allowed_cpus
+    """The worker's engine with a :func:`zero_cost_runner` for its device stage (same fetch,
+    decode, batcher, records)."""
+    from worker.engine import Engine, EngineConfig, allowed_cpus
     from worker.engine import default_fetch_threads
     from hnq.storage import fetch
 
-    runner = DeviceRunner(ZeroNet(), clf.device, clf.batch_size, amp=False)
+    runner = zero_cost_runner(clf.device, clf.batch_size)
     cfg = EngineConfig(batch_size=clf.batch_size,
                        fetch_threads=kw.get("fetch_threads") or default_fetch_threads(clf.device.type),
                        decode_threads=kw.get("decode_threads") or allowed_cpus())

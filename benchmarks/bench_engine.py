@@ -17,9 +17,11 @@ latency39  hardnet39ds, `--chunk-size 16`, images in moto's S3 server behind the
            VM's speed drifts by tens of percent within minutes). On 2 cores moto and the proxy
            burn CPU the worker then lacks: their CPU time during the job is read from /proc, and
            the limit is scaled down by their share of the machine (limit x (1 - share)).
-plumbing   the same engine in this process with the model replaced by a zero-cost stand-in
-           (benchmarks/_common.ZeroNet): end-to-end images/s against the decode-only rate
-           of the same cores (decode_image over the same bytes in as many threads).
+plumbing   the same engine in this process with a zero-cost stand-in for what the model limit
+           measures (normalise + forward + softmax/top-k: benchmarks/_common.zero_cost_runner):
+           end-to-end images/s over --n-plumbing images (a stream long enough for the steady
+           state) against the decode-only rate of the same cores (decode_image over the same
+           bytes in as many threads).
 rss        a worker (hardnet39ds) labels 20,000 URIs (a list cycling over the generated files);
            its RSS is sampled every second; growth after the first 2,000 images (warm-up) is
            reported as (max - value at warm-up) / value at warm-up.
@@ -225,14 +227,17 @@ def scenario_latency39(tmp: Path, a) -> None:
 
 def scenario_plumbing(tmp: Path, a) -> None:
     n = a.n_plumbing
-    log(f"\n== plumbing: the engine with a zero-cost model vs decode-only, {n} JPEGs from file://")
+    uniq = min(n, 512)
+    log(f"\n== plumbing: the engine with a zero-cost device stage vs decode-only, {n} JPEGs "
+        f"({uniq} files, cycled) from file://")
     from hnq.storage import FetchPolicy
     from hnq.uris import path_to_file_uri
     from worker.engine import allowed_cpus
     from worker.pipeline.decode import decode_image
     from worker.pipeline.predict import Classifier
 
-    paths = make_images(tmp / "plumb", n)
+    files = make_images(tmp / "plumb", uniq)
+    paths = [files[i % uniq] for i in range(n)]
     blobs = [p.read_bytes() for p in paths]
     uris = [path_to_file_uri(p) for p in paths]
     threads = allowed_cpus()
@@ -327,7 +332,7 @@ def main() -> None:
     ap.add_argument("--latency-variants", default="default;fixed4:HARDNET_MAX_CHUNKS_IN_FLIGHT=4",
                     help="worker settings compared by latency39, ';'-separated NAME[:ENV=V,ENV=V]; "
                     "fixed4 = 4 chunks in flight whatever their size (the behaviour before admission by images)")
-    ap.add_argument("--n-plumbing", type=int, default=1024)
+    ap.add_argument("--n-plumbing", type=int, default=4096)
     ap.add_argument("--n-rss", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--plumbing-child", action="store_true", help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@ released) and returns the bytes; decode is the worker's `decode_image`; batches 
 as many decode threads as allowed CPUs, completion order.
 
 (ours)  worker.engine.Engine (fetch -> decode -> batcher -> device runner -> records, per chunk)
-        fed chunks of 256, with benchmarks/_common.ZeroNet as the model.
+        fed chunks of 256, with benchmarks/_common.zero_cost_runner as the device stage.
 (spdl)  spdl.pipeline.PipelineBuilder: source -> pipe(fetch, concurrency=64) -> pipe(decode,
         concurrency=CPUs) -> aggregate(32) -> pipe(stack) -> sink, on a 64+CPUs thread pool;
         records are not built (less work than ours).
@@ -45,10 +45,10 @@ def main() -> None:
     import torch
 
     from hnq.storage import Fetched
-    from worker.engine import DeviceRunner, Engine, EngineConfig, allowed_cpus
+    from worker.engine import Engine, EngineConfig, allowed_cpus
     from worker.pipeline.decode import decode_image
     from worker.pipeline.predict import Classifier
-    from _common import ZeroNet
+    from _common import zero_cost_runner
 
     cpus = allowed_cpus()
     blobs = {f"mem://{i}": photo_like_jpeg(500, 375, seed=i) for i in range(a.n)}
@@ -61,7 +61,7 @@ def main() -> None:
         return Fetched(data=d, etag=None, size=len(d))
 
     clf = Classifier("hardnet39ds", "random", device="cpu", batch_size=32)
-    runner = DeviceRunner(ZeroNet(), clf.device, 32, amp=False)
+    runner = zero_cost_runner(clf.device, 32)
     eng = Engine(fetch=fetch, decode=decode_image, runner=runner, record=clf.record,
                  cfg=EngineConfig(batch_size=32, fetch_threads=64, decode_threads=cpus))
 
