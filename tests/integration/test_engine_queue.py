@@ -209,3 +209,31 @@ def test_cancel_while_chunks_are_in_flight(redis_url, s3, proxy, tmp_path):
     written = [o["Key"] for o in s3.list_objects_v2(Bucket="dst", Prefix=f"r/{job}/").get("Contents", [])]
     assert written and not [k for k in written if "/part-" in k or k.endswith("manifest.json")], written
     assert rc == 0 and st["succeeded"] == 6
+
+
+def test_small_chunks_are_taken_until_enough_images_are_in_flight(redis_url, s3, proxy, tmp_path):
+    """worker.admission: HARDNET_CHUNKS_IN_FLIGHT=1 chunk at least, more while the held chunks have
+    fewer than HARDNET_IMAGES_IN_FLIGHT=12 images: 3 chunks of 4 while the store holds every GET,
+    not 1 (the old fixed count) and not 8 (the pool); all 40 labelled once the store answers."""
+    _fill(s3, 40)
+    proxy.set_fault("slow", method="GET", path="/src/", delay=8.0)   # no chunk finishes meanwhile
+    env = base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"), HARDNET_CHUNKS_IN_FLIGHT="1",
+                   HARDNET_IMAGES_IN_FLIGHT="12", HARDNET_MAX_CHUNKS_IN_FLIGHT="8",
+                   HARDNET_FETCH_THREADS="16", **s3_env(proxy.url))
+    w = Worker(env, "admission", tmp_path)
+    try:
+        w.wait_ready()
+        assert "chunks_in_flight=1..8 images_in_flight=12" in w.log()
+        rc, sub = cli_json(["submit", "s3://src/p/", "--out", "s3://dst/r/", "--chunk-size", "4",
+                            "--json"], env)
+        job = sub["job_id"]
+        for c in range(3):
+            w.wait_log(f"chunk {job}/{c} attempt 1 started", timeout=60)
+        time.sleep(2.5)
+        started = re.findall(rf"chunk {job}/(\d+) attempt 1 started", w.log())
+        assert sorted(started) == ["0", "1", "2"], started
+        proxy.clear()
+        st = _wait_state(env, job, timeout=120)
+    finally:
+        w.stop()
+    assert st["succeeded"] == 40 and st["failed"] == 0, st
