@@ -129,8 +129,9 @@ def reexec_with_malloc_tuning(cpu_worker: bool = True) -> None:
     with them): thresholds always, one arena as a CPU worker has (``cpu_worker``; a GPU worker
     keeps glibc's arenas, worker/commands.py says why)."""
     from worker.commands import MALLOC_ENV
+    from worker.settings import WorkerSettings
 
-    if os.environ.get("HARDNET_TUNE_MALLOC", "1") != "0" and not all(k in os.environ for k in MALLOC_ENV):
+    if WorkerSettings().tune_malloc and not all(k in os.environ for k in MALLOC_ENV):
         env = {**os.environ, **MALLOC_ENV}
         if cpu_worker:
             env.setdefault("MALLOC_ARENA_MAX", "1")

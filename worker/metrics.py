@@ -66,7 +66,7 @@ BATCH_CAPACITY = Gauge(
     "default): the fill of the batches is hardnet_batch_size's mean over this.", ["model"])
 CHUNKS_IN_FLIGHT = Gauge(
     "hardnet_chunks_in_flight", "Chunk tasks this worker is running now (at most "
-    "HARDNET_CHUNKS_IN_FLIGHT).")
+    "HARDNET_MAX_CHUNKS_IN_FLIGHT).")
 CHUNKS = Counter(
     "hardnet_chunks", "Chunk deliveries by outcome: done (part written), retried (failed, sent "
     "again later), dead_lettered, cancelled (dropped: job cancelled).", ["outcome"])

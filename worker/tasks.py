@@ -211,7 +211,7 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
         log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
                  len(records) - ok, _rss_mb(), summary)
         if state != "missing":
-            store.note_weights_sha256(task.job_id, clf.weights, clf.weights_sha256)
+            _note_weights_once(store, task.job_id, clf.weights, clf.weights_sha256)
         # Inside the try: if the manifest can't be written the chunk is retried, and the retry
         # (idempotent) finds the job complete again and writes it then.
         if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
@@ -234,6 +234,24 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
         metrics.CHUNKS.labels("retried").inc()
         raise self.retry(exc=e, countdown=delay)
     return {"ok": ok, "failed": len(records) - ok}
+
+
+_noted: dict[tuple[str, str, str], None] = {}   # insertion-ordered: the oldest go first
+_noted_lock = threading.Lock()
+
+
+def _note_weights_once(store: JobStore, job_id: str, weights: str, sha256: str) -> None:
+    """The manifest's weights_sha256: one Redis write per job and checkpoint in this process, not
+    one per chunk (the last 1,024 remembered)."""
+    key = (job_id, weights, sha256)
+    with _noted_lock:
+        if key in _noted:
+            return
+    store.note_weights_sha256(job_id, weights, sha256)
+    with _noted_lock:
+        _noted[key] = None
+        while len(_noted) > 1024:
+            del _noted[next(iter(_noted))]
 
 
 #: How often a task waiting on its chunk looks whether the job was cancelled meanwhile.

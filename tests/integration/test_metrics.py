@@ -293,6 +293,7 @@ def test_metrics_port_is_served_again_after_the_memory_guard_recycles_the_worker
     port = free_port()
     env = base_env(redis_url, HARDNET_FILE_ROOTS=str(tmp_path), HARDNET_METRICS_PORT=str(port),
                    HARDNET_MAX_MEMORY_PER_CHILD_MB="100", HARDNET_CHUNKS_IN_FLIGHT="1",
+                   HARDNET_MAX_CHUNKS_IN_FLIGHT="1",   # one chunk per process image
                    HARDNET_STATE_DIR=str(tmp_path / "state"))
     w = Worker(env, "recycled", tmp_path)
     try:

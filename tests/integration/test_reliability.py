@@ -254,7 +254,8 @@ def test_poison_chunk_dead_lettered_then_redriven(redis_url, s3, s3_proxy, tmp_p
 def test_memory_guard_recycles_the_worker(env, tmp_path):
     """With a limit below a torch process's footprint the guard trips after every chunk: the worker
     restarts itself (same process id through exec) and the job still completes."""
-    env = dict(env, HARDNET_MAX_MEMORY_PER_CHILD_MB="100", HARDNET_CHUNKS_IN_FLIGHT="1")
+    env = dict(env, HARDNET_MAX_MEMORY_PER_CHILD_MB="100", HARDNET_CHUNKS_IN_FLIGHT="1",
+               HARDNET_MAX_CHUNKS_IN_FLIGHT="1")   # one chunk per process image
     _images(tmp_path / "in", 24, size=(64, 64))
     out = tmp_path / "out"
     w = Worker(env, "guarded", tmp_path)
