@@ -1,7 +1,8 @@
-"""Why the engine's stages are our own threads and bounded queues, not SPDL: the same work through
-both, measured in the same run.
+"""Why the engine's stages are our own threads and bounded queues, not SPDL or torchdata.nodes: the
+same work through each, measured in the same run.
 
-    pip install spdl==0.8.0      # only for this comparison; not a dependency of the project
+    pip install spdl==0.8.0                     # only for this comparison; not dependencies of
+    pip install --no-deps torchdata==0.11.0     # the project (--no-deps: keep our torch)
     python benchmarks/bench_stages.py [--n 2000] [--latency-ms 20] [--repeat 3]
 
 Work: N in-memory 500x375 JPEGs; "fetch" sleeps ``--latency-ms`` (a remote store's latency, GIL
@@ -14,6 +15,9 @@ as many decode threads as allowed CPUs, completion order.
 (spdl)  spdl.pipeline.PipelineBuilder: source -> pipe(fetch, concurrency=64) -> pipe(decode,
         concurrency=CPUs) -> aggregate(32) -> pipe(stack) -> sink, on a 64+CPUs thread pool;
         records are not built (less work than ours).
+(torchdata) torchdata.nodes: IterableWrapper -> ParallelMapper(fetch, 64 threads, in_order=False)
+        -> ParallelMapper(decode, CPUs threads, in_order=False) -> Batcher(32) -> Mapper(stack)
+        -> Loader; records are not built either.
 
 Prints images/s and CPU ms/image (this process, all threads) per side, median of repeats."""
 from __future__ import annotations
@@ -89,11 +93,28 @@ def main() -> None:
                 n += batch.shape[0]
         return n
 
-    sides = [("ours", ours)] + ([("spdl", spdl)] if PipelineBuilder else [])
+    try:
+        from torchdata import nodes as tdn
+    except ImportError:
+        tdn = None
+
+    def torchdata() -> int:
+        node = tdn.IterableWrapper(uris)
+        node = tdn.ParallelMapper(node, map_fn=lambda u: fetch(u).data, num_workers=64, method="thread",
+                                  in_order=False)
+        node = tdn.ParallelMapper(node, map_fn=decode_image, num_workers=cpus, method="thread",
+                                  in_order=False)
+        node = tdn.Mapper(tdn.Batcher(node, batch_size=32, drop_last=False), torch.stack)
+        return sum(batch.shape[0] for batch in tdn.Loader(node))
+
+    sides = ([("ours", ours)] + ([("spdl", spdl)] if PipelineBuilder else [])
+             + ([("torchdata", torchdata)] if tdn else []))
     print(f"bench_stages: N={a.n} JPEGs 500x375, fetch latency {a.latency_ms} ms, 64 fetches in flight, "
           f"{cpus} decode threads, batch 32, zero-cost device; load {os.getloadavg()}")
     if PipelineBuilder is None:
-        print("spdl is not installed (pip install spdl==0.8.0): only our side is measured")
+        print("spdl is not installed (pip install spdl==0.8.0): not measured")
+    if tdn is None:
+        print("torchdata is not installed (pip install --no-deps torchdata==0.11.0): not measured")
     res: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in sides}
     for r in range(a.repeat):
         for name, fn in (sides if r % 2 == 0 else sides[::-1]):
@@ -104,13 +125,12 @@ def main() -> None:
             res[name].append((n / wall, 1000 * cpu / n))
             print(f"  repeat {r + 1} {name}: {n / wall:.0f} img/s, {1000 * cpu / n:.2f} CPU ms/img", flush=True)
     eng.close()
-    print(f"\n{'side':6} {'img/s':>8} {'CPU ms/img':>11}   (median of {a.repeat})")
+    print(f"\n{'side':9} {'img/s':>8} {'CPU ms/img':>11}   (median of {a.repeat})")
     for name, rows in res.items():
-        print(f"{name:6} {statistics.median(r[0] for r in rows):8.0f} {statistics.median(r[1] for r in rows):11.2f}")
-    if "spdl" in res:
-        o = statistics.median(r[0] for r in res["ours"])
-        s = statistics.median(r[0] for r in res["spdl"])
-        print(f"ours / spdl images/s: {o / s:.2f}x")
+        print(f"{name:9} {statistics.median(r[0] for r in rows):8.0f} {statistics.median(r[1] for r in rows):11.2f}")
+    o = statistics.median(r[0] for r in res["ours"])
+    for other in [k for k in res if k != "ours"]:
+        print(f"ours / {other} images/s: {o / statistics.median(r[0] for r in res[other]):.2f}x")
     print(f"load at the end {os.getloadavg()}")
 
 

@@ -23,6 +23,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from celery.worker import state
+
+from hnq.settings import TASK_CLASSIFY
+
 log = logging.getLogger("hardnet.worker")
 
 #: the default of HARDNET_IMAGES_IN_FLIGHT, in batches of the worker's device
@@ -69,8 +73,6 @@ class Admission:
 def chunk_size_of(request) -> int | None:
     """The image count a reserved classify request's message declares (v2+ messages carry it);
     0 for other tasks (finalize, sweep: no images)."""
-    from hnq.settings import TASK_CLASSIFY
-
     if getattr(request, "name", None) != TASK_CLASSIFY:
         return 0
     args = getattr(request, "args", None) or ()
@@ -82,8 +84,6 @@ def chunk_size_of(request) -> int | None:
 def held_chunk_sizes() -> list[int | None]:
     """Image counts of the requests this worker has received and not finished (Celery's state;
     its WeakSet may change under us from a pool thread: take the snapshot again then)."""
-    from celery.worker import state
-
     for _ in range(5):
         try:
             reqs = list(state.reserved_requests)

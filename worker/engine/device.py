@@ -17,8 +17,8 @@ traced to TorchScript (``HARDNET_TORCHSCRIPT``, on by default there): an eager f
 re-takes the GIL around each of its hundreds of ops, and in a worker, whose fetch, decode and Celery
 threads take the GIL thousands of times a second, every re-take can wait. The traced forward is
 one call that holds the GIL only at its ends. Measured (benchmarks/bench_engine.py latency39,
-hardnet39ds through the queue, in one run): 0.75-0.78x the scaled model limit traced against
-0.67-0.68x eager; the same ops, so the same numbers (tests/unit/test_engine.py)."""
+hardnet39ds through the queue, docs/performance.md): 0.74-0.78x the scaled model limit traced
+against 0.67-0.71x eager; the same ops, so the same numbers (tests/unit/test_engine.py)."""
 from __future__ import annotations
 
 import logging
@@ -66,8 +66,9 @@ def trace(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     t0 = time.monotonic()
     try:
         with torch.inference_mode(), warnings.catch_warnings():
-            # torch.jit is deprecated in favour of torch.compile / torch.export; neither gives a
-            # forward that runs without the GIL on the CPU without compiling for minutes here.
+            # torch.jit is deprecated in favour of torch.compile / torch.export. An exported
+            # program runs op by op in Python again; torch.compile (HARDNET_COMPILE) builds C++
+            # kernels at start-up. A trace is one call, built in 1-2 s (hardnet39ds / 68 here).
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*deprecated.*")
