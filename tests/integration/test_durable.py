@@ -111,7 +111,8 @@ def test_queue_list_deleted_mid_job_sweeper_heals_it(env, redis_url, tmp_path):
     n = 96
     _images(tmp_path / "in", n)
     out = tmp_path / "out"
-    env = dict(env, HARDNET_SWEEP_INTERVAL="2")
+    # at most 4 chunks held (worker.admission would take all 12 small ones): the rest wait in the list
+    env = dict(env, HARDNET_SWEEP_INTERVAL="2", HARDNET_MAX_CHUNKS_IN_FLIGHT="4")
     w = Worker(env, "sweeper", tmp_path)
     try:
         w.wait_ready()

@@ -124,7 +124,11 @@ def test_flower_shows_the_worker_and_its_tasks(fleet, job):
     base = fleet["flower"]
     workers = _get_json(base + "/api/workers?refresh=1")  # answered by `celery inspect` (threads pool)
     assert fleet["name"] in workers
-    assert workers[fleet["name"]]["stats"]["pool"]["max-concurrency"] == 4
+    from worker.settings import WorkerSettings
+
+    # the threads pool is HARDNET_MAX_CHUNKS_IN_FLIGHT (worker.admission decides how many it uses)
+    pool = WorkerSettings.model_fields["max_chunks_in_flight"].default
+    assert workers[fleet["name"]]["stats"]["pool"]["max-concurrency"] == pool
     deadline = time.monotonic() + 30
     while True:
         tasks = _get_json(base + "/api/tasks")
