@@ -20,8 +20,8 @@ class BoundedQueue:
     Producers blocked on a full queue are woken in groups, when it has drained to half its bounds
     (hysteresis), not one per ``get``: with fetchers faster than decoding the queue sits full, and
     waking a fetcher for every decoded image cost two context switches with the GIL held (the woken
-    thread preempts its waker, then waits for the GIL): 18% of the GIL-held samples of the engine
-    with a zero-cost model (py-spy --gil). Consumers are woken only when one is waiting."""
+    thread preempts its waker, then waits for the GIL): about 17% of the stage threads GIL-held samples
+    of the engine with a zero-cost model (py-spy --gil). Consumers are woken only when one waits."""
 
     def __init__(self, max_items: int, max_bytes: int):
         self.max_items = max_items
