@@ -17,11 +17,12 @@ class BoundedQueue:
     """FIFO bounded by item count and by the sum of the items' sizes (an item larger than the
     byte bound alone still passes when the queue is empty, so nothing can wedge it).
 
-    Producers blocked on a full queue are woken in groups, when it has drained to half its bounds
-    (hysteresis), not one per ``get``: with fetchers faster than decoding the queue sits full, and
-    waking a fetcher for every decoded image cost two context switches with the GIL held (the woken
-    thread preempts its waker, then waits for the GIL): about 17% of the stage threads GIL-held samples
-    of the engine with a zero-cost model (py-spy --gil). Consumers are woken only when one waits."""
+    Producers blocked on a full queue are woken only once it has drained below half its bounds
+    (hysteresis), not on every ``get``: with fetchers faster than decoding the queue sits full, and
+    waking a fetcher for every decoded image cost two context switches with the GIL held (the
+    woken thread preempts its waker, then waits for the GIL): about 17% of the stage threads'
+    GIL-held samples with a zero-cost model (py-spy --gil). Consumers are woken only when one
+    waits."""
 
     def __init__(self, max_items: int, max_bytes: int):
         self.max_items = max_items
