@@ -23,7 +23,8 @@ from hnq.objects import with_precoded
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
 from worker import metrics
-from worker.app import app, settings
+from worker.admission import BATCHES_IN_FLIGHT
+from worker.app import admission, app, settings
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("hardnet.worker")
@@ -45,9 +46,6 @@ class Context:
         self.engines = EnginePool(self._build, s.max_engines, close=self._close)
         first = self.engine(s.model)
         clf = first.classifier
-        from worker.admission import BATCHES_IN_FLIGHT
-        from worker.app import admission
-
         # Now that the device's batch size is known: the images a worker holds in flight.
         admission.configure(s.images_in_flight or BATCHES_IN_FLIGHT * clf.batch_size)
         self.summary = (

@@ -69,9 +69,7 @@ def trace(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
             # torch.jit is deprecated in favour of torch.compile / torch.export. An exported
             # program runs op by op in Python again; torch.compile (HARDNET_COMPILE) builds C++
             # kernels at start-up. A trace is one call, built in 1-2 s (hardnet39ds / 68 here).
-            warnings.simplefilter("ignore", category=FutureWarning)
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*deprecated.*")
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
             traced = torch.jit.trace(net, torch.zeros((2, 3, CROP, CROP), device=device),
                                      check_trace=False)
     except Exception as e:  # noqa: BLE001
