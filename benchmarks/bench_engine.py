@@ -1,6 +1,6 @@
 """The streaming engine against its limits, measured in the same run (issue 7's figures).
 
-    python benchmarks/bench_engine.py [--scenarios default68,latency39,plumbing,rss] [--n-latency 1024]
+    python benchmarks/bench_engine.py [--scenarios default68,latency39,plumbing,ceiling,rss] [--n-latency 1024]
 
 Scenarios (each prints its figures and its ratio to a baseline measured in the same run):
 
@@ -22,6 +22,15 @@ plumbing   the same engine in this process with a zero-cost stand-in for what th
            end-to-end images/s over --n-plumbing images (a stream long enough for the steady
            state) against the decode-only rate of the same cores (decode_image over the same
            bytes in as many threads).
+ceiling    the engine's own cost per image, as on a GPU worker (batch 256, a decode thread per
+           core): fetch hands back a constant blob, decode a constant image, the device stage
+           stacks each batch into a preallocated buffer and returns a constant top-5
+           (benchmarks/_common.StackingRunner); the records are the worker's. Images/s, process CPU
+           and context switches per image over --n-ceiling images, for each of --ceiling-variants
+           (default: 256 fetch threads, a GPU worker's default; 16; and 256 with Python's own GC
+           threshold of 700 instead of the engine's HARDNET_GC_THRESHOLD), interleaved, against the
+           decode-only rate of the same cores (as in plumbing): how far the engine itself is from
+           being the bottleneck.
 rss        a worker (hardnet39ds) labels 20,000 URIs (a list cycling over the generated files);
            its RSS is sampled every second; growth after the first 2,000 images (warm-up) is
            reported as (max - value at warm-up) / value at warm-up.
@@ -258,13 +267,102 @@ def scenario_plumbing(tmp: Path, a) -> None:
             rows.append((dec, e2e))
             log(f"  repeat {r + 1}: decode-only {dec:.0f} img/s, engine end to end {e2e:.0f} img/s, "
                 f"ratio {e2e / dec:.2f}")
-        log(f"  engine: {eng.summary()}")
+        log(f"  {eng.summary()}")
     finally:
         eng.close()
     ratios = sorted(e / d for d, e in rows)
     med = ratios[len(ratios) // 2]
     log(f"RESULT plumbing ({threads} decode threads): median ratio engine/decode-only = {med:.2f}x "
         f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.85x)")
+
+
+def ceiling_one(variant: str, n: int) -> dict:
+    """One ceiling measurement in this (fresh) process, as a worker has it: one engine."""
+    import gc
+    import resource
+
+    import torch
+
+    from _common import StackingRunner
+    from hnq.storage import Fetched
+    from worker.engine import Engine, EngineConfig, allowed_cpus
+    from worker.pipeline.predict import Classifier
+
+    ft, _, g = variant.partition(":gc")
+    batch = 256
+    clf = Classifier("hardnet39ds", "random", device="cpu", batch_size=batch)
+    image = torch.zeros((3, 224, 224), dtype=torch.uint8)
+    blob = photo_like_jpeg(500, 375, seed=1)
+    got = Fetched(data=blob, etag='"0123456789abcdef"', size=len(blob))
+    eng = Engine(fetch=lambda uri: got, decode=lambda data: image, runner=StackingRunner(batch),
+                 record=clf.record, cfg=EngineConfig(batch_size=batch, fetch_threads=int(ft),
+                                                     decode_threads=allowed_cpus()))
+    if g:
+        gc.set_threshold(int(g), *gc.get_threshold()[1:])
+    uris = [f"s3://bench-bucket/images/{i:08d}.jpg" for i in range(n)]
+    try:
+        for m in (2048, n):      # a warm-up run, then the measured one
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0, c0 = time.perf_counter(), time.process_time()
+            chunks = [eng.submit(uris[i:i + 512], job_id="bench") for i in range(0, m, 512)]
+            recs = [x for c in chunks for x in c.result()]
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            assert len(recs) == m and all(x.status == "ok" for x in recs)
+            del recs, chunks
+        return {"rate": n / wall, "us": 1e6 * cpu / n, "gc": gc.get_threshold()[0],
+                "switches": (ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw) / n,
+                "summary": eng.summary()}
+    finally:
+        eng.close()
+
+
+def scenario_ceiling(tmp: Path, a) -> None:
+    n = a.n_ceiling
+    variants = [x.strip() for x in a.ceiling_variants.split(",") if x.strip()]
+    log(f"\n== ceiling: the engine with zero-cost fetch, decode and device stages, {n} images, "
+        f"batch 256, variants {variants} (fetch threads[:gc threshold]), each measurement in a "
+        "fresh process (one engine, as in a worker), interleaved")
+    from worker.engine import allowed_cpus
+    from worker.pipeline.decode import decode_image
+
+    blobs = [p.read_bytes() for p in make_images(tmp / "ceil", 256)]
+    blobs = [blobs[i % len(blobs)] for i in range(2048)]
+    threads = allowed_cpus()
+    rows: dict[str, list] = {v: [] for v in variants}
+    decs = []
+    for r in range(a.repeat):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(decode_image, blobs))
+        decs.append(len(blobs) / (time.perf_counter() - t0))
+        log(f"  repeat {r + 1}: decode-only {decs[-1]:.0f} img/s")
+        for v in variants:
+            p = subprocess.run([sys.executable, __file__, "--ceiling-one", v, "--n-ceiling", str(n)],
+                               capture_output=True, text=True, timeout=600,
+                               env={k: x for k, x in os.environ.items() if k != "MALLOC_ARENA_MAX"})
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+            if not lines:
+                log(f"    {v:>10}: failed rc={p.returncode}: {p.stderr[-500:]}")
+                continue
+            m = json.loads(lines[-1])
+            rows[v].append(m)
+            log(f"    {v:>10}: {m['rate']:.0f} img/s, {m['us']:.0f} us CPU and {m['switches']:.2f} "
+                f"context switches per image (GC threshold {m['gc']})")
+    for v in variants:
+        if rows[v]:
+            log(f"  {v}, last run: {rows[v][-1]['summary']}")
+    dec = sorted(decs)[len(decs) // 2]
+    for v in variants:
+        if not rows[v]:
+            continue
+        med = {k: sorted(m[k] for m in rows[v])[len(rows[v]) // 2] for k in ("rate", "us", "switches")}
+        ft, _, g = v.partition(":gc")
+        log(f"RESULT ceiling, {ft} fetch threads, GC threshold {g or rows[v][0]['gc']} ({threads} CPUs): "
+            f"median {med['rate']:.0f} img/s, {med['us']:.0f} us CPU and {med['switches']:.2f} context "
+            f"switches per image; {med['rate'] / dec:.1f}x the decode-only rate of these cores "
+            f"({dec:.0f} img/s, median); at 10,000 img/s the engine alone would take "
+            f"{med['us'] * 1e4 / 1e6:.1f} cores of CPU")
 
 
 def scenario_rss(tmp: Path, a) -> None:
@@ -316,13 +414,14 @@ def scenario_rss(tmp: Path, a) -> None:
 
 
 SCENARIOS = {"default68": scenario_default68, "latency39": scenario_latency39,
-             "plumbing": scenario_plumbing, "rss": scenario_rss}
+             "plumbing": scenario_plumbing, "ceiling": scenario_ceiling, "rss": scenario_rss}
 
 
 def main() -> None:
-    # `plumbing` measures the engine's own overhead, which matters on a GPU worker: it runs with
-    # glibc's arenas as a GPU worker does (a child process when other scenarios run too).
-    alone = sys.argv[1:] and "--plumbing-child" in sys.argv
+    # `plumbing` and `ceiling` measure the engine's own overhead, which matters on a GPU worker: they
+    # run with glibc's arenas as a GPU worker does (child processes: plumbing's one when other
+    # scenarios run too, ceiling's one per measurement).
+    alone = "--plumbing-child" in sys.argv or "--ceiling-one" in sys.argv
     reexec_with_malloc_tuning(cpu_worker=not alone)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default="default68,latency39,plumbing")
@@ -333,13 +432,22 @@ def main() -> None:
                     help="worker settings compared by latency39, ';'-separated NAME[:ENV=V,ENV=V]; "
                     "fixed4 = 4 chunks in flight whatever their size (the behaviour before admission by images)")
     ap.add_argument("--n-plumbing", type=int, default=4096)
+    ap.add_argument("--n-ceiling", type=int, default=20_000)
+    ap.add_argument("--ceiling-variants", default="256,16,256:gc700",
+                    help="compared by ceiling: FT[:gcN] = fetch threads (256: a GPU worker's default) "
+                    "[and Python's first GC threshold during the run; default the engine's; 700 is "
+                    "Python's own]")
     ap.add_argument("--n-rss", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--plumbing-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ceiling-one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore", message=".*RANDOM, untrained weights.*")
+    if a.ceiling_one:
+        print(json.dumps(ceiling_one(a.ceiling_one, a.n_ceiling)), flush=True)
+        return
     import torch
 
     log(f"bench_engine {datetime.now().isoformat(timespec='seconds')}  python {platform.python_version()}, "
@@ -348,7 +456,7 @@ def main() -> None:
         for name in [x.strip() for x in a.scenarios.split(",") if x.strip()]:
             if name == "plumbing" and not a.plumbing_child:
                 sys.stdout.flush()
-                subprocess.run([sys.executable, __file__, "--scenarios", "plumbing", "--plumbing-child",
+                subprocess.run([sys.executable, __file__, "--scenarios", name, "--plumbing-child",
                                 "--n-plumbing", str(a.n_plumbing), "--repeat", str(a.repeat)],
                                env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"})
                 continue

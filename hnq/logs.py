@@ -32,7 +32,9 @@ _REDACTED = "***"
 
 def redact(text: str) -> str:
     """``text`` with URL passwords and credential query parameters replaced by ***."""
-    if "://" not in text and "=" not in text:
+    # Each pattern needs its marker ("=" of a parameter, "@" after a URL's userinfo): most URIs
+    # have neither, and every record's URI passes through here.
+    if "=" not in text and ("@" not in text or "://" not in text):
         return text
     text = _USERINFO_RE.sub(lambda m: f"{m.group(1)}:{_REDACTED}@", text)
     return _PARAM_RE.sub(lambda m: m.group(1) + _REDACTED, text)

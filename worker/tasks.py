@@ -83,7 +83,7 @@ class Context:
                            decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
                            retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
                            torchscript=s.torchscript,
-                           decode=s.decode,
+                           decode=s.decode, gc_threshold=s.gc_threshold,
                            warm_up=clf.device.type == "cuda" or s.compile)
         metrics.instrument(eng, model)
         metrics.engine_loaded(model, clf.device, time.monotonic() - t0)

@@ -21,7 +21,7 @@ def default_fetch_threads(device_type: str) -> int:
 def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0,
                  batch_wait_s: float = 0.01, retry: RetryPolicy | None = None,
                  compile: bool = False, cuda_graphs: bool = False, torchscript: str = "auto",
-                 decode: str = "cpu", warm_up: bool = False) -> Engine:
+                 decode: str = "cpu", warm_up: bool = False, gc_threshold: int = 10_000) -> Engine:
     """``decode``: cpu | gpu | auto (HARDNET_DECODE): batched nvJPEG for baseline JPEGs on a CUDA
     device (worker.pipeline.gpu_decode), CPU threads for everything else."""
     from hnq.storage import fetch
@@ -47,6 +47,7 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
         retry=retry or RetryPolicy(),
         batch_decode=batch_decode,
         gpu_eligible=eligible,
+        gc_threshold=gc_threshold,
     )
     engine = Engine(fetch=lambda uri: fetch(uri, policy), decode=clf.decode, runner=runner,
                     record=clf.record, cfg=cfg)

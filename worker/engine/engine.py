@@ -15,13 +15,14 @@ not SPDL or torchdata.nodes: this is a long-lived service fed by many callers, w
 also be cut on idleness, and whose items come back for retries)."""
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 from hnq.errors import ErrorCode, HardnetError, ImageError, TransientError
-from hnq.schema import Label, ResultRecord
+from hnq.schema import ResultRecord
 from worker.engine.batch import Batcher
 from worker.engine.decode import DecodeStage
 from worker.engine.device import DeviceRunner
@@ -60,6 +61,21 @@ class EngineConfig:
     #: and which blobs it takes (the others are decoded on the CPU threads)
     batch_decode: object = None
     gpu_eligible: object = None
+    #: Python's first cyclic-GC threshold while the engine runs (only ever raised; 0 = leave it):
+    #: see :func:`raise_gc_threshold`
+    gc_threshold: int = 10_000
+
+
+def raise_gc_threshold(threshold: int) -> None:
+    """Young collections every ``threshold`` allocations instead of Python's 700 (process-wide;
+    never lowered). Every image leaves a record of a dozen GC-tracked objects (pydantic model, its
+    dict, labels) alive until its chunk is written; with the default, the collector rescans the
+    records in flight (and, at each older collection, the worker's whole heap: torch, Celery) so
+    often that it cost more than building them: 42 us against 11 us per record kept alive in one
+    thread, and 1.6x the engine's own images/s at 10,000 (benchmarks/bench_engine.py ceiling). The
+    objects are acyclic and freed by reference counting; only genuine cycles wait longer."""
+    if threshold > gc.get_threshold()[0]:
+        gc.set_threshold(threshold, *gc.get_threshold()[1:])
 
 
 class _Item:
@@ -164,6 +180,7 @@ class Engine:
 
     def __init__(self, *, fetch, decode, runner: DeviceRunner, record, cfg: EngineConfig):
         self.cfg = cfg
+        raise_gc_threshold(cfg.gc_threshold)
         self.runner = runner
         self.record = record
         #: the Classifier behind ``decode``/``record`` when built by :func:`build_engine`
@@ -316,7 +333,9 @@ class Engine:
         t1 = time.monotonic()
         for it, srow, irow in zip(items, scores, idx):
             k = it.chunk.top_k
-            top = [Label(index=j, label=IMAGENET_CATEGORIES[j], score=round(s, 6))
+            # plain dicts: the record validates them into Labels in pydantic-core, cheaper than a
+            # Label() call each (every image of every batch passes here, with the GIL held)
+            top = [{"index": j, "label": IMAGENET_CATEGORIES[j], "score": round(s, 6)}
                    for s, j in zip(srow[:k], irow[:k])]
             it.chunk.put(it.index, self.record(it.uri, top, job_id=it.chunk.job_id, etag=it.etag,
                                                size=it.size))

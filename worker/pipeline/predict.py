@@ -141,8 +141,9 @@ class Classifier:
             "max_prob_diff": (ref - low).abs().max().item(),
         }
 
-    def record(self, uri: str, top: list[Label] | None = None, error: HardnetError | None = None,
-               **extra) -> ResultRecord:
+    def record(self, uri: str, top: list[Label] | list[dict] | None = None,
+               error: HardnetError | None = None, **extra) -> ResultRecord:
+        """``top``: Labels, or dicts of their fields (validated into Labels here)."""
         if error is not None:
             return ResultRecord.failure(uri, error.code, error.message, self.model_name,
                                         weights=self.weights, **extra)
