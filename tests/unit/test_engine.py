@@ -369,3 +369,56 @@ def test_batched_decode_path_routes_eligible_blobs_and_isolates_failures(clf):
         assert eng.stats()["decode"]["items"] == 24
     finally:
         eng.close()
+
+
+def test_the_engine_raises_the_gc_threshold_and_never_lowers_it(clf):
+    import gc
+
+    from worker.engine.engine import raise_gc_threshold
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        raise_gc_threshold(0)
+        assert gc.get_threshold() == (700, 10, 10)
+        eng = make_engine(clf, Store(1))        # EngineConfig's default: 10,000
+        eng.close()
+        assert gc.get_threshold() == (10_000, 10, 10)
+        raise_gc_threshold(5_000)
+        assert gc.get_threshold() == (10_000, 10, 10)
+    finally:
+        gc.set_threshold(*saved)
+
+
+def test_young_collections_during_a_run_follow_the_threshold(clf):
+    """Why the engine raises the threshold: each image's record (a dozen GC-tracked objects) stays
+    alive until its chunk is done, and every young collection rescans what has not been freed."""
+    import gc
+
+    store = Store(64)
+    eng = make_engine(clf, store, batch=32)
+    saved = gc.get_threshold()
+    runs: list[int] = []
+
+    def count(phase, info):
+        if phase == "start" and info["generation"] == 0:
+            runs.append(1)
+
+    collections = {}
+    try:
+        eng.submit(store.uris).result(120)          # warm-up: the first batch, lazy imports
+        gc.callbacks.append(count)
+        for threshold in (700, 10_000):
+            gc.set_threshold(threshold, 10, 10)
+            runs.clear()
+            chunks = [eng.submit(store.uris) for _ in range(8)]
+            recs = [r for c in chunks for r in c.result(120)]
+            collections[threshold] = len(runs)
+            assert len(recs) == 512 and all(r.status == "ok" for r in recs)
+    finally:
+        if count in gc.callbacks:
+            gc.callbacks.remove(count)
+        gc.set_threshold(*saved)
+        eng.close()
+    print(f"young collections over 512 images: {collections}")
+    assert collections[700] >= 3 * max(1, collections[10_000])
