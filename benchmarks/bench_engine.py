@@ -27,8 +27,9 @@ ceiling    the engine's own cost per image, as on a GPU worker (batch 256, a dec
            stacks each batch into a preallocated buffer and returns a constant top-5
            (benchmarks/_common.StackingRunner); the records are the worker's. Images/s, process CPU
            and context switches per image over --n-ceiling images, for each of --ceiling-variants
-           (default: 256 fetch threads, a GPU worker's default; 16; and 256 with Python's own GC
-           threshold of 700 instead of the engine's HARDNET_GC_THRESHOLD), interleaved, against the
+           (default: at most 256 fetch threads, a GPU worker's default, started on demand; 256
+           started at once, as before; at most 16; and 256 with Python's own GC threshold of 700
+           instead of the engine's HARDNET_GC_THRESHOLD), interleaved, against the
            decode-only rate of the same cores (as in plumbing): how far the engine itself is from
            being the bottleneck.
 rss        a worker (hardnet39ds) labels 20,000 URIs (a list cycling over the generated files);
@@ -276,6 +277,21 @@ def scenario_plumbing(tmp: Path, a) -> None:
         f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.85x)")
 
 
+def parse_ceiling_variant(v: str) -> tuple[int, int | None, int | None]:
+    """"FT[:gcN][:all]" -> (most fetch threads, GC threshold or None, fetch threads started at
+    once: FT with ":all" (all of them, as before the stage grew on demand), else None)."""
+    ft, *opts = v.split(":")
+    g = first = None
+    for o in opts:
+        if o.startswith("gc"):
+            g = int(o[2:])
+        elif o == "all":
+            first = int(ft)
+        else:
+            raise SystemExit(f"ceiling variant {v!r}: unknown option {o!r}")
+    return int(ft), g, first
+
+
 def ceiling_one(variant: str, n: int) -> dict:
     """One ceiling measurement in this (fresh) process, as a worker has it: one engine."""
     import gc
@@ -286,19 +302,21 @@ def ceiling_one(variant: str, n: int) -> dict:
     from _common import StackingRunner
     from hnq.storage import Fetched
     from worker.engine import Engine, EngineConfig, allowed_cpus
+    from worker.engine.fetch import FIRST_THREADS
     from worker.pipeline.predict import Classifier
 
-    ft, _, g = variant.partition(":gc")
+    ft, g, first = parse_ceiling_variant(variant)
     batch = 256
     clf = Classifier("hardnet39ds", "random", device="cpu", batch_size=batch)
     image = torch.zeros((3, 224, 224), dtype=torch.uint8)
     blob = photo_like_jpeg(500, 375, seed=1)
     got = Fetched(data=blob, etag='"0123456789abcdef"', size=len(blob))
     eng = Engine(fetch=lambda uri: got, decode=lambda data: image, runner=StackingRunner(batch),
-                 record=clf.record, cfg=EngineConfig(batch_size=batch, fetch_threads=int(ft),
+                 record=clf.record, cfg=EngineConfig(batch_size=batch, fetch_threads=ft,
+                                                     first_fetch_threads=first or FIRST_THREADS,
                                                      decode_threads=allowed_cpus()))
     if g:
-        gc.set_threshold(int(g), *gc.get_threshold()[1:])
+        gc.set_threshold(g, *gc.get_threshold()[1:])
     uris = [f"s3://bench-bucket/images/{i:08d}.jpg" for i in range(n)]
     try:
         for m in (2048, n):      # a warm-up run, then the measured one
@@ -311,6 +329,7 @@ def ceiling_one(variant: str, n: int) -> dict:
             assert len(recs) == m and all(x.status == "ok" for x in recs)
             del recs, chunks
         return {"rate": n / wall, "us": 1e6 * cpu / n, "gc": gc.get_threshold()[0],
+                "threads": eng.fetcher.threads,
                 "switches": (ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw) / n,
                 "summary": eng.summary()}
     finally:
@@ -321,7 +340,7 @@ def scenario_ceiling(tmp: Path, a) -> None:
     n = a.n_ceiling
     variants = [x.strip() for x in a.ceiling_variants.split(",") if x.strip()]
     log(f"\n== ceiling: the engine with zero-cost fetch, decode and device stages, {n} images, "
-        f"batch 256, variants {variants} (fetch threads[:gc threshold]), each measurement in a "
+        f"batch 256, variants {variants} (fetch threads[:gc threshold][:all started]), each measurement in a "
         "fresh process (one engine, as in a worker), interleaved")
     from worker.engine import allowed_cpus
     from worker.pipeline.decode import decode_image
@@ -347,8 +366,8 @@ def scenario_ceiling(tmp: Path, a) -> None:
                 continue
             m = json.loads(lines[-1])
             rows[v].append(m)
-            log(f"    {v:>10}: {m['rate']:.0f} img/s, {m['us']:.0f} us CPU and {m['switches']:.2f} "
-                f"context switches per image (GC threshold {m['gc']})")
+            log(f"    {v:>11}: {m['rate']:.0f} img/s, {m['us']:.0f} us CPU and {m['switches']:.2f} "
+                f"context switches per image (GC threshold {m['gc']}, {m['threads']} fetch threads started)")
     for v in variants:
         if rows[v]:
             log(f"  {v}, last run: {rows[v][-1]['summary']}")
@@ -357,8 +376,8 @@ def scenario_ceiling(tmp: Path, a) -> None:
         if not rows[v]:
             continue
         med = {k: sorted(m[k] for m in rows[v])[len(rows[v]) // 2] for k in ("rate", "us", "switches")}
-        ft, _, g = v.partition(":gc")
-        log(f"RESULT ceiling, {ft} fetch threads, GC threshold {g or rows[v][0]['gc']} ({threads} CPUs): "
+        log(f"RESULT ceiling {v} ({threads} CPUs, GC threshold {rows[v][0]['gc']}, "
+            f"{rows[v][-1]['threads']} fetch threads started): "
             f"median {med['rate']:.0f} img/s, {med['us']:.0f} us CPU and {med['switches']:.2f} context "
             f"switches per image; {med['rate'] / dec:.1f}x the decode-only rate of these cores "
             f"({dec:.0f} img/s, median); at 10,000 img/s the engine alone would take "
@@ -433,10 +452,10 @@ def main() -> None:
                     "fixed4 = 4 chunks in flight whatever their size (the behaviour before admission by images)")
     ap.add_argument("--n-plumbing", type=int, default=4096)
     ap.add_argument("--n-ceiling", type=int, default=20_000)
-    ap.add_argument("--ceiling-variants", default="256,16,256:gc700",
-                    help="compared by ceiling: FT[:gcN] = fetch threads (256: a GPU worker's default) "
-                    "[and Python's first GC threshold during the run; default the engine's; 700 is "
-                    "Python's own]")
+    ap.add_argument("--ceiling-variants", default="256,256:all,16,256:gc700",
+                    help="compared by ceiling: FT[:gcN][:all] = most fetch threads (256: a GPU worker's "
+                    "default) [Python's first GC threshold during the run instead of the engine's; "
+                    "700 is Python's own] [all FT started at once instead of on demand]")
     ap.add_argument("--n-rss", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--plumbing-child", action="store_true", help=argparse.SUPPRESS)

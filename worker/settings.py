@@ -50,7 +50,9 @@ class WorkerSettings(CommonSettings):
     amp: bool | None = Field(
         None, description="fp16 autocast + channels_last on CUDA. Unset = on for CUDA, off for CPU.")
     fetch_threads: int = Field(
-        0, ge=0, le=1024, description="Downloads in flight per worker; 0 = 256 on a GPU, 64 on the CPU.")
+        0, ge=0, le=1024, description="Most downloads in flight per worker; 0 = 256 on a GPU, 64 on "
+        "the CPU. A worker starts 8 fetch threads and adds more, up to this, while every one of "
+        "them is waiting on the store and decoding could take more.")
     decode_threads: int = Field(
         0, ge=0, le=256, description="Threads decoding and resizing images; 0 = the CPUs this "
         "process may use (affinity mask and cgroup quota).")

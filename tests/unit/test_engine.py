@@ -422,3 +422,38 @@ def test_young_collections_during_a_run_follow_the_threshold(clf):
         eng.close()
     print(f"young collections over 512 images: {collections}")
     assert collections[700] >= 3 * max(1, collections[10_000])
+
+
+def _fetch_items(n: int):
+    from types import SimpleNamespace
+
+    from worker.engine.engine import _Item
+
+    chunk = SimpleNamespace(closed=False)
+    return [_Item(chunk, i, f"mem://img/{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("items, has_room, expected", [
+    (96, True, 24),     # every fetcher waits on the store, more items ready: grows to the maximum
+    (96, False, 4),     # decoding is behind (its queue above half): more fetchers would not help
+    (3, True, 4),       # nothing more is ready: no fetcher to add
+])
+def test_fetchers_are_added_only_while_the_store_is_what_holds_back(items, has_room, expected):
+    from worker.engine.fetch import FetchStage
+
+    got = threading.Semaphore(0)
+
+    def slow_fetch(uri):
+        time.sleep(0.15)
+        return Fetched(data=b"x", etag=None, size=1)
+
+    stage = FetchStage(slow_fetch, 24, FAST_RETRY, lambda item, fetched: got.release(),
+                       lambda *a: None, has_room=lambda: has_room, first_threads=4)
+    try:
+        assert stage.threads == 4
+        stage.submit(_fetch_items(items))
+        for _ in range(items):
+            assert got.acquire(timeout=60)
+        assert stage.threads == expected
+    finally:
+        stage.close()

@@ -102,6 +102,10 @@ class BoundedQueue:
         with self._not_empty:
             return len(self._q), self._bytes
 
+    def below_half(self) -> bool:
+        """Below half its bounds (items and bytes); read without the lock, as a hint."""
+        return len(self._q) < self._low_items and self._bytes < self._low_bytes
+
 
 class DecodeStage:
     """``threads`` decoders calling ``decode(bytes) -> tensor`` and handing the image to
@@ -191,6 +195,11 @@ class DecodeStage:
                 else:
                     it.image = r
                     self.on_decoded(it)
+
+    def has_room(self) -> bool:
+        """Could decoding take images faster than they come (its queues below half)? The fetch
+        stage adds fetchers only then."""
+        return self.queue.below_half() and (self.gpu_queue is None or self.gpu_queue.below_half())
 
     def depth(self) -> tuple[int, int]:
         n, b = self.queue.depth()

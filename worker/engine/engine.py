@@ -26,7 +26,7 @@ from hnq.schema import ResultRecord
 from worker.engine.batch import Batcher
 from worker.engine.decode import DecodeStage
 from worker.engine.device import DeviceRunner
-from worker.engine.fetch import FetchStage, RetryPolicy
+from worker.engine.fetch import FIRST_THREADS, FetchStage, RetryPolicy
 from worker.engine.stats import BatchStats, Clock, StageStats
 from worker.model.labels import IMAGENET_CATEGORIES
 
@@ -45,7 +45,10 @@ class ChunkCancelled(HardnetError):
 @dataclass(frozen=True)
 class EngineConfig:
     batch_size: int
+    #: most fetch threads; the stage starts first_fetch_threads and adds more as the store's
+    #: latency asks for them (worker.engine.fetch.FetchStage)
     fetch_threads: int = 64
+    first_fetch_threads: int = FIRST_THREADS
     decode_threads: int = 2
     #: how long a short batch may wait for more images while more are on their way
     batch_wait_s: float = 0.01
@@ -192,7 +195,9 @@ class Engine:
                                    max_bytes=cfg.max_fetched_bytes,
                                    batch_decode=cfg.batch_decode, eligible=cfg.gpu_eligible,
                                    batch=cfg.batch_size)
-        self.fetcher = FetchStage(fetch, cfg.fetch_threads, cfg.retry, self._fetched, self._failed)
+        self.fetcher = FetchStage(fetch, cfg.fetch_threads, cfg.retry, self._fetched, self._failed,
+                                  has_room=self.decoder.has_room,
+                                  first_threads=cfg.first_fetch_threads)
         self.batches = BatchStats()
         self.records_stats = StageStats("records")
         self._chunks_lock = threading.Lock()
@@ -231,7 +236,9 @@ class Engine:
         ready, upstream = self.batcher.depth()
         return {
             "uptime_s": round(self.clock.elapsed(), 1),
-            "fetch": self.fetcher.stats.snapshot(), "decode": self.decoder.stats.snapshot(),
+            "fetch": {**self.fetcher.stats.snapshot(), "threads": self.fetcher.threads,
+                      "max_threads": self.fetcher.max_threads},
+            "decode": self.decoder.stats.snapshot(),
             "device": self.batches.snapshot(), "records": self.records_stats.snapshot(),
             "queues": {"to_fetch": fq, "to_decode": dq, "to_decode_bytes": dbytes,
                        "ready": ready, "in_flight": upstream + ready},
@@ -244,6 +251,7 @@ class Engine:
         return (f"engine: batches={d['batches']} mean={d['mean']} largest={d['largest']} "
                 f"images={d['images']} fetch_retries={s['fetch']['retries']} "
                 f"in_flight={s['queues']['in_flight']} chunks_in_flight={s['chunks_in_flight']} "
+                f"fetch_threads={s['fetch']['threads']} "
                 f"busy_s fetch={s['fetch']['busy_s']:.0f} decode={s['decode']['busy_s']:.0f} "
                 f"device={d['busy_s']:.1f} of {s['uptime_s']:.0f}s up")
 

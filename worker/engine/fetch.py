@@ -81,29 +81,79 @@ class WorkQueue:
         with self._cv:
             return len(self._now) + len(self._later)
 
+    def ready(self) -> int:
+        """Items to fetch now, read without the lock (a hint)."""
+        return len(self._now)
+
+
+#: fetch threads a stage starts with; it adds more, up to its maximum, as the store's latency
+#: asks for them (FetchStage._grow)
+FIRST_THREADS = 8
+
 
 class FetchStage:
-    """``threads`` fetchers. Each takes an item, calls ``fetch(uri)`` and hands the result to
-    ``on_fetched(item, fetched)`` (which may block: that is the back-pressure from decoding),
-    or ``on_failed(item, error, transient)`` when the image gets an error record."""
+    """Up to ``threads`` fetchers. Each takes an item, calls ``fetch(uri)`` and hands the result
+    to ``on_fetched(item, fetched)`` (which may block: that is the back-pressure from decoding),
+    or ``on_failed(item, error, transient)`` when the image gets an error record.
+
+    It starts :data:`FIRST_THREADS` fetchers and adds one when a fetcher is about to fetch while
+    every other fetcher is inside a fetch, more items are ready, and ``has_room()`` says the next
+    stage could take more (its queue is below half): waiting on the store is then what holds the
+    pipeline back. Against a distant store it grows to the maximum within about one round trip,
+    since every fetch that starts can add a fetcher. Against a store that answers at once, fetchers are
+    rarely all inside a fetch and it stays small: with an instant store, 256 runnable fetchers
+    mostly hand the GIL to each other and cost the engine's own rate 1.4x against 16
+    (benchmarks/bench_engine.py ``ceiling``). Threads are never stopped: a worker's store does
+    not change."""
 
     def __init__(self, fetch: Callable[[str], Fetched], threads: int, retry: RetryPolicy,
-                 on_fetched: Callable, on_failed: Callable):
+                 on_fetched: Callable, on_failed: Callable, *, has_room: Callable[[], bool] = lambda: True,
+                 first_threads: int = FIRST_THREADS):
         self.fetch = fetch
         self.retry = retry
         self.on_fetched = on_fetched
         self.on_failed = on_failed
+        self.has_room = has_room
+        self.max_threads = threads
         self.queue = WorkQueue()
         self.stats = StageStats("fetch", threads)
-        self._threads = [threading.Thread(target=self._run, name=f"hnq-fetch-{i}", daemon=True)
-                         for i in range(threads)]
-        for t in self._threads:
-            t.start()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        #: one flag per fetcher, written only by that fetcher: inside ``fetch`` now
+        self._fetching: list[bool] = []
+        self._closed = False
+        with self._lock:
+            for _ in range(min(threads, max(1, first_threads))):
+                self._spawn()
+
+    @property
+    def threads(self) -> int:
+        """Fetchers started so far."""
+        return len(self._threads)
+
+    def _spawn(self) -> None:
+        """One more fetcher (with the lock held)."""
+        i = len(self._threads)
+        self._fetching.append(False)
+        t = threading.Thread(target=self._run, args=(i,), name=f"hnq-fetch-{i}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _grow(self) -> None:
+        # Cheap unlocked reads first: this runs before every fetch and almost always adds nothing.
+        n = len(self._threads)
+        if n >= self.max_threads or not self.queue.ready() or not self.has_room():
+            return
+        if sum(self._fetching) < n:     # some fetcher is not waiting on the store
+            return
+        with self._lock:
+            if not self._closed and len(self._threads) < self.max_threads:
+                self._spawn()
 
     def submit(self, items) -> None:
         self.queue.put_many(items)
 
-    def _run(self) -> None:
+    def _run(self, i: int) -> None:
         while True:
             item = self.queue.get()
             if item is None:
@@ -111,6 +161,10 @@ class FetchStage:
             if item.chunk.closed:
                 item.chunk.skip(item)
                 continue
+            # flagged before _grow, so that the fetcher it adds sees this one fetching and can add
+            # the next one at once (while the store is slow, the stage grows within a round trip)
+            self._fetching[i] = True
+            self._grow()
             t0 = time.monotonic()
             if item.attempts == 0:
                 item.first_try = t0
@@ -118,13 +172,16 @@ class FetchStage:
             try:
                 got = self.fetch(item.uri)
             except TransientError as e:
+                self._fetching[i] = False
                 self.stats.add(time.monotonic() - t0, errors=1)
                 self._transient(item, e)
                 continue
             except Exception as e:  # noqa: BLE001 - an ImageError, or a bug: that image's record
+                self._fetching[i] = False
                 self.stats.add(time.monotonic() - t0, errors=1)
                 self.on_failed(item, e, False)
                 continue
+            self._fetching[i] = False
             self.stats.add(time.monotonic() - t0)
             self.on_fetched(item, got)
 
@@ -140,4 +197,6 @@ class FetchStage:
         self.on_failed(item, e, True)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.queue.close()
