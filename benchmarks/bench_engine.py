@@ -28,8 +28,9 @@ ceiling    the engine's own cost per image, as on a GPU worker (batch 256, a dec
            (benchmarks/_common.StackingRunner); the records are the worker's. Images/s, process CPU
            and context switches per image over --n-ceiling images, for each of --ceiling-variants
            (default: at most 256 fetch threads, a GPU worker's default, started on demand; 256
-           started at once, as before; at most 16; and 256 with Python's own GC threshold of 700
-           instead of the engine's HARDNET_GC_THRESHOLD), interleaved, against the
+           started at once; 256 on demand with Python's own GC threshold of 700 instead of the
+           engine's HARDNET_GC_THRESHOLD; both, the engine before either change), interleaved,
+           against the
            decode-only rate of the same cores (as in plumbing): how far the engine itself is from
            being the bottleneck.
 rss        a worker (hardnet39ds) labels 20,000 URIs (a list cycling over the generated files);
@@ -452,7 +453,7 @@ def main() -> None:
                     "fixed4 = 4 chunks in flight whatever their size (the behaviour before admission by images)")
     ap.add_argument("--n-plumbing", type=int, default=4096)
     ap.add_argument("--n-ceiling", type=int, default=20_000)
-    ap.add_argument("--ceiling-variants", default="256,256:all,16,256:gc700",
+    ap.add_argument("--ceiling-variants", default="256,256:all,256:gc700,256:all:gc700",
                     help="compared by ceiling: FT[:gcN][:all] = most fetch threads (256: a GPU worker's "
                     "default) [Python's first GC threshold during the run instead of the engine's; "
                     "700 is Python's own] [all FT started at once instead of on demand]")

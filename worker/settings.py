@@ -60,7 +60,7 @@ class WorkerSettings(CommonSettings):
         10_000, ge=0, le=10_000_000, description="Python's first cyclic-GC threshold (allocations "
         "between young collections) while an engine runs; 0 keeps Python's default (700). Every "
         "image leaves a record of a dozen objects alive until its chunk is written, and with the "
-        "default the collector rescans them dozens of times each: about 1.6x the engine's own "
+        "default the collector rescans them dozens of times each: 1.3-1.5x the engine's own "
         "images/s at 10,000 (benchmarks/bench_engine.py ceiling). The engine only raises it.")
     fetch_attempts: int = Field(
         4, ge=1, le=100, description="Fetches of one image, in all, when storage answers with "

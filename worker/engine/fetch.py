@@ -100,11 +100,11 @@ class FetchStage:
     every other fetcher is inside a fetch, more items are ready, and ``has_room()`` says the next
     stage could take more (its queue is below half): waiting on the store is then what holds the
     pipeline back. Against a distant store it grows to the maximum within about one round trip,
-    since every fetch that starts can add a fetcher. Against a store that answers at once, fetchers are
-    rarely all inside a fetch and it stays small: with an instant store, 256 runnable fetchers
-    mostly hand the GIL to each other and cost the engine's own rate 1.4x against 16
-    (benchmarks/bench_engine.py ``ceiling``). Threads are never stopped: a worker's store does
-    not change."""
+    since every fetch that starts can add a fetcher. Against a store that answers at once the
+    fetchers are rarely all inside a fetch and it stays small: there, 256 runnable fetchers mostly
+    hand the GIL to each other, at 1.4x the engine's CPU per image and 4x its context switches
+    against 8 (in one run also 1.4x its rate against 16; benchmarks/bench_engine.py ``ceiling``).
+    Threads are never stopped: a worker's store does not change."""
 
     def __init__(self, fetch: Callable[[str], Fetched], threads: int, retry: RetryPolicy,
                  on_fetched: Callable, on_failed: Callable, *, has_room: Callable[[], bool] = lambda: True,
