@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one prepared script for a lent H100/H200 (the device tool), in
 # under 8 minutes: the CUDA tests (device stage, fp16/channels_last vs CPU fp32, normalize on CUDA,
-# GPU JPEG decode with its hazard test) and the GPU benchmark table (benchmarks/bench_gpu.py).
+# GPU JPEG decode with its hazard test), the GPU benchmark table (benchmarks/bench_gpu.py) and the
+# engine's own ceiling on the host's CPUs (benchmarks/bench_engine.py ceiling).
 #
 # That machine reaches no registry and has its own torch but not our queue stack: build the kit
 # here first (git-ignored, ~42 MB), then run this there with the kit carried:
@@ -44,4 +45,7 @@ timeout 60 $PY benchmarks/bench_gpu_decode.py --n 1000 || echo "bench_gpu_decode
 echo "### benchmark table"
 timeout 330 $PY benchmarks/bench_gpu.py --device cuda --n-e2e 20000 --seconds 4 --naive-seconds 15 \
   --out "${OUT:-.}/bench_gpu_table.md" || echo "bench_gpu: rc=$?"
+echo "### engine ceiling on this host's CPUs (zero-cost stages; last, so that it is what a timeout cuts)"
+timeout 75 $PY benchmarks/bench_engine.py --scenarios ceiling --repeat 2 --ceiling-variants 256,256:all \
+  || echo "bench_engine ceiling: rc=$?"
 echo "### $(date -u +%FT%TZ) end"
