@@ -147,6 +147,10 @@ class RuntimeCollector:
             GaugeMetricFamily("hardnet_images_in_flight",
                               "Images admitted to the engines and not yet given a record.",
                               labels=["model"]),
+            GaugeMetricFamily("hardnet_fetch_threads",
+                              "Fetch threads the engines have started: 8 at first, more (up to "
+                              "HARDNET_FETCH_THREADS) while every fetcher waits on the store.",
+                              labels=["model"]),
             GaugeMetricFamily("hardnet_gpu_memory_allocated_bytes",
                               "CUDA memory held by tensors (torch.cuda.memory_allocated).",
                               labels=["device"]),
@@ -168,7 +172,7 @@ class RuntimeCollector:
             log.warning("metrics: %s left out (%s: %s)", what, type(e).__name__, e)
 
     def collect(self):
-        in_flight, alloc, reserved, util = self._families()
+        in_flight, fetchers, alloc, reserved, util = self._families()
         devices = set()
         try:
             engines = list(self.engines())
@@ -176,11 +180,13 @@ class RuntimeCollector:
             self._warn_once("engines", e)
             engines = []
         per_model: dict[str, int] = {}
+        threads: dict[str, int] = {}
         for eng in engines:
             try:
                 ready, upstream = eng.batcher.depth()
                 model = eng.classifier.model_name if eng.classifier is not None else ""
                 per_model[model] = per_model.get(model, 0) + ready + upstream
+                threads[model] = threads.get(model, 0) + eng.fetcher.threads
                 dev = eng.runner.device
                 if dev.type == "cuda":
                     devices.add(dev)
@@ -188,6 +194,8 @@ class RuntimeCollector:
                 self._warn_once("images in flight", e)
         for model, n in sorted(per_model.items()):
             in_flight.add_metric([model], n)
+        for model, n in sorted(threads.items()):
+            fetchers.add_metric([model], n)
         torch = sys.modules.get("torch")
         if devices and torch is not None:
             try:
@@ -207,7 +215,7 @@ class RuntimeCollector:
                         util.add_metric([name], float(torch.cuda.utilization(dev)) / 100.0)
                     except Exception as e:  # noqa: BLE001 - no NVML driver, old pynvml...
                         self._warn_once("GPU utilisation", e)
-        yield from (in_flight, alloc, reserved, util)
+        yield from (in_flight, fetchers, alloc, reserved, util)
 
 
 _collector_lock = threading.Lock()

@@ -195,6 +195,7 @@ def test_worker_metrics_match_the_records_written(redis_url, tmp_path):
     assert value(after, "hardnet_chunks_total", outcome="dead_lettered") == 0
     assert value(after, "hardnet_chunks_in_flight") == 0
     assert value(after, "hardnet_images_in_flight", model=MODEL) == 0
+    assert 1 <= value(after, "hardnet_fetch_threads", model=MODEL) <= 8     # HARDNET_FETCH_THREADS=8
     # a CPU worker describes the GPU gauges but has no samples for them
     assert with_name(after, "hardnet_gpu_memory_allocated_bytes") == {}
 

@@ -143,10 +143,11 @@ def test_gpu_decode_batches_are_observed_apart_from_cpu_images():
 
 # -- scrape-time values ---------------------------------------------------------------------------
 class _FakeEngine:
-    def __init__(self, model: str, device: str, ready: int, upstream: int):
+    def __init__(self, model: str, device: str, ready: int, upstream: int, fetchers: int = 8):
         import torch
 
         self.classifier = types.SimpleNamespace(model_name=model)
+        self.fetcher = types.SimpleNamespace(threads=fetchers)
         self.runner = types.SimpleNamespace(device=torch.device(device))
         self.batcher = types.SimpleNamespace(depth=lambda: (ready, upstream))
 
@@ -158,10 +159,12 @@ def _collect(col) -> dict:
 
 
 def test_runtime_collector_on_a_cpu_worker():
-    col = wm.RuntimeCollector(lambda: [_FakeEngine("m1", "cpu", 3, 5), _FakeEngine("m2", "cpu", 0, 2)])
+    col = wm.RuntimeCollector(lambda: [_FakeEngine("m1", "cpu", 3, 5), _FakeEngine("m2", "cpu", 0, 2, 40)])
     got = _collect(col)
     assert got == {("hardnet_images_in_flight", (("model", "m1"),)): 8,
-                   ("hardnet_images_in_flight", (("model", "m2"),)): 2}
+                   ("hardnet_images_in_flight", (("model", "m2"),)): 2,
+                   ("hardnet_fetch_threads", (("model", "m1"),)): 8,
+                   ("hardnet_fetch_threads", (("model", "m2"),)): 40}
     text = generate_latest(_registry_with(col)).decode()
     # the GPU families are described (known to Prometheus and the dashboard) but have no samples
     assert "# TYPE hardnet_gpu_memory_allocated_bytes gauge" in text
