@@ -106,9 +106,13 @@ def test_one_never_served_object_is_one_coded_record(redis_url, s3, proxy, tmp_p
 
 def test_storage_fully_down_retries_the_chunk(redis_url, s3, proxy, tmp_path):
     _fill(s3, 24)
+    # One request per fetch attempt (no S3-client retries, whose random backoff made an image's
+    # give-up take seconds: then under half the chunk's images gave up within the outage, and it
+    # was recorded as throttled images instead, about 1 run in 3), so every delivery during the
+    # outage sees storage down at once; enough deliveries to outlast it.
     env = base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"), HARDNET_FETCH_ATTEMPTS="2",
-                   HARDNET_FETCH_BACKOFF_MAX="0.2", HARDNET_S3_MAX_ATTEMPTS="2",
-                   HARDNET_RETRY_BACKOFF_MAX="2", **s3_env(proxy.url))
+                   HARDNET_FETCH_BACKOFF_MAX="0.2", HARDNET_S3_MAX_ATTEMPTS="1",
+                   HARDNET_RETRY_BACKOFF_MAX="2", HARDNET_MAX_ATTEMPTS="10", **s3_env(proxy.url))
     w = Worker(env, "down", tmp_path)
     try:
         w.wait_ready()
