@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -261,21 +262,28 @@ def scenario_plumbing(tmp: Path, a) -> None:
             with ThreadPoolExecutor(threads) as ex:
                 list(ex.map(decode_image, blobs))
             dec = n / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0, c0 = time.perf_counter(), time.process_time()
             chunks = [eng.submit(uris[i:i + 256]) for i in range(0, n, 256)]
             recs = [x for c in chunks for x in c.result()]
             e2e = n / (time.perf_counter() - t0)
+            us = 1e6 * (time.process_time() - c0) / n
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            sw = (ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw) / n
             assert all(x.status == "ok" for x in recs), [x for x in recs if x.status != "ok"][:1]
-            rows.append((dec, e2e))
+            rows.append((dec, e2e, us, sw))
             log(f"  repeat {r + 1}: decode-only {dec:.0f} img/s, engine end to end {e2e:.0f} img/s, "
-                f"ratio {e2e / dec:.2f}")
+                f"ratio {e2e / dec:.2f}; engine {us:.0f} us CPU and {sw:.2f} context switches per image")
         log(f"  {eng.summary()}")
     finally:
         eng.close()
-    ratios = sorted(e / d for d, e in rows)
+    ratios = sorted(e / d for d, e, _, _ in rows)
     med = ratios[len(ratios) // 2]
+    us = sorted(r[2] for r in rows)[len(rows) // 2]
+    sw = sorted(r[3] for r in rows)[len(rows) // 2]
     log(f"RESULT plumbing ({threads} decode threads): median ratio engine/decode-only = {med:.2f}x "
-        f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.85x)")
+        f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.85x); engine median {us:.0f} us CPU "
+        f"and {sw:.2f} context switches per image")
 
 
 def parse_ceiling_variant(v: str) -> tuple[int, int | None, int | None]:
@@ -296,7 +304,6 @@ def parse_ceiling_variant(v: str) -> tuple[int, int | None, int | None]:
 def ceiling_one(variant: str, n: int) -> dict:
     """One ceiling measurement in this (fresh) process, as a worker has it: one engine."""
     import gc
-    import resource
 
     import torch
 

@@ -17,12 +17,13 @@ class BoundedQueue:
     """FIFO bounded by item count and by the sum of the items' sizes (an item larger than the
     byte bound alone still passes when the queue is empty, so nothing can wedge it).
 
-    Producers blocked on a full queue are woken only once it has drained below half its bounds
-    (hysteresis), not on every ``get``: with fetchers faster than decoding the queue sits full, and
-    waking a fetcher for every decoded image cost two context switches with the GIL held (the
-    woken thread preempts its waker, then waits for the GIL): about 17% of the stage threads'
-    GIL-held samples with a zero-cost model (py-spy --gil). Consumers are woken only when one
-    waits."""
+    Producers and consumers are notified only when one of them waits (a notify per item cost
+    about 17% of the stage threads' GIL-held samples with a zero-cost model, py-spy --gil).
+    Blocked producers are woken one per item taken, not in a burst once the queue has drained to
+    half (hysteresis): measured both ways (``bench_engine.py`` ``plumbing`` and ``ceiling``,
+    docs/performance.md), hysteresis saved context switches where decoding is the limit (9.7
+    against 13.6 per image) at the same images/s, but cost the engine's own ceiling about 15% of
+    its images/s (median of 6 interleaved runs each: 16.7k against 19.6k)."""
 
     def __init__(self, max_items: int, max_bytes: int):
         self.max_items = max_items
@@ -61,10 +62,8 @@ class BoundedQueue:
         return item
 
     def _room_made(self, n: int = 1) -> None:
-        """After taking ``n`` items: below half the bounds, wake as many blocked producers (each
-        holds one fetched item; a woken one that can fetch at once goes on putting until the
-        queue is full again, so a local store refills it with few wake-ups)."""
-        if self._putters and (len(self._q) <= self._low_items or self._bytes <= self._low_bytes):
+        """After taking ``n`` items: wake as many blocked producers (each holds one fetched item)."""
+        if self._putters:
             self._not_full.notify(n)
 
     def _wait_for_items(self) -> None:
