@@ -8,7 +8,8 @@ Rows, each measured in this run:
   model limit    DeviceRunner (pinned host batch -> side-stream copy -> fp16 channels_last forward ->
                  top-5 on the device -> small D2H copy), two batches in flight, batch 256:
                  eager / torch.compile / CUDA graphs, per model.
-  decode limit   decode_image on all allowed CPU cores (threads); GpuDecoder.decode_batch (nvJPEG)
+  decode limit   decode_image on all allowed CPU cores (threads), with the worker's torch intra-op
+                 threads (1 on a GPU) and then torch's default; GpuDecoder.decode_batch (nvJPEG)
                  at batch 256; over the same generated 500x375 JPEGs.
   end to end     `hardnet submit DIR --out DIR --wait` over --n-e2e generated JPEGs through a real
                  redis-server and one `hardnet worker` (hardnet68, HARDNET_DECODE=cpu, then gpu).
@@ -87,13 +88,27 @@ def decode_limits(blobs: list[bytes], device, batch: int) -> dict[str, float | s
     from worker.engine import allowed_cpus
     from worker.pipeline.decode import decode_image
 
+    import torch
+
+    from worker.engine.cpus import intra_op_threads
+
     res: dict[str, float | str] = {}
     th = allowed_cpus()
-    with ThreadPoolExecutor(th) as ex:
-        list(ex.map(decode_image, blobs[:64]))
-        t0 = time.perf_counter()
-        list(ex.map(decode_image, blobs))
-        res[f"CPU decode_image, {th} threads"] = len(blobs) / (time.perf_counter() - t0)
+    own = torch.get_num_threads()
+    # First as the worker runs it (its intra-op rule, HARDNET_TORCH_THREADS=0): the limit the end
+    # to end row is held to; then with torch's default, for the difference.
+    worker_n = intra_op_threads(device.type) or own
+    for n, what in ((worker_n, "the worker's"), (own, "torch's default")):
+        if what != "the worker's" and n == worker_n:
+            continue
+        torch.set_num_threads(n)
+        with ThreadPoolExecutor(th) as ex:          # fresh threads: OpenMP teams of n
+            list(ex.map(decode_image, blobs[:64]))
+            t0 = time.perf_counter()
+            list(ex.map(decode_image, blobs))
+            res[f"CPU decode_image, {th} threads, {n} intra-op ({what})"] = \
+                len(blobs) / (time.perf_counter() - t0)
+    torch.set_num_threads(own)
     if device.type == "cuda":
         try:
             from worker.pipeline.gpu_decode import GpuDecoder

@@ -56,6 +56,12 @@ class WorkerSettings(CommonSettings):
     decode_threads: int = Field(
         0, ge=0, le=256, description="Threads decoding and resizing images; 0 = the CPUs this "
         "process may use (affinity mask and cgroup quota).")
+    torch_threads: int = Field(
+        0, ge=0, le=1024, description="torch's intra-op threads in the worker process; 0 = 1 when "
+        "the model is on a GPU (decoding already runs on one thread per CPU, and torch's default "
+        "gave each of them a team of one thread per core: 0.84x the decode rate at that "
+        "oversubscription, benchmarks/bench_decode_threads.py) unless OMP_NUM_THREADS is set, "
+        "and torch's own count on the CPU (the forward pass uses them).")
     gc_threshold: int = Field(
         10_000, ge=0, le=10_000_000, description="Python's first cyclic-GC threshold (allocations "
         "between young collections) while an engine runs; 0 keeps Python's default (700). Every "

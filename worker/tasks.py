@@ -39,6 +39,8 @@ class Context:
     --weights` is always honoured."""
 
     def __init__(self, s: WorkerSettings):
+        import torch
+
         from worker.engines import EnginePool
 
         self.s = s
@@ -52,7 +54,8 @@ class Context:
             f"model={s.model} weights={clf.weights} sha256={clf.weights_sha256} device={clf.device} "
             f"batch={clf.batch_size} amp={clf.amp} chunks_in_flight={s.chunks_in_flight}.."
             f"{s.pool_size} images_in_flight={admission.images} "
-            f"fetch_threads={first.cfg.fetch_threads} decode_threads={first.cfg.decode_threads}")
+            f"fetch_threads={first.cfg.fetch_threads} decode_threads={first.cfg.decode_threads} "
+            f"torch_threads={torch.get_num_threads()}")
 
     def weights_for(self, model: str, job_weights: str | None) -> str | None:
         """The weights a chunk of ``model`` is labelled with (ConfigError when the job names a
@@ -83,7 +86,7 @@ class Context:
                            decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
                            retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
                            torchscript=s.torchscript,
-                           decode=s.decode, gc_threshold=s.gc_threshold,
+                           decode=s.decode, gc_threshold=s.gc_threshold, torch_threads=s.torch_threads,
                            warm_up=clf.device.type == "cuda" or s.compile)
         metrics.instrument(eng, model)
         metrics.engine_loaded(model, clf.device, time.monotonic() - t0)

@@ -314,6 +314,35 @@ def test_allowed_cpus_is_within_the_affinity_mask():
     assert 1 <= allowed_cpus() <= len(os.sched_getaffinity(0))
 
 
+@pytest.mark.parametrize("device, setting, env, expected", [
+    ("cuda", 0, {}, 1),                            # decoding already has one thread per CPU
+    ("cuda", 0, {"OMP_NUM_THREADS": "4"}, None),   # the operator's choice stands
+    ("cuda", 6, {"OMP_NUM_THREADS": "4"}, 6),      # HARDNET_TORCH_THREADS wins
+    ("cpu", 0, {}, None),                          # the forward pass uses torch's own
+    ("cpu", 3, {}, 3),
+])
+def test_intra_op_threads_rule(device, setting, env, expected):
+    from worker.engine.cpus import intra_op_threads
+
+    assert intra_op_threads(device, setting, env) == expected
+
+
+def test_build_engine_sets_torch_threads_for_the_process(clf, tmp_path):
+    from hnq.storage import FetchPolicy
+    from worker.engine import build_engine
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        build_engine(clf, FetchPolicy(file_roots=(str(tmp_path),)), torchscript="off").close()
+        assert torch.get_num_threads() == 2         # on the CPU, left alone
+        build_engine(clf, FetchPolicy(file_roots=(str(tmp_path),)), torchscript="off",
+                     torch_threads=1).close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("graphs", [False, True])
 def test_cuda_device_runner_agrees_with_cpu_fp32(graphs, samples_dir):

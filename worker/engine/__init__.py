@@ -2,7 +2,7 @@
 to a :class:`~worker.pipeline.predict.Classifier` and a fetch policy."""
 from __future__ import annotations
 
-from worker.engine.cpus import allowed_cpus
+from worker.engine.cpus import allowed_cpus, intra_op_threads
 from worker.pipeline.decode import DEFAULT_MAX_PIXELS
 from worker.engine.device import DeviceRunner, default_batch_size
 from worker.engine.engine import Chunk, ChunkCancelled, Engine, EngineConfig, StorageDown
@@ -21,9 +21,14 @@ def default_fetch_threads(device_type: str) -> int:
 def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0,
                  batch_wait_s: float = 0.01, retry: RetryPolicy | None = None,
                  compile: bool = False, cuda_graphs: bool = False, torchscript: str = "auto",
-                 decode: str = "cpu", warm_up: bool = False, gc_threshold: int = 10_000) -> Engine:
+                 decode: str = "cpu", warm_up: bool = False, gc_threshold: int = 10_000,
+                 torch_threads: int = 0) -> Engine:
     """``decode``: cpu | gpu | auto (HARDNET_DECODE): batched nvJPEG for baseline JPEGs on a CUDA
-    device (worker.pipeline.gpu_decode), CPU threads for everything else."""
+    device (worker.pipeline.gpu_decode), CPU threads for everything else. ``torch_threads``
+    (HARDNET_TORCH_THREADS): see :func:`~worker.engine.cpus.intra_op_threads`; it is set for the
+    whole process, as torch has one count."""
+    import torch
+
     from hnq.storage import fetch
     from worker.pipeline.gpu_decode import GpuDecoder, resolve_decode_mode
 
@@ -31,6 +36,9 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
 
     # Top TOP_K_MAX on the device for every batch (20 of 1000 classes: the same kernel, 320 B per
     # image back to the host); each chunk keeps its job's own top_k of them.
+    n = intra_op_threads(clf.device.type, torch_threads)
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
     runner = DeviceRunner(clf.net, clf.device, clf.batch_size, amp=clf.amp, k=TOP_K_MAX,
                           compile=compile, cuda_graphs=cuda_graphs, torchscript=torchscript)
     if warm_up:

@@ -33,3 +33,21 @@ def allowed_cpus() -> int:
     if quota is not None:
         n = min(n, max(1, math.ceil(quota)))
     return max(1, n)
+
+
+def intra_op_threads(device_type: str, setting: int = 0, environ=None) -> int | None:
+    """torch's intra-op threads for a worker process, None = leave torch's own.
+
+    ``setting`` (HARDNET_TORCH_THREADS) wins when not 0. Otherwise, with the model on a GPU, 1:
+    the CPU work left is decoding, which the engine already spreads over one thread per CPU, and
+    each of those threads gets an OpenMP team of its own from torch's resize kernels, so torch's
+    default (one per core) puts cores x cores threads on the cores
+    (benchmarks/bench_decode_threads.py: 0.84x the images/s at 8 threads per core, as torch's
+    default gives a 16-core host). ``OMP_NUM_THREADS`` in the environment is the operator's
+    choice and is kept. On the CPU the model's forward pass uses them: torch's own."""
+    if setting:
+        return setting
+    env = os.environ if environ is None else environ
+    if device_type == "cuda" and "OMP_NUM_THREADS" not in env:
+        return 1
+    return None
