@@ -1,4 +1,5 @@
-"""ms/image of the PIL reference vs decode_image vs decode_image(fast_jpeg=True), one thread.
+"""ms/image of the PIL reference vs decode_image vs decode_image(fast_jpeg=True), one thread; then
+decode_image's per-call cost on a tiny JPEG against torchvision's resize/crop functions.
 
     python benchmarks/bench_decode.py [--repeat N]
 
@@ -81,6 +82,38 @@ def main() -> None:
         ref = times[0]
         cells = [f"{times[0]:8.2f} ms" + " " * 9] + [f"{t:8.2f} ms ({ref / t:4.1f}x)" for t in times[1:]]
         print(f"{label:36s}" + "".join(f"{c:>26s}" for c in cells))
+
+    # The per-call cost with almost no pixels (a 20x16 JPEG to 10, cropped to 8): Python and
+    # dispatch, which hold the GIL that all of a worker's decode threads share. Against the same
+    # decode with torchvision's resize_image + center_crop_image (the path before 2026-12-06).
+    import torchvision.transforms.v2.functional as TF
+
+    from worker.pipeline.decode import _torchvision_decode
+
+    def via_torchvision(data: bytes) -> torch.Tensor:
+        t = _torchvision_decode("jpeg", data)
+        t = TF.resize_image(t, [10, 12], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        return TF.center_crop_image(t, [8, 8]).contiguous()
+
+    tiny = photo_like_jpeg(20, 16)
+    assert torch.equal(via_torchvision(tiny), decode_image(tiny, resize=10, crop=8))
+    rows = []
+    for _ in range(5):  # interleaved; best of many calls each
+        rows.append((best_us_many(lambda d: decode_image(d, resize=10, crop=8), tiny),
+                     best_us_many(via_torchvision, tiny)))
+    ours, theirs = min(r[0] for r in rows), min(r[1] for r in rows)
+    print(f"\nper-call cost, 20x16 JPEG -> 10 -> crop 8 (best of 5 x 2000 calls): decode_image "
+          f"{ours:.1f} us, with torchvision's resize_image + center_crop_image {theirs:.1f} us "
+          f"({theirs - ours:.1f} us more)")
+
+
+def best_us_many(fn, data: bytes, n: int = 2000) -> float:
+    for _ in range(100):
+        fn(data)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(data)
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 if __name__ == "__main__":

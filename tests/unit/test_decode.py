@@ -418,3 +418,34 @@ def test_eps_is_refused_without_running_ghostscript(monkeypatch):
     monkeypatch.setattr(subprocess, "check_call", no_subprocess)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
     expect(ErrorCode.decode_error, eps)
+
+
+def test_direct_resize_and_crop_match_torchvisions_functions():
+    """The hot path calls torch's uint8 antialiased kernel directly and slices the crop; it must
+    give what torchvision's resize_image + center_crop_image give, bit for bit, for decoder output
+    (HWC memory, channels_last strides), contiguous CHW tensors and the pass-order split."""
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms.v2.functional._geometry import _do_native_uint8_resize_on_cpu
+
+    # the direct call is taken exactly where torchvision itself would run the uint8 kernel
+    assert dec._native_uint8_resize() == _do_native_uint8_resize_on_cpu(TF.InterpolationMode.BILINEAR)
+    rng = np.random.default_rng(7)
+    shapes = [(375, 500), (500, 375), (2000, 300), (300, 2000), (257, 256), (224, 900), (256, 256),
+              (3000, 4000), (101, 99), (240, 320)] + \
+             [tuple(int(v) for v in rng.integers(60, 1200, 2)) for _ in range(30)]
+    for h, w in shapes:
+        hwc = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for t in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):
+            nh, nw = dec._resized_size(h, w, 256)
+            want = t
+            if (h, w) != (nh, nw):
+                if dec._pillow_vertical_first(w, h, nw, nh):
+                    want = TF.resize_image(want, [nh, w], interpolation=TF.InterpolationMode.BILINEAR,
+                                           antialias=True)
+                want = TF.resize_image(want, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR,
+                                       antialias=True)
+            for crop in (224, 300):                  # 300 > 256: padded, as torchvision does
+                got = dec._resize_crop_tensor(t, (nh, nw), crop)
+                exp = TF.center_crop_image(want, [crop, crop]).contiguous()
+                assert got.shape == exp.shape and got.is_contiguous(), (h, w, crop)
+                assert torch.equal(got, exp), (h, w, crop, t.stride())

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import io
 import math
+import platform
 import struct
 from functools import lru_cache
 from typing import NamedTuple, Sequence
@@ -298,8 +299,31 @@ def _pillow_vertical_first(w: int, h: int, nw: int, nh: int) -> bool:
     return _VFIRST_PROBE[0] and nh < h and (h - nh) > 2 * (w - nw)
 
 
+@lru_cache(maxsize=1)
+def _native_uint8_resize() -> bool:
+    """Does this CPU run torch's uint8 antialiased bilinear kernel (torchvision's own test: AVX2,
+    AVX512 or ARM64)? Elsewhere torchvision resizes in float32 and rounds: we let it."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return ((cap in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64"))
+            and hasattr(torch._C._nn, "_upsample_bilinear2d_aa"))
+
+
 def _tensor_resize(t: torch.Tensor, size: list[int]) -> torch.Tensor:
-    return TF.resize_image(t, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    """uint8 [3,H,W] -> [3,*size]: what ``TF.resize_image(t, size, BILINEAR, antialias=True)``
+    computes, with the kernel called directly where torchvision would call it. The wrapper's
+    Python (checks, interpolate's dispatch) took ~13 of its ~20 us per call, all of it holding
+    the GIL, which a GPU worker's decode threads share (tests/unit/test_decode.py checks the two
+    agree bit for bit)."""
+    if not (_native_uint8_resize() and t.dtype == torch.uint8 and t.dim() == 3 and t.numel()):
+        return TF.resize_image(t, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    c, h, w = t.shape
+    x = t.unsqueeze(0)
+    st = x.stride()
+    if st[0] != x.numel() and x.is_contiguous(memory_format=torch.channels_last):
+        # torchvision's restride (pytorch#68430): keeps a decoder's HWC layout channels_last
+        # through the kernel instead of a repacking copy; the values are the same either way.
+        x = x.as_strided((1, c, h, w), (x.numel(),) + st[1:])
+    return torch._C._nn._upsample_bilinear2d_aa(x, size, False, None)[0]
 
 
 def _resize_crop_tensor(t: torch.Tensor, size: tuple[int, int], crop: int) -> torch.Tensor:
@@ -311,7 +335,11 @@ def _resize_crop_tensor(t: torch.Tensor, size: tuple[int, int], crop: int) -> to
         if _pillow_vertical_first(w, h, nw, nh):
             t = _tensor_resize(t, [nh, w])
         t = _tensor_resize(t, [nh, nw])
-    t = TF.center_crop_image(t, [crop, crop])
+    if crop <= min(nh, nw):
+        top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))  # as TF's anchor
+        t = t[:, top:top + crop, left:left + crop]
+    else:
+        t = TF.center_crop_image(t, [crop, crop])  # pads
     return t.contiguous()
 
 
