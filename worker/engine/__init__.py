@@ -34,11 +34,11 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
 
     from hnq.options import TOP_K_MAX
 
-    # Top TOP_K_MAX on the device for every batch (20 of 1000 classes: the same kernel, 320 B per
-    # image back to the host); each chunk keeps its job's own top_k of them.
     n = intra_op_threads(clf.device.type, torch_threads)
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
+    # Top TOP_K_MAX on the device for every batch (20 of 1000 classes: the same kernel, 320 B per
+    # image back to the host); each chunk keeps its job's own top_k of them.
     runner = DeviceRunner(clf.net, clf.device, clf.batch_size, amp=clf.amp, k=TOP_K_MAX,
                           compile=compile, cuda_graphs=cuda_graphs, torchscript=torchscript)
     if warm_up:

@@ -42,9 +42,10 @@ def intra_op_threads(device_type: str, setting: int = 0, environ=None) -> int | 
     the CPU work left is decoding, which the engine already spreads over one thread per CPU, and
     each of those threads gets an OpenMP team of its own from torch's resize kernels, so torch's
     default (one per core) puts cores x cores threads on the cores
-    (benchmarks/bench_decode_threads.py: 0.84x the images/s at 8 threads per core, as torch's
-    default gives a 16-core host). ``OMP_NUM_THREADS`` in the environment is the operator's
-    choice and is kept. On the CPU the model's forward pass uses them: torch's own."""
+    (benchmarks/bench_decode_threads.py: 0.84x the images/s at 16 threads per core, as torch's
+    default gives a 16-core host, emulated on 2 cores). ``OMP_NUM_THREADS`` in the environment
+    is the operator's choice and is kept. On the CPU the model's forward pass uses them: torch's
+    own."""
     if setting:
         return setting
     env = os.environ if environ is None else environ
