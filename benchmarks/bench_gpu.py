@@ -98,9 +98,8 @@ def decode_limits(blobs: list[bytes], device, batch: int) -> dict[str, float | s
     # First as the worker runs it (its intra-op rule, HARDNET_TORCH_THREADS=0): the limit the end
     # to end row is held to; then with torch's default, for the difference.
     worker_n = intra_op_threads(device.type) or own
-    for n, what in ((worker_n, "the worker's"), (own, "torch's default")):
-        if what != "the worker's" and n == worker_n:
-            continue
+    variants = [(worker_n, "the worker's")] + ([(own, "torch's default")] if own != worker_n else [])
+    for n, what in variants:
         torch.set_num_threads(n)
         with ThreadPoolExecutor(th) as ex:          # fresh threads: OpenMP teams of n
             list(ex.map(decode_image, blobs[:64]))

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import io
 import math
-import platform
 import struct
 from functools import lru_cache
 from typing import NamedTuple, Sequence
@@ -301,10 +300,14 @@ def _pillow_vertical_first(w: int, h: int, nw: int, nh: int) -> bool:
 
 @lru_cache(maxsize=1)
 def _native_uint8_resize() -> bool:
-    """Does this CPU run torch's uint8 antialiased bilinear kernel (torchvision's own test: AVX2,
-    AVX512 or ARM64)? Elsewhere torchvision resizes in float32 and rounds: we let it."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    return ((cap in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64"))
+    """Does torchvision run torch's uint8 antialiased bilinear kernel on this CPU (AVX2, AVX512 or
+    ARM64)? Asked of torchvision itself, once; elsewhere it resizes in float32 and rounds, and so
+    do we (through its function)."""
+    try:
+        from torchvision.transforms.v2.functional._geometry import _do_native_uint8_resize_on_cpu
+    except ImportError:
+        return False
+    return (_do_native_uint8_resize_on_cpu(TF.InterpolationMode.BILINEAR)
             and hasattr(torch._C._nn, "_upsample_bilinear2d_aa"))
 
 
