@@ -24,7 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.pipeline.decode import decode_image, reference_preprocess  # noqa: E402
+from worker.image.decode import decode_image, reference_preprocess  # noqa: E402
 
 
 def photo_like_jpeg(w: int, h: int, seed: int = 0) -> bytes:
@@ -88,7 +88,7 @@ def main() -> None:
     # decode with torchvision's resize_image + center_crop_image (the path before 2026-12-06).
     import torchvision.transforms.v2.functional as TF
 
-    from worker.pipeline.decode import _torchvision_decode
+    from worker.image.decode import _torchvision_decode
 
     def via_torchvision(data: bytes) -> torch.Tensor:
         t = _torchvision_decode("jpeg", data)

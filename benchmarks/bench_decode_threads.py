@@ -35,7 +35,7 @@ def one(variant: str, n: int) -> dict:
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     from _common import photo_like_jpeg
     from worker.engine import allowed_cpus
-    from worker.pipeline.decode import decode_image
+    from worker.image.decode import decode_image
 
     if variant != "default":
         torch.set_num_threads(int(variant))

@@ -83,8 +83,8 @@ def model_limit(model: str, batch: int, seconds: float = 8.0) -> float:
     import torch
 
     from worker.engine import DeviceRunner
-    from worker.pipeline.decode import decode_image
-    from worker.pipeline.predict import Classifier
+    from worker.image.decode import decode_image
+    from worker.engine.classifier import Classifier
 
     clf = Classifier(model, "random", device="cpu", batch_size=batch)
     imgs = [decode_image(photo_like_jpeg(500, 375, seed=10_000 + i)) for i in range(batch)]
@@ -245,8 +245,8 @@ def scenario_plumbing(tmp: Path, a) -> None:
     from hnq.storage import FetchPolicy
     from hnq.uris import path_to_file_uri
     from worker.engine import allowed_cpus
-    from worker.pipeline.decode import decode_image
-    from worker.pipeline.predict import Classifier
+    from worker.image.decode import decode_image
+    from worker.engine.classifier import Classifier
 
     files = make_images(tmp / "plumb", uniq)
     paths = [files[i % uniq] for i in range(n)]
@@ -311,7 +311,7 @@ def ceiling_one(variant: str, n: int) -> dict:
     from hnq.storage import Fetched
     from worker.engine import Engine, EngineConfig, allowed_cpus
     from worker.engine.fetch import FIRST_THREADS
-    from worker.pipeline.predict import Classifier
+    from worker.engine.classifier import Classifier
 
     ft, g, first = parse_ceiling_variant(variant)
     batch = 256
@@ -351,7 +351,7 @@ def scenario_ceiling(tmp: Path, a) -> None:
         f"batch 256, variants {variants} (fetch threads[:gc threshold][:all started]), each measurement in a "
         "fresh process (one engine, as in a worker), interleaved")
     from worker.engine import allowed_cpus
-    from worker.pipeline.decode import decode_image
+    from worker.image.decode import decode_image
 
     blobs = [p.read_bytes() for p in make_images(tmp / "ceil", 256)]
     blobs = [blobs[i % len(blobs)] for i in range(2048)]
@@ -406,7 +406,7 @@ def scenario_rss(tmp: Path, a) -> None:
     stop = threading.Event()
 
     def sample():
-        from hnq.jobs import JobStore
+        from hnq.jobs.store import JobStore
 
         store = JobStore(q.env["HARDNET_BROKER_URL"])
         while not stop.is_set():

@@ -61,7 +61,7 @@ def model_limit(model: str, device, batch: int, mode: str, seconds: float) -> fl
     import torch
 
     from worker.engine import DeviceRunner
-    from worker.pipeline.predict import Classifier
+    from worker.engine.classifier import Classifier
 
     clf = Classifier(model, "random", device=str(device), batch_size=batch)
     try:
@@ -86,7 +86,7 @@ def model_limit(model: str, device, batch: int, mode: str, seconds: float) -> fl
 
 def decode_limits(blobs: list[bytes], device, batch: int) -> dict[str, float | str]:
     from worker.engine import allowed_cpus
-    from worker.pipeline.decode import decode_image
+    from worker.image.decode import decode_image
 
     import torch
 
@@ -110,7 +110,7 @@ def decode_limits(blobs: list[bytes], device, batch: int) -> dict[str, float | s
     torch.set_num_threads(own)
     if device.type == "cuda":
         try:
-            from worker.pipeline.gpu_decode import GpuDecoder
+            from worker.image.gpu_decode import GpuDecoder
 
             g = GpuDecoder(device, max_pixels=89_478_485, cpu_decode=decode_image)
             g.decode_batch(blobs[:batch])

@@ -25,8 +25,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.pipeline.decode import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
-from worker.pipeline.gpu_decode import GpuDecoder, resolve_decode_mode  # noqa: E402
+from worker.image.decode import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
+from worker.image.gpu_decode import GpuDecoder, resolve_decode_mode  # noqa: E402
 
 
 def photo_jpeg(w: int, h: int, seed: int) -> bytes:

@@ -1,5 +1,5 @@
 """Listing one big prefix: one ListObjectsV2 stream against the fanned-out listing
-(producer.listing, `submit --list-threads`), on moto's S3 server (its own process), directly and
+(hnq.storage.s3.listing, `submit --list-threads`), on moto's S3 server (its own process), directly and
 behind tests/faultproxy.py adding a fixed delay to every request (closer to real S3, where a
 page's round trip, not the server's CPU, is what a single stream waits for).
 
@@ -90,9 +90,9 @@ def _put_rate(url: str, n: int, threads: int = 32) -> float:
 
 def _list(bucket: str, prefix: str, threads: int, depth: int, server) -> dict:
     from _common import proc_cpu_s
-    from producer.listing import ListingStats, list_objects
+    from hnq.storage.s3.listing import ListingStats, list_objects
 
-    from producer.listing import listing_client
+    from hnq.storage.s3.listing import listing_client
 
     listing_client()          # made before the clock starts (a new endpoint: a new client)
     st = ListingStats()

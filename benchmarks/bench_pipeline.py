@@ -71,10 +71,10 @@ import torch  # noqa: E402
 
 from hnq.storage import FetchPolicy  # noqa: E402
 from hnq.uris import path_to_file_uri  # noqa: E402
-from worker.pipeline.decode import decode_image, reference_preprocess  # noqa: E402
+from worker.image.decode import decode_image, reference_preprocess  # noqa: E402
 from _common import moto_child, photo_like_jpeg  # noqa: E402
 from worker.engine import build_engine  # noqa: E402
-from worker.pipeline.predict import Classifier  # noqa: E402
+from worker.engine.classifier import Classifier  # noqa: E402
 
 MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 BUCKET = "bench"

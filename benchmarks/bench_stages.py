@@ -50,8 +50,8 @@ def main() -> None:
 
     from hnq.storage import Fetched
     from worker.engine import Engine, EngineConfig, allowed_cpus
-    from worker.pipeline.decode import decode_image
-    from worker.pipeline.predict import Classifier
+    from worker.image.decode import decode_image
+    from worker.engine.classifier import Classifier
     from _common import zero_cost_runner
 
     cpus = allowed_cpus()

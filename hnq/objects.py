@@ -12,7 +12,7 @@ inventory reports do). The producer uses them to
   Retrieval) is read like any other class.
 * skip objects labelled by an earlier job (``--skip-labelled``: same key, same ETag).
 
-A chunk's stored inputs (:mod:`hnq.inputs`) hold one JSON value per line: a URI string for an
+A chunk's stored inputs (:mod:`hnq.jobs.inputs`) hold one JSON value per line: a URI string for an
 object to fetch (unchanged from before), or for a precoded one an object::
 
     {"uri": "s3://b/k.jpg", "code": "archived", "message": "...", "etag": "...", "size": 123}

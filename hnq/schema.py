@@ -84,14 +84,14 @@ class ResultRecord(BaseModel):
 
 class ChunkTask(BaseModel):
     """The body of one Celery task: a claim check for one chunk of a job. The URIs themselves are
-    stored with the job (:mod:`hnq.inputs`); ``count`` and ``digest`` let the worker verify them."""
+    stored with the job (:mod:`hnq.jobs.inputs`); ``count`` and ``digest`` let the worker verify them."""
 
     model_config = ConfigDict(extra="forbid")
     v: Literal[2, 3] = SCHEMA_VERSION
     job_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     chunk: int = Field(ge=0, description="chunk index within the job; names the output part")
     count: int = Field(ge=1, description="URIs in the chunk")
-    digest: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="hnq.inputs digest of the URI list")
+    digest: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="hnq.jobs.inputs digest of the URI list")
     model: ModelName
     dest: str | None = Field(None, description="s3://… or file://… output prefix; None = Redis results")
     options: JobOptions | None = Field(

@@ -24,7 +24,7 @@ def job_store(s):
     first contact the store rides out a Redis restart with its long backoff (`--wait`)."""
     import redis
 
-    from hnq.jobs import JobStore
+    from hnq.jobs.store import JobStore
 
     st = JobStore(s.broker_url, s.results_ttl_days)
     try:
@@ -166,7 +166,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     info = store.info(a.job)
     if info is None:
         return lost(s, store, a.job, a.json)
-    from hnq.sweep import stalled_chunks
+    from hnq.jobs.sweep import stalled_chunks
 
     dead = store.dead_letters(a.job)
     stalled = stalled_chunks(store, a.job, s.visibility_timeout)
@@ -203,7 +203,7 @@ def cmd_results(a: argparse.Namespace) -> int:
     if info.chunks is None:
         raise ConfigError(f"job {a.job} is still being listed; try again shortly")
     from hnq.options import JobOptions
-    from hnq.output import part_jsonl_lines
+    from hnq.jobs.parts import part_jsonl_lines
 
     fmt = JobOptions.from_json(store.raw(a.job).get("options")).format
     dest = open_destination(info.dest) if info.dest else None
@@ -260,7 +260,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from hnq.sweep import sweep
+    from hnq.jobs.sweep import sweep
     from producer.submit import sender
 
     s = settings()

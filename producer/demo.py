@@ -73,9 +73,9 @@ def run_demo(a) -> int:
     from producer.settings import ProducerSettings
     from hnq.console import EXIT_OK, EXIT_SOME_FAILED, print_human
     from producer.commands import wait_for
-    from producer.sources import expand_sources
+    from hnq.sources import expand_sources
     from producer.submit import submit
-    from hnq.jobs import JobStore
+    from hnq.jobs.store import JobStore
     from hnq.schema import ResultRecord
 
     inputs = a.inputs or [str(SAMPLES)]

@@ -27,8 +27,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
 from hnq.errors import ConfigError
-from hnq.jobs import PREFIX, JobStore
-from hnq.sweep import UNACKED_KEY
+from hnq.jobs.store import PREFIX, JobStore
+from hnq.jobs.sweep import UNACKED_KEY
 
 log = logging.getLogger("hardnet.exporter")
 

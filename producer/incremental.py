@@ -8,13 +8,13 @@ fetched; the new job's manifest counts them as ``skipped`` and points at the rec
 **Which earlier job** (the *base*): ``--since JOB``, or for ``--skip-labelled`` the latest job
 under DEST (job ids sort by submit time) that has a manifest, the same model and the same sources
 (an inventory report counts as the same source from one delivery to the next). Indexes are
-cumulative (:mod:`hnq.index`), so the base's index covers every earlier run of the same nightly
+cumulative (:mod:`hnq.jobs.index`), so the base's index covers every earlier run of the same nightly
 command. No base: everything is labelled (the first run), and the job gets an index for the next.
 
 **Bounded memory**: the ETags come with the listing (ListObjectsV2 and inventory reports carry
 them: no HEAD). Objects with an ETag are spooled to local temporary files (gzip), in 256 buckets
 by the hash that shards the index; then bucket by bucket, the matching shard of the base's index
-(about :data:`hnq.index.SHARD_TARGET` entries) is loaded and the bucket streamed past it. What is
+(about :data:`hnq.jobs.index.SHARD_TARGET` entries) is loaded and the bucket streamed past it. What is
 held: one shard, one bucket's reused rows (compressed), the names of the parts reused. Objects
 without an ETag (local files, http URLs, ``--from-file`` lines) go straight through, unspooled.
 Listing and filtering end before the first chunk is sent (the spool must be complete).
@@ -35,13 +35,13 @@ import zlib
 from typing import Iterable, Iterator
 
 from hnq.errors import ConfigError
-from hnq.index import (REUSE_BITS, SUMMARY_PATH, IndexReader, ensure_index, reused_path, top_bits,
+from hnq.jobs.index import (REUSE_BITS, SUMMARY_PATH, IndexReader, ensure_index, reused_path, top_bits,
                        uri_hash)
 from hnq.objects import SourceObject
 from hnq.schema import FINAL_STATES
 from hnq.storage import Destination, S3Destination
-from hnq.storage.s3 import _listing_error, s3_client
-from producer.inventory import identity
+from hnq.storage.s3.client import _listing_error, s3_client
+from hnq.storage.s3.inventory import identity
 
 log = logging.getLogger("hardnet.incremental")
 

@@ -9,9 +9,9 @@ from typing import Iterator
 from hnq.console import err
 from hnq.errors import ConfigError
 from producer.incremental import SkipLabelled, find_base
-from producer.inventory import InventoryStats, iter_inventory, open_report
+from hnq.storage.s3.inventory import InventoryStats, iter_inventory, open_report
 from producer.settings import ProducerSettings
-from producer.sources import expand_sources, read_uri_list
+from hnq.sources import expand_sources, read_uri_list
 
 
 class Intake:

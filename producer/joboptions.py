@@ -50,7 +50,7 @@ def check_options(options: JobOptions, dest: str | None, sources: list[str] | No
     if options.format == "parquet":
         if not dest:
             raise ConfigError("--format parquet needs --out DEST (results kept in Redis are JSON Lines)")
-        from hnq.output import parquet_available
+        from hnq.jobs.parts import parquet_available
 
         if not parquet_available():
             # The workers write the parts; this machine reads them (results, report).

@@ -149,7 +149,7 @@ class JobView:
 def _part_times(d, job_id: str) -> dict[str, float]:
     """part file name -> when it was written (S3 LastModified, file mtime), one listing."""
     from hnq.storage import FileDestination, S3Destination
-    from hnq.storage.s3 import s3_client
+    from hnq.storage.s3.client import s3_client
 
     out: dict[str, float] = {}
     if isinstance(d, S3Destination):
@@ -221,7 +221,7 @@ def open_job(s, job_id: str, dest: str | None) -> JobView:
 def scan(view: JobView, stats: ReportStats) -> int:
     """Read every part into ``stats``; returns how many parts were missing."""
     from hnq.options import part_name
-    from hnq.output import decode_part
+    from hnq.jobs.parts import decode_part
     from hnq.storage import open_destination
 
     missing = 0

@@ -18,12 +18,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from hnq.errors import ConfigError
-from hnq.finish import finalize_or_fail, is_complete_unfinished
-from hnq.index import job_fields
-from hnq.jobs import JobStore
+from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
+from hnq.jobs.index import job_fields
+from hnq.jobs.store import JobStore
 from hnq.options import JobOptions
 from hnq.storage import open_destination, validate_destination
-from hnq.sweep import in_flight, resend_chunk
+from hnq.jobs.sweep import in_flight, resend_chunk
 from producer.settings import ProducerSettings
 from producer.submit import LocalJobs, read_descriptor, sender
 
@@ -32,7 +32,7 @@ log = logging.getLogger("hardnet.resume")
 
 def _part_dicts(data: bytes, fmt: str):
     if fmt == "parquet":
-        from hnq.output import iter_parquet_records
+        from hnq.jobs.parts import iter_parquet_records
 
         for rec in iter_parquet_records(data):
             yield rec.model_dump(mode="json", exclude_none=True)

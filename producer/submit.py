@@ -1,5 +1,5 @@
 """Submitting a job: stream the sources into chunks; write each chunk's URIs beside the job's
-results (the claim check, :mod:`hnq.inputs`) and only then enqueue its small message, so a
+results (the claim check, :mod:`hnq.jobs.inputs`) and only then enqueue its small message, so a
 million-key prefix is never held in memory and Redis holds about a kilobyte per chunk. The job is
 "sealed" with its totals at the end, and DEST/JOB_ID/job.json describes it for `hardnet resume`."""
 from __future__ import annotations
@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING, Iterable
 from celery import Celery
 
 from hnq.errors import ConfigError
-from hnq.finish import finalize_or_fail
-from hnq.index import job_fields
-from hnq.inputs import store_chunk_uris
-from hnq.jobs import JobStore, new_job_id
+from hnq.jobs.finish import finalize_or_fail
+from hnq.jobs.index import job_fields
+from hnq.jobs.inputs import store_chunk_uris
+from hnq.jobs.store import JobStore, new_job_id
 from hnq.options import DEFAULT_OPTIONS, JobOptions
 from hnq.objects import to_entry
 from hnq.schema import MODELS, ChunkTask
 from hnq.settings import TASK_FINALIZE, celery_config, lean_messages, redact_url
-from hnq.sweep import resend_chunk, send_chunk
+from hnq.jobs.sweep import resend_chunk, send_chunk
 from hnq.storage import check_writable, open_destination, validate_destination
 from producer.settings import ProducerSettings
 from hnq.logs import redact
-from producer.sources import chunked
+from hnq.sources import chunked
 from producer.joboptions import check_options, only_s3
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
            index: bool = False) -> Submitted:
     """``options``: the job's output options (hnq.options); ``skip``: a
     :class:`producer.incremental.SkipLabelled` filter (--skip-labelled, needs a destination);
-    ``index``: build the job's labelled index when it ends (:mod:`hnq.index`)."""
+    ``index``: build the job's labelled index when it ends (:mod:`hnq.jobs.index`)."""
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     options = options or DEFAULT_OPTIONS

@@ -69,7 +69,7 @@ def s3_get(request, monkeypatch):
     it; at the end the test fails unless that client did GETs and the other did none (so a silent
     fallback to boto3 cannot pass for obstore)."""
     from hnq.storage import FetchPolicy
-    from hnq.storage import s3 as s3mod
+    from hnq.storage.s3 import client as s3mod
 
     name = request.param
     used = {"boto3": 0, "obstore": 0}
@@ -83,7 +83,7 @@ def s3_get(request, monkeypatch):
     if name == "obstore":
         pytest.importorskip("obstore")
     try:
-        from hnq.storage import s3_obstore
+        from hnq.storage.s3 import get_obstore as s3_obstore
     except ImportError:
         s3_obstore = None
     if s3_obstore is not None:

@@ -17,10 +17,10 @@ def cmd_classify(a: argparse.Namespace) -> int:
     from collections import deque
 
     from hnq.storage import FetchPolicy
-    from producer.sources import expand_sources
+    from hnq.sources import expand_sources
     from worker.engine import build_engine
     from worker.model.weights import weights_from_env
-    from worker.pipeline.predict import Classifier
+    from worker.engine.classifier import Classifier
 
     weights = a.weights or weights_from_env()
     clf = Classifier(a.model, weights, device=a.device, batch_size=a.batch_size, fast_jpeg=a.fast_jpeg)

@@ -9,7 +9,7 @@ Grafana dashboard in agreement.
 
 Where things are counted:
 
-* records: in :func:`count_records`, called by worker.pipeline.write.write_part once a part is
+* records: in :func:`count_records`, called by worker.write.write_part once a part is
   stored, so ``hardnet_images_total`` equals the records written (a chunk written twice, after a
   redelivery, is counted twice, as its part was written twice);
 * engine stages: :func:`instrument` points the engine's StageStats/BatchStats observers at the

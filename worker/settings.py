@@ -149,7 +149,7 @@ class WorkerSettings(CommonSettings):
         "PutObjectTagging) per chunk of a `submit --tag` job.")
 
     def output_policy(self):
-        from hnq.inputs import OutputPolicy
+        from hnq.jobs.inputs import OutputPolicy
 
         return OutputPolicy(roots=tuple(self.output_roots) if self.output_roots is not None else (),
                             buckets=tuple(self.output_buckets) if self.output_buckets is not None else None)
@@ -167,7 +167,7 @@ class WorkerSettings(CommonSettings):
     @classmethod
     def _obstore_installed(cls, v):
         if v == "obstore":
-            from hnq.storage.s3 import obstore_available
+            from hnq.storage.s3.client import obstore_available
 
             if not obstore_available():
                 raise ValueError("obstore is not installed (pip install 'obstore>=0.12,<0.13')")

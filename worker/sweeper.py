@@ -1,4 +1,4 @@
-"""The workers' periodic sweep for lost chunks (hnq.sweep): a daemon thread in each worker process;
+"""The workers' periodic sweep for lost chunks (hnq.jobs.sweep): a daemon thread in each worker process;
 a Redis lock lets one worker at a time do a pass. Workers keep their long broker backoff: a sweep
 that fails (Redis restarting) is logged and tried again next interval."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 
 from celery import signals
 
-from hnq.jobs import JobStore
-from hnq.sweep import LOCK_KEY, sweep
+from hnq.jobs.store import JobStore
+from hnq.jobs.sweep import LOCK_KEY, sweep
 from worker.app import app, settings
 
 log = logging.getLogger("hardnet.sweep")

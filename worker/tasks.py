@@ -17,8 +17,8 @@ from celery import signals
 from pydantic import ValidationError
 
 from hnq.errors import ConfigError, TransientError
-from hnq.inputs import load_chunk_entries
-from hnq.jobs import JobStore
+from hnq.jobs.inputs import load_chunk_entries
+from hnq.jobs.store import JobStore
 from hnq.objects import with_precoded
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.settings import TASK_CLASSIFY, TASK_FINALIZE
@@ -32,7 +32,7 @@ log = logging.getLogger("hardnet.worker")
 
 class Context:
     """Per-process state, built lazily (never in a fork parent: CUDA): the engines
-    (worker/engines.py: one per model and weights that jobs ask for, at most HARDNET_MAX_ENGINES,
+    (worker/engine_pool.py: one per model and weights that jobs ask for, at most HARDNET_MAX_ENGINES,
     loaded on first use), shared by every chunk in flight (the threads pool runs
     `chunks_in_flight` tasks at once). The configured model is loaded at start-up; a job that asks
     for another variant or checkpoint gets it loaded on first use, so `hardnet submit --model /
@@ -41,7 +41,7 @@ class Context:
     def __init__(self, s: WorkerSettings):
         import torch
 
-        from worker.engines import EnginePool
+        from worker.engine_pool import EnginePool
 
         self.s = s
         self.store = JobStore(s.broker_url, s.results_ttl_days)
@@ -60,7 +60,7 @@ class Context:
     def weights_for(self, model: str, job_weights: str | None) -> str | None:
         """The weights a chunk of ``model`` is labelled with (ConfigError when the job names a
         checkpoint this worker may not load)."""
-        from worker.engines import check_job_weights, resolve_job_weights
+        from worker.engine_pool import check_job_weights, resolve_job_weights
 
         s = self.s
         if job_weights is not None:
@@ -76,7 +76,7 @@ class Context:
 
     def _build(self, model: str, weights: str | None):
         from worker.engine import build_engine
-        from worker.pipeline.predict import Classifier
+        from worker.engine.classifier import Classifier
 
         s = self.s
         t0 = time.monotonic()
@@ -132,17 +132,17 @@ def _store() -> JobStore:
 
 
 def _dead_letter(store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
-    """Give up on a chunk (worker/pipeline/write.py: dead_letter): never over a part that an earlier
+    """Give up on a chunk (worker/write.py: dead_letter): never over a part that an earlier
     attempt completed; otherwise chunk_failed records, a dead letter for `hardnet redrive`, and the
     job finalised if this was its last chunk."""
-    from worker.pipeline.write import dead_letter
+    from worker.write import dead_letter
 
     if dead_letter(store, task, None, error, attempts, settings.output_policy()) == "dead":
         metrics.CHUNKS.labels("dead_lettered").inc()
 
 
 def _finalize(store: JobStore, dest: str | None, job_id: str) -> None:
-    from hnq.finish import finalize
+    from hnq.jobs.finish import finalize
 
     finalize(store, job_id, settings.output_policy())
 
@@ -181,7 +181,7 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
         _dead_letter(store, task, err, attempt - 1)
         return None
 
-    from worker.pipeline.write import outcome_extras, write_part
+    from worker.write import outcome_extras, write_part
 
     log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
     t0 = time.monotonic()
@@ -191,7 +191,7 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
         if opts.format != "jsonl" and not task.dest:
             raise ConfigError(f"{opts.format} parts need a destination; this message has none")
         if opts.format == "parquet":
-            from hnq.output import require_pyarrow
+            from hnq.jobs.parts import require_pyarrow
 
             require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
         with context().lease(task.model, opts.weights) as engine:
@@ -203,7 +203,7 @@ def _classify_chunk(self, task: ChunkTask) -> dict | None:
             log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
             metrics.CHUNKS.labels("cancelled").inc()
             return None
-        from worker.pipeline.outputs import finish_records
+        from worker.outputs import finish_records
 
         records = finish_records(records, opts, tag_threads=settings.tag_threads,
                                  name=f"{task.job_id}/{task.chunk}")
@@ -279,7 +279,7 @@ def _run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
 @app.task(name=TASK_FINALIZE, acks_late=True, reject_on_worker_lost=True)
 def finalize_job(job_id: str, dest: str | None = None) -> None:
     """Sent by the producer when every chunk finished before it had counted them all."""
-    from hnq.finish import finalize_or_fail
+    from hnq.jobs.finish import finalize_or_fail
 
     finalize_or_fail(_store(), job_id, settings.output_policy())
 

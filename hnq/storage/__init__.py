@@ -13,8 +13,8 @@ too_large, unsupported_scheme, invalid_uri, forbidden, timeout, fetch_error);
 retries later; the image must not get a permanent error record before it gives up), with a code:
 ``throttled`` (SlowDown / 503 / 429), ``timeout`` or ``fetch_error``.
 
-``s3://`` GETs use obstore or boto3 (``FetchPolicy.s3_client``, see :mod:`hnq.storage.s3` and
-:mod:`hnq.storage.s3_obstore`), with the same semantics; listing and writes use boto3.
+``s3://`` GETs use obstore or boto3 (``FetchPolicy.s3_client``, see :mod:`hnq.storage.s3.client` and
+:mod:`hnq.storage.s3.get_obstore`), with the same semantics; listing and writes use boto3.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from hnq.errors import ConfigError, ErrorCode, ImageError
 from hnq.storage.base import Destination, Fetched, FetchPolicy
 from hnq.storage.file import FileDestination, check_writable_dir, fetch_file
 from hnq.storage.http import fetch_http
-from hnq.storage.s3 import (S3Destination, check_bucket, fetch_s3, parse_destination,
+from hnq.storage.s3.client import (S3Destination, check_bucket, fetch_s3, parse_destination,
                             reset_s3_client, s3_client)
 from hnq.uris import InvalidURI, check_basic, file_uri_to_path, path_to_file_uri, scheme_of
 

@@ -23,7 +23,7 @@ class FetchPolicy:
     * ``file_roots``: None = local files anywhere; a tuple = only under those directories (after
       resolving symlinks and ``..``); ``()`` = local files refused.
     * ``s3_client``: what GETs ``s3://`` objects: ``auto`` (obstore when it is installed, else
-      boto3), ``obstore`` or ``boto3`` (see :func:`hnq.storage.s3.get_client_for`).
+      boto3), ``obstore`` or ``boto3`` (see :func:`hnq.storage.s3.client.get_client_for`).
     """
 
     max_bytes: int = 50 * 2**20

@@ -72,7 +72,7 @@ def test_redis_bytes_per_queued_uri_at_the_default_chunk_size(env, redis_url, tm
     payload = body[0][0]
     assert set(payload) == {"v", "job_id", "chunk", "count", "digest", "model", "dest"}, payload
     assert "photos-archive" not in json.dumps(msg)
-    from hnq.inputs import decode_uris
+    from hnq.jobs.inputs import decode_uris
 
     c = payload["chunk"]
     stored = (tmp_path / "out" / sub["job_id"] / "inputs" / f"chunk-{c:05d}.jsonl.gz").read_bytes()
@@ -159,8 +159,8 @@ def test_dead_letter_after_completion_keeps_the_part(env, redis_url, tmp_path):
         part = (out / job / "part-00000.jsonl").read_bytes()
         r = redis.Redis.from_url(redis_url)
         r.hset(f"hnq:job:{job}:attempts", 0, 5)          # as if five deliveries had been made
-        from hnq.jobs import JobStore
-        from hnq.sweep import resend_chunk
+        from hnq.jobs.store import JobStore
+        from hnq.jobs.sweep import resend_chunk
         from producer.settings import ProducerSettings
         from producer.submit import sender
 
@@ -263,8 +263,8 @@ def test_unreachable_broker_cli_gives_up_within_10s(tmp_path):
 
 def test_finalisation_that_fails_marks_the_job_failed(redis_url, tmp_path):
     """No worker needed: the manifest cannot be written (its path is a directory)."""
-    from hnq.finish import finalize_or_fail
-    from hnq.jobs import JobStore
+    from hnq.jobs.finish import finalize_or_fail
+    from hnq.jobs.store import JobStore
 
     out = tmp_path / "out"
     store = JobStore(redis_url)

@@ -243,7 +243,7 @@ def test_exporter_reports_queue_depth_and_job_progress(redis_url, tmp_path):
     # Two messages "taken by a worker" (entries of kombu's unacked hash) and one dead letter: what a
     # fleet leaves in Redis, written with the store's own API.
     r.hset("unacked", mapping={"tag-a": "[]", "tag-b": "[]"})
-    from hnq.jobs import JobStore
+    from hnq.jobs.store import JobStore
 
     JobStore(redis_url).complete_dead(job, 3, 2, "test: gave up", 5)
 

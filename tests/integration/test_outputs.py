@@ -87,7 +87,7 @@ def parquet_job(cluster, s3c, tmp_path_factory):
 def test_parquet_parts_schema_and_every_record(parquet_job):
     import pyarrow.parquet as pq
 
-    from hnq.output import PARQUET_COLUMNS, arrow_schema
+    from hnq.jobs.parts import PARQUET_COLUMNS, arrow_schema
 
     j = parquet_job
     n = len(j["uris"])
@@ -266,7 +266,7 @@ def test_report_of_the_parquet_job(parquet_job, cluster, s3c, tmp_path):
 
 # ------------------------------------------------------------------------------------ tags
 def test_tag_write_back_merges_and_respects_the_limit(cluster, s3c):
-    from hnq.storage.s3_tags import TAG_KEYS, tag_value
+    from hnq.storage.s3.tags import TAG_KEYS, tag_value
 
     objs = {"t/plain.jpg": image_bytes(1), "t/two.jpg": image_bytes(2), "t/nine.jpg": image_bytes(3),
             "t/broken.jpg": b"not a jpeg"}

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageFile
 
 from hnq.errors import ErrorCode, ImageError
-from worker.pipeline import decode as dec
-from worker.pipeline.decode import (
+from worker.image import decode as dec
+from worker.image.decode import (
     DEFAULT_MAX_PIXELS, MEAN, STD, decode_image, normalize, reference_preprocess, sniff_format,
 )
 

@@ -18,7 +18,7 @@ from worker.engine import (ChunkCancelled, DeviceRunner, Engine, EngineConfig, R
 from worker.engine.batch import Batcher
 from worker.engine.decode import BoundedQueue
 from worker.engine.fetch import WorkQueue
-from worker.pipeline.predict import Classifier
+from worker.engine.classifier import Classifier
 
 FAST_RETRY = RetryPolicy(attempts=3, deadline_s=30, backoff_s=0.02, backoff_max_s=0.05)
 

@@ -37,7 +37,7 @@ def fast_backoff(monkeypatch):
 
     monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.01)
     try:
-        from hnq.storage import s3_obstore
+        from hnq.storage.s3 import get_obstore as s3_obstore
     except ImportError:
         return
     # the same for obstore (its stores are rebuilt when these change)

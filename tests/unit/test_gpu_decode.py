@@ -1,4 +1,4 @@
-"""GPU JPEG decoding (worker.pipeline.gpu_decode): header routing, mode resolution and the batch /
+"""GPU JPEG decoding (worker.image.gpu_decode): header routing, mode resolution and the batch /
 retry / CPU-fallback logic on the CPU (libjpeg-turbo standing in for nvJPEG); the real nvJPEG path,
 its agreement with decode_image and the allocator-reuse hazard on CUDA only."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from hnq.errors import ConfigError, ErrorCode, ImageError
-from worker.pipeline import gpu_decode as gd
-from worker.pipeline.decode import decode_image, jpeg_info
-from worker.pipeline.gpu_decode import GpuDecoder, gpu_eligible, resolve_decode_mode
+from worker.image import gpu_decode as gd
+from worker.image.decode import decode_image, jpeg_info
+from worker.image.gpu_decode import GpuDecoder, gpu_eligible, resolve_decode_mode
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")

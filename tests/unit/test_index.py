@@ -1,4 +1,4 @@
-"""The labelled index (hnq.index) and the --skip-labelled filter (producer.incremental) on a local
+"""The labelled index (hnq.jobs.index) and the --skip-labelled filter (producer.incremental) on a local
 destination: which objects are skipped, what the new job's cumulative index holds, the base-job
 choice, and the memory bound (entries held, allocation peak) with 60,000 earlier records."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 
 from hnq.errors import ConfigError
-from hnq.index import (bits_for, build_index, decode_rows, ensure_index, read_meta,
+from hnq.jobs.index import (bits_for, build_index, decode_rows, ensure_index, read_meta,
                        reused_path, shard_path, top_bits, uri_hash)
 from hnq.objects import SourceObject
 from hnq.storage import open_destination

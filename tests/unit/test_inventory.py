@@ -10,7 +10,7 @@ import pytest
 from hnq.errors import ConfigError
 from hnq.objects import to_entry
 from inventories import Row, put_inventory
-from producer.inventory import InventoryStats, identity, iter_inventory, resolve_manifest
+from hnq.storage.s3.inventory import InventoryStats, identity, iter_inventory, resolve_manifest
 
 KEYS = ["photos/a b+c%.jpg", "photos/ünï/çødé 1.png", "photos/plain.jpeg", "photos/x/y/z.JPG"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hnq.jobs import JobStore
+from hnq.jobs.store import JobStore
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""producer.listing against moto's S3 server (real HTTP): the fanned-out listing yields exactly the
+"""hnq.storage.s3.listing against moto's S3 server (real HTTP): the fanned-out listing yields exactly the
 single stream's objects, with their ETag, size and storage class, in bounded memory; errors are
 ConfigErrors naming the prefix; closing the stream stops its threads."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from faultproxy import FaultProxy
 from hnq.errors import ConfigError
 from hnq.storage import reset_s3_client
-from producer.listing import ListingStats, list_objects
-from producer.sources import expand_sources
+from hnq.storage.s3.listing import ListingStats, list_objects
+from hnq.sources import expand_sources
 
 
 def _keys() -> dict[str, str]:

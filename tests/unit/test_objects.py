@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hnq.errors import ConfigError
-from hnq.inputs import decode_entries, decode_uris, encode_uris
+from hnq.jobs.inputs import decode_entries, decode_uris, encode_uris
 from hnq.objects import SourceObject, to_entry, with_precoded
 
 

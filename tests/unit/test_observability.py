@@ -53,7 +53,7 @@ def test_count_records_by_model_status_and_code():
 
 
 def test_write_part_times_the_write_and_counts_what_it_wrote(tmp_path):
-    from worker.pipeline.write import write_part
+    from worker.write import write_part
 
     n0 = sample("hardnet_stage_seconds_count", stage="write")
     c0 = sample("hardnet_images_total", model="hardnet68", status="error", code="timeout")
@@ -64,7 +64,7 @@ def test_write_part_times_the_write_and_counts_what_it_wrote(tmp_path):
 
 
 def test_a_failed_write_counts_nothing(tmp_path):
-    from worker.pipeline.write import write_part
+    from worker.write import write_part
 
     c0 = sample("hardnet_images_total", model="hardnet68", status="error", code="too_large")
     blocker = tmp_path / "file"
@@ -81,7 +81,7 @@ def test_an_instrumented_engine_feeds_the_histograms():
     from hnq.errors import ImageError
     from hnq.storage import Fetched
     from worker.engine import DeviceRunner, Engine, EngineConfig
-    from worker.pipeline.predict import Classifier
+    from worker.engine.classifier import Classifier
 
     clf = Classifier("hardnet39ds", "random", device="cpu", batch_size=8)
     blobs = {f"mem://{i}": image_bytes(i) for i in range(20)}
@@ -243,7 +243,7 @@ def test_metrics_port_setting_is_validated(monkeypatch):
 
 # -- the exporter against a real redis-server ----------------------------------------------------
 def test_exporter_collector_reads_queue_jobs_and_dead_letters(redis_url):
-    from hnq.jobs import JobStore
+    from hnq.jobs.store import JobStore
     from producer.exporter import QueueCollector, make_store
 
     store = JobStore(redis_url)

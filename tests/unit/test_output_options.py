@@ -87,7 +87,7 @@ def test_job_options_round_trip_through_the_job_state():
     o = JobOptions(format="parquet", top_k=7)
     assert JobOptions.from_json(o.to_json()) == o
     assert JobOptions.from_json("") == DEFAULT_OPTIONS and JobOptions.from_dict(None) == DEFAULT_OPTIONS
-    from hnq.jobs import _options
+    from hnq.jobs.store import _options
 
     assert _options(o.to_json()) == {"format": "parquet", "top_k": 7} and _options(DEFAULT_OPTIONS.to_json()) is None
 
@@ -110,7 +110,7 @@ def _recs(k: int = 5) -> list[ResultRecord]:
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_parquet_round_trip_gives_the_json_lines_records(k):
     pytest.importorskip("pyarrow")
-    from hnq.output import decode_part, encode_part, part_jsonl_lines
+    from hnq.jobs.parts import decode_part, encode_part, part_jsonl_lines
 
     recs = _recs(k)
     data, ctype = encode_part(recs, "parquet", top_k=k, job_id="j")
@@ -125,7 +125,7 @@ def test_parquet_columns_are_the_documented_ones():
     pytest.importorskip("pyarrow")
     from pathlib import Path
 
-    from hnq.output import PARQUET_COLUMNS, arrow_schema
+    from hnq.jobs.parts import PARQUET_COLUMNS, arrow_schema
 
     import pyarrow as pa
 
@@ -143,7 +143,7 @@ def test_parquet_columns_are_the_documented_ones():
 
 
 def test_without_pyarrow_parquet_is_a_clear_config_error(monkeypatch):
-    from hnq import output
+    from hnq.jobs import parts as output
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
@@ -155,7 +155,7 @@ def test_without_pyarrow_parquet_is_a_clear_config_error(monkeypatch):
 
 def test_resume_counts_a_parquet_part():
     pytest.importorskip("pyarrow")
-    from hnq.output import encode_part
+    from hnq.jobs.parts import encode_part
     from producer.resume import _part_outcome
 
     data, _ = encode_part(_recs(), "parquet")
@@ -175,7 +175,7 @@ def _valid_tag_text(s: str) -> bool:
 
 
 def test_every_imagenet_label_makes_a_valid_tag_value():
-    from hnq.storage.s3_tags import tag_value
+    from hnq.storage.s3.tags import tag_value
     from worker.model.labels import IMAGENET_CATEGORIES
 
     for label in IMAGENET_CATEGORIES:
@@ -213,7 +213,7 @@ def _ok(uri: str, label: str = "potter's wheel", score: float = 0.876543) -> Res
 
 
 def test_tag_merge_rules():
-    from hnq.storage.s3_tags import TAG_KEYS, tag_records
+    from hnq.storage.s3.tags import TAG_KEYS, tag_records
 
     seven = {f"k{i}": "v" for i in range(7)}
     nine = {f"k{i}": "v" for i in range(9)}
@@ -242,7 +242,7 @@ def test_tag_merge_rules():
 def test_tag_failures_from_s3_become_record_errors():
     import botocore.exceptions as bex
 
-    from hnq.storage.s3_tags import tag_records
+    from hnq.storage.s3.tags import tag_records
 
     class Denied(FakeS3):
         def put_object_tagging(self, **kw):
@@ -265,7 +265,7 @@ class FakeEngine:
 
 
 def test_engine_pool_builds_lazily_shares_and_evicts_the_idle_lru():
-    from worker.engines import EnginePool
+    from worker.engine_pool import EnginePool
 
     built = []
 
@@ -286,7 +286,7 @@ def test_engine_pool_builds_lazily_shares_and_evicts_the_idle_lru():
 
 
 def test_engine_pool_waits_while_every_engine_is_in_use():
-    from worker.engines import EnginePool
+    from worker.engine_pool import EnginePool
 
     pool = EnginePool(lambda m, w: FakeEngine((m, w)), 1)
     release = threading.Event()
@@ -317,7 +317,7 @@ def test_engine_pool_waits_while_every_engine_is_in_use():
 
 
 def test_engine_pool_build_failure_reaches_the_chunk_and_is_not_cached():
-    from worker.engines import EnginePool
+    from worker.engine_pool import EnginePool
 
     calls = []
 
@@ -337,7 +337,7 @@ def test_engine_pool_build_failure_reaches_the_chunk_and_is_not_cached():
 
 
 def test_job_weights_allow_list(tmp_path):
-    from worker.engines import check_job_weights, resolve_job_weights
+    from worker.engine_pool import check_job_weights, resolve_job_weights
 
     allowed = tmp_path / "models"
     allowed.mkdir()
@@ -369,7 +369,7 @@ def test_chunks_of_different_top_k_share_one_engine():
     from hnq.options import TOP_K_MAX
     from hnq.storage import Fetched
     from worker.engine import DeviceRunner, Engine, EngineConfig
-    from worker.pipeline.predict import Classifier
+    from worker.engine.classifier import Classifier
 
     clf = Classifier("hardnet39ds", "random", device="cpu", batch_size=8)
     blobs = {f"mem://{i}": image_bytes(i) for i in range(6)}
@@ -390,7 +390,7 @@ def test_chunks_of_different_top_k_share_one_engine():
         assert [x.index for x in a.top5] == [x.index for x in b.top5[:1]]
     ref = clf.classify([(uris[2], blobs[uris[2]])])[0]
     assert [x.index for x in res[5][2].top5] == [x.index for x in ref.top5]
-    from worker.pipeline.outputs import name_labels
+    from worker.outputs import name_labels
 
     renamed = name_labels(res[20], 20)
     assert all(r.top5 is None and len(r.topk) == 20 and r.labels == r.topk for r in renamed)

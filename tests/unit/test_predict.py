@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from hnq.errors import ConfigError
-from worker.pipeline.predict import Classifier, describe_weights, resolve_device
+from worker.engine.classifier import Classifier, describe_weights, resolve_device
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from hnq.errors import ConfigError
 from hnq.storage import FetchPolicy, fetch, s3_client
 from hnq.uris import path_to_file_uri
-from producer.sources import chunked, expand_sources, read_uri_list
+from hnq.sources import chunked, expand_sources, read_uri_list
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def _bulk_put(s3, bucket: str, keys: list[str]) -> None:
 
 def test_s3_prefix_paginated(big_bucket):
     calls = []
-    from producer.listing import listing_client
+    from hnq.storage.s3.listing import listing_client
 
     listing_client().meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
     uris = list(expand_sources(["s3://big/pre/fix/"]))
@@ -141,11 +141,11 @@ def test_s3_prefix_paginated(big_bucket):
 
 
 def test_s3_prefix_streams_pages(big_bucket, monkeypatch):
-    import hnq.storage.s3 as s3mod
+    import hnq.storage.s3.client as s3mod
 
     monkeypatch.setattr(s3mod, "LIST_PAGE_SIZE", 500)
     calls = []
-    from producer.listing import listing_client
+    from hnq.storage.s3.listing import listing_client
 
     listing_client().meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
     it = expand_sources(["s3://big/pre/"])

@@ -407,7 +407,7 @@ def test_validate_destination_relative(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- torch-free
 
 def test_imports_do_not_pull_torch():
-    code = ("import hnq.storage, hnq.uris, hnq.storage.http, producer.sources, sys; "
+    code = ("import hnq.storage, hnq.uris, hnq.storage.http, hnq.sources, sys; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
@@ -424,13 +424,13 @@ def test_policy_defaults():
 
 def _obs():
     pytest.importorskip("obstore")
-    from hnq.storage import s3_obstore
+    from hnq.storage.s3 import get_obstore as s3_obstore
 
     return s3_obstore
 
 
 def test_get_client_choice(monkeypatch):
-    from hnq.storage import s3 as s3mod
+    from hnq.storage.s3 import client as s3mod
 
     _obs()
     assert s3mod.get_client_for("boto3") == "boto3"
@@ -460,7 +460,7 @@ def test_obstore_keys_it_cannot_spell_go_to_boto3(s3, bucket, monkeypatch):
     """obstore would strip '/' at the ends (another object!) or refuse '//', '.', '..' and
     control characters: those keys are fetched by boto3, as given."""
     so = _obs()
-    from hnq.storage import s3 as s3mod
+    from hnq.storage.s3 import client as s3mod
 
     odd = ["/lead.jpg", "trail.jpg/", "a//b.jpg", "d/./x.jpg", "d/../x.jpg", "tab\t.jpg",
            "bell\x07.jpg"]
@@ -673,7 +673,7 @@ def test_obstore_error_mapping_is_boto3s(cls, status, code, want, transient):
     so = _obs()
     import botocore.exceptions as bex
 
-    from hnq.storage.s3 import map_fetch_error
+    from hnq.storage.s3.client import map_fetch_error
 
     got = so.map_obstore_error(_obstore_error(cls, status, code), "s3://b/k.jpg", "k.jpg")
     boto = map_fetch_error(bex.ClientError(
@@ -713,7 +713,7 @@ def test_obstore_error_mapping_transport_and_odd_keys():
 _FORK_SCRIPT = r"""
 import os, select, sys
 from hnq.storage import FetchPolicy, fetch
-from hnq.storage import s3_obstore as so
+from hnq.storage.s3 import get_obstore as so
 pol = FetchPolicy(s3_client="obstore")
 uri = sys.argv[1]
 

@@ -1,9 +1,9 @@
 """The worker's streaming engine (see :mod:`worker.engine.engine`). :func:`build_engine` wires it
-to a :class:`~worker.pipeline.predict.Classifier` and a fetch policy."""
+to a :class:`~worker.engine.classifier.Classifier` and a fetch policy."""
 from __future__ import annotations
 
 from worker.engine.cpus import allowed_cpus, intra_op_threads
-from worker.pipeline.decode import DEFAULT_MAX_PIXELS
+from worker.image.decode import DEFAULT_MAX_PIXELS
 from worker.engine.device import DeviceRunner, default_batch_size
 from worker.engine.engine import Chunk, ChunkCancelled, Engine, EngineConfig, StorageDown
 from worker.engine.fetch import RetryPolicy
@@ -24,13 +24,13 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
                  decode: str = "cpu", warm_up: bool = False, gc_threshold: int = 10_000,
                  torch_threads: int = 0) -> Engine:
     """``decode``: cpu | gpu | auto (HARDNET_DECODE): batched nvJPEG for baseline JPEGs on a CUDA
-    device (worker.pipeline.gpu_decode), CPU threads for everything else. ``torch_threads``
+    device (worker.image.gpu_decode), CPU threads for everything else. ``torch_threads``
     (HARDNET_TORCH_THREADS): see :func:`~worker.engine.cpus.intra_op_threads`; it is set for the
     whole process, as torch has one count."""
     import torch
 
     from hnq.storage import fetch
-    from worker.pipeline.gpu_decode import GpuDecoder, resolve_decode_mode
+    from worker.image.gpu_decode import GpuDecoder, resolve_decode_mode
 
     from hnq.options import TOP_K_MAX
 

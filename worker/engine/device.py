@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.pipeline.decode import normalize
+from worker.image.decode import normalize
 
 log = logging.getLogger("hardnet.worker")
 

@@ -38,7 +38,7 @@ import botocore.exceptions as bex
 
 from hnq.errors import ErrorCode
 from hnq.schema import RecordError, ResultRecord
-from hnq.storage.s3 import _err, s3_client
+from hnq.storage.s3.client import _err, s3_client
 from hnq.uris import InvalidURI, parse_s3
 
 log = logging.getLogger("hardnet.worker")

@@ -10,7 +10,7 @@ Sources (:func:`expand_sources`):
 * ``s3://bucket`` , ``s3://bucket/`` or ``s3://bucket/prefix/`` -> every image key under it
   (ListObjectsV2 pages, directory markers skipped), as :class:`~hnq.objects.SourceObject` URIs
   that carry the ETag, size and storage class; one sorted stream, or fanned out over the
-  prefix's folders with ``list_threads`` > 1 (:mod:`producer.listing`, no fixed order then);
+  prefix's folders with ``list_threads`` > 1 (:mod:`hnq.storage.s3.listing`, no fixed order then);
 * ``s3://bucket/key`` with an image extension -> emitted as given (no HEAD). Without an image
   extension (``s3://bucket/photos``) it is taken as the folder ``photos/``; if that lists nothing
   the URI is emitted as given;
@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 from hnq.errors import ConfigError
 from hnq.storage.file import within_roots
-from producer.listing import list_objects
+from hnq.storage.s3.listing import list_objects
 from hnq.uris import InvalidURI, file_uri_to_path, is_image_name, parse_s3, path_to_file_uri, scheme_of
 
 
@@ -80,7 +80,7 @@ def _expand_s3(source: str, *, recursive: bool, list_threads: int = 1, list_dept
         return
     prefix = key if (not key or key.endswith("/")) else key + "/"
     found = False
-    # SourceObjects (str URIs with ETag, size, storage class); fanned out (producer.listing)
+    # SourceObjects (str URIs with ETag, size, storage class); fanned out (hnq.storage.s3.listing)
     for obj in list_objects(bucket, prefix, threads=list_threads, depth=list_depth, recursive=recursive):
         found = True
         yield obj
@@ -93,7 +93,7 @@ def expand_sources(sources: Iterable[str], *, recursive: bool = True,
                    list_depth: int = 2) -> Iterator[str]:
     """Stream the image URIs of ``sources`` (see the module doc). ``file_roots``: when given,
     local sources outside them are refused (ConfigError). ``list_threads`` / ``list_depth``: how
-    S3 prefixes are listed (:mod:`producer.listing`; 1 thread = one sorted stream)."""
+    S3 prefixes are listed (:mod:`hnq.storage.s3.listing`; 1 thread = one sorted stream)."""
     for source in sources:
         if not isinstance(source, str) or not source.strip():
             raise ConfigError("empty source")

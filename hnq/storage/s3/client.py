@@ -6,7 +6,7 @@ instance metadata) and honours ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` it
 (retry mode, attempts, timeouts, addressing style), read through :func:`s3_settings`.
 
 Object GETs go through boto3 or, with ``FetchPolicy.s3_client`` = ``auto`` (obstore when it is
-installed) or ``obstore``, through :mod:`hnq.storage.s3_obstore`, which keeps these semantics
+installed) or ``obstore``, through :mod:`hnq.storage.s3.get_obstore`, which keeps these semantics
 (same credentials, endpoint, addressing, retry budget, size cap and error mapping). Listing and
 writes always use boto3.
 
@@ -180,7 +180,7 @@ def reset_s3_client() -> None:
     with _lock:
         _clients.clear()
         _session = None
-    obs = sys.modules.get("hnq.storage.s3_obstore")
+    obs = sys.modules.get("hnq.storage.s3.get_obstore")
     if obs is not None:
         obs.reset_stores()
 
@@ -267,7 +267,7 @@ def obstore_available() -> bool:
     global _obstore_ok
     if _obstore_ok is None:
         try:
-            import hnq.storage.s3_obstore  # noqa: F401  (imports obstore)
+            import hnq.storage.s3.get_obstore  # noqa: F401  (imports obstore)
         except ImportError:
             _obstore_ok = False
         else:
@@ -289,7 +289,7 @@ def get_client_for(choice: str) -> str:
             raise ConfigError("HARDNET_S3_GET_CLIENT=obstore but obstore is not installed "
                               "(pip install 'obstore>=0.12,<0.13')")
         return "boto3"
-    from hnq.storage import s3_obstore
+    from hnq.storage.s3 import get_obstore as s3_obstore
 
     return "obstore" if s3_obstore.usable_here() else "boto3"
 
@@ -297,7 +297,7 @@ def get_client_for(choice: str) -> str:
 def fetch_s3(uri: str, policy: FetchPolicy) -> Fetched:
     bucket, key = parse_s3(uri)
     if get_client_for(policy.s3_client) == "obstore":
-        from hnq.storage import s3_obstore
+        from hnq.storage.s3 import get_obstore as s3_obstore
 
         if s3_obstore.can_address(key):
             got = s3_obstore.fetch_obstore(uri, bucket, key, policy)

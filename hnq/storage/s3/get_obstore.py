@@ -1,12 +1,12 @@
 """S3 object GETs through obstore (Rust ``object_store``), with boto3's semantics.
 
 Measured here: about a third of boto3's client CPU per 100 KB object (docs/performance.md,
-"S3 GET client"). :func:`hnq.storage.s3.fetch_s3` uses it when ``FetchPolicy.s3_client`` is
+"S3 GET client"). :func:`hnq.storage.s3.client.fetch_s3` uses it when ``FetchPolicy.s3_client`` is
 ``auto`` (and obstore is installed) or ``obstore``; listing and writes stay on boto3.
 
 What is kept from the boto3 path:
 
-* **Credentials**: boto3's chain, from the same session as :func:`hnq.storage.s3.s3_client`
+* **Credentials**: boto3's chain, from the same session as :func:`hnq.storage.s3.client.s3_client`
   (env, profiles, SSO, web identity, container and instance roles). obstore asks
   :class:`BotoCredentialProvider` for them and keeps the answer for :data:`CREDENTIALS_TTL`
   (5 min); each call takes ``get_frozen_credentials()``, so botocore refreshes expiring
@@ -31,7 +31,7 @@ What is kept from the boto3 path:
   the stream is cut after ``max_bytes + 1`` bytes all the same.
 * **Error mapping**: obstore's exceptions carry the HTTP status and S3's XML error body in their
   message; status and ``<Code>`` are read from it and go through the same
-  :func:`hnq.storage.s3.classify_s3_error` as boto3's ClientError (not_found, access_denied,
+  :func:`hnq.storage.s3.client.classify_s3_error` as boto3's ClientError (not_found, access_denied,
   invalid_uri, coded TransientError...). Transport failures that outlived the retries ->
   TransientError ``timeout`` or ``fetch_error``; a failing credential provider -> TransientError
   ``fetch_error``.
@@ -40,7 +40,7 @@ What is kept from the boto3 path:
   for those and boto3 fetches them.
 
 One store per bucket per process, shared by all threads, rebuilt when one of the variables that
-:func:`hnq.storage.s3.s3_client` watches changes, and dropped in a forked child. obstore's tokio
+:func:`hnq.storage.s3.client.s3_client` watches changes, and dropped in a forked child. obstore's tokio
 runtime does not survive a fork: in a child forked after the parent made an obstore request, a
 request hangs. :func:`usable_here` is False there, and boto3 GETs the objects of such a child
 (a worker pool forked before any fetch, or exec'd, is not affected).
@@ -61,7 +61,7 @@ from obstore.exceptions import (BaseError as ObstoreError, InvalidPathError,
 from obstore.store import S3Store
 
 from hnq.errors import ErrorCode, ImageError, TransientError
-from hnq.storage import s3 as _s3
+from hnq.storage.s3 import client as _s3
 from hnq.storage.base import Fetched, FetchPolicy, clean_etag, too_large
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ Layout, under the job's folder::
   An object that disappeared from the source drops out of the next index; one that changed
   (another ETag) is labelled again.
 * **When**: a job submitted with ``--skip-labelled``, ``--since`` or ``--index`` has its index
-  built when it is finalised (:func:`hnq.finish.finalize`, once every part is there, before the
+  built when it is finalised (:func:`hnq.jobs.finish.finalize`, once every part is there, before the
   manifest and the final state; a failure is logged and leaves the job to finish as it would). A job without one (older, or submitted without those options) has
   it built from its parts by the first ``--skip-labelled`` run that needs it.
 * Only ok records with an ETag are indexed: error records are labelled again, and sources whose
@@ -290,7 +290,7 @@ def manifest_fields(d: Destination | None, job_id: str, raw: dict) -> dict:
 
 
 def index_for_finalize(store, job_id: str) -> dict | None:
-    """Called by :func:`hnq.finish.finalize` when every part is there, before the manifest (still
+    """Called by :func:`hnq.jobs.finish.finalize` when every part is there, before the manifest (still
     written last) and the final state (so that a ``--wait`` that returned sees the index): build
     the index of a job submitted with one asked for. Never raises (the job finishes either way; a
     later ``--skip-labelled`` builds a missing index from the parts)."""

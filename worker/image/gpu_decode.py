@@ -1,5 +1,5 @@
 """Optional GPU JPEG decoding (``HARDNET_DECODE=cpu|gpu|auto``): nvJPEG through torchvision, then the
-same resize + center crop as :func:`worker.pipeline.decode.decode_image`, on the device.
+same resize + center crop as :func:`worker.image.decode.decode_image`, on the device.
 
     dec = GpuDecoder(torch.device("cuda"), max_pixels=s.max_pixels, cpu_decode=decode_image)
     out = dec.decode_batch(blobs)   # per blob: uint8 [3, 224, 224] on the device, or its ImageError
@@ -74,7 +74,7 @@ import torchvision.io
 import torchvision.transforms.v2.functional as TF
 
 from hnq.errors import ConfigError, ErrorCode, ImageError
-from worker.pipeline.decode import (
+from worker.image.decode import (
     _is_extreme, _pillow_vertical_first, _resized_size, jpeg_info, sniff_format,
 )
 

@@ -51,7 +51,7 @@ import botocore.exceptions as bex
 from hnq.errors import ConfigError, TransientError
 from hnq.objects import SourceObject
 from hnq.storage.base import clean_etag
-from hnq.storage.s3 import _err, _listing_error, s3_client
+from hnq.storage.s3.client import _err, _listing_error, s3_client
 from hnq.uris import InvalidURI, is_image_name, parse_s3, s3_uri, scheme_of
 
 log = logging.getLogger("hardnet.inventory")

@@ -14,9 +14,9 @@ import json
 import logging
 from datetime import datetime, timezone
 
-from hnq.index import index_for_finalize, manifest_fields
-from hnq.inputs import OutputPolicy, check_output
-from hnq.jobs import JobStore
+from hnq.jobs.index import index_for_finalize, manifest_fields
+from hnq.jobs.inputs import OutputPolicy, check_output
+from hnq.jobs.store import JobStore
 from hnq.options import JobOptions
 from hnq.schema import DeadChunk, Manifest
 from hnq.storage import open_destination

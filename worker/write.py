@@ -1,4 +1,4 @@
-"""Writing a chunk's records, a dead letter's records and (via hnq.finish) the job manifest. Names
+"""Writing a chunk's records, a dead letter's records and (via hnq.jobs.finish) the job manifest. Names
 are deterministic (part-<chunk>), so a retried or duplicated chunk overwrites its own part instead
 of adding records."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import time
 from collections import Counter
 
 from hnq.errors import ConfigError, ErrorCode
-from hnq.finish import finalize, finalize_or_fail, is_complete_unfinished
-from hnq.inputs import OutputPolicy, check_output, read_chunk_uris
-from hnq.jobs import JobStore
+from hnq.jobs.finish import finalize, finalize_or_fail, is_complete_unfinished
+from hnq.jobs.inputs import OutputPolicy, check_output, read_chunk_uris
+from hnq.jobs.store import JobStore
 from hnq.options import JobOptions
-from hnq.output import encode_part
+from hnq.jobs.parts import encode_part
 from hnq.schema import ChunkTask, Manifest, ResultRecord
 from hnq.storage import open_destination
 
@@ -25,7 +25,7 @@ def to_jsonl(records: list[ResultRecord]) -> bytes:
 
 def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord],
                options: JobOptions | None = None) -> None:
-    """Store the chunk's part in the job's format (hnq.output), then count its records
+    """Store the chunk's part in the job's format (hnq.jobs.parts), then count its records
     (hardnet_images_total counts what was written, the chunk_failed records of a dead letter
     included) and the write's time. Parquet only to a destination (submit refuses it without
     --out, and a worker refuses a message that asks for it)."""
@@ -58,7 +58,7 @@ def outcome_extras(records: list[ResultRecord]) -> dict:
 def write_manifest(store: JobStore, dest: str | None, job_id: str) -> Manifest | None:
     """Kept for callers of the former API: finalise the job (manifest, then final state)."""
     finalize(store, job_id)
-    from hnq.finish import build_manifest
+    from hnq.jobs.finish import build_manifest
 
     return build_manifest(store, job_id)
 

@@ -1,6 +1,6 @@
 """What a job's options (hnq.options) do to a chunk's records between the engine and the part:
 the top-k field name, and the S3 tag write-back. The part itself is written by
-:func:`worker.pipeline.write.write_part` in the job's format."""
+:func:`worker.write.write_part` in the job's format."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +24,7 @@ def finish_records(records: list[ResultRecord], options: JobOptions, *, tag_thre
                    name: str = "") -> list[ResultRecord]:
     records = name_labels(records, options.top_k)
     if options.tag:
-        from hnq.storage.s3_tags import tag_records
+        from hnq.storage.s3.tags import tag_records
 
         records, counts = tag_records(records, threads=tag_threads)
         log.info("chunk %s tags: %s", name, counts)

@@ -28,9 +28,9 @@ import logging
 import time
 from typing import Callable
 
-from hnq.finish import finalize_or_fail, is_complete_unfinished
-from hnq.inputs import read_chunk_uris
-from hnq.jobs import JobStore
+from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
+from hnq.jobs.inputs import read_chunk_uris
+from hnq.jobs.store import JobStore
 from hnq.options import JobOptions
 from hnq.schema import ChunkTask
 from hnq.settings import TASK_CLASSIFY

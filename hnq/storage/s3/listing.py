@@ -41,8 +41,8 @@ from typing import Iterator
 from hnq.errors import ConfigError, TransientError
 from hnq.objects import SourceObject
 from hnq.storage.base import clean_etag
-from hnq.storage import s3 as _s3
-from hnq.storage.s3 import _listing_error, boto3_session, client_config, env_key
+from hnq.storage.s3 import client as _s3
+from hnq.storage.s3.client import _listing_error, boto3_session, client_config, env_key
 from hnq.uris import is_image_name, s3_uri
 
 log = logging.getLogger("hardnet.listing")
