@@ -13,9 +13,6 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 
 def photo_like_jpeg(w: int, h: int, seed: int, quality: int = 90) -> bytes:
@@ -82,9 +79,9 @@ class Child:
 
 
 def moto_child() -> Child:
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from servers import MotoS3; "
+    code = ("import sys; from tests.servers import MotoS3; "
             "m = MotoS3().start(); print(m.url, flush=True); sys.stdin.read(); m.stop()")
-    return Child([sys.executable, "-c", code, str(ROOT / "tests")])
+    return Child([sys.executable, "-c", code])
 
 
 def proxy_child(upstream: str) -> Child:
@@ -159,4 +156,6 @@ def reexec_with_malloc_tuning(cpu_worker: bool = True) -> None:
         env = {**os.environ, **MALLOC_ENV}
         if cpu_worker:
             env.setdefault("MALLOC_ARENA_MAX", "1")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        # started as `python -m benchmarks.NAME`: re-executed the same way (not as a script)
+        os.execve(sys.executable, [sys.executable, "-m", sys.modules["__main__"].__spec__.name,
+                                   *sys.argv[1:]], env)

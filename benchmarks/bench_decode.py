@@ -1,7 +1,7 @@
 """ms/image of the PIL reference vs decode_image vs decode_image(fast_jpeg=True), one thread; then
 decode_image's per-call cost on a tiny JPEG against torchvision's resize/crop functions.
 
-    python benchmarks/bench_decode.py [--repeat N]
+    python -m benchmarks.bench_decode [--repeat N]
 
 Images: samples/ photos when present (dog.jpg, chelsea.png) plus generated photo-like JPEGs
 (smooth gradients + edges + sensor-like noise, quality 90) of 500x375, 1024x768 and 4032x3024.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from worker.image.decode import decode_image, reference_preprocess
 
-from worker.image.decode import decode_image, reference_preprocess  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def photo_like_jpeg(w: int, h: int, seed: int = 0) -> bytes:

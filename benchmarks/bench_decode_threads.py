@@ -1,6 +1,6 @@
 """CPU decoding in the engine's decode threads, by torch's intra-op thread count.
 
-    python benchmarks/bench_decode_threads.py [--variants 1,default,16] [--repeat 3] [--n 1536]
+    python -m benchmarks.bench_decode_threads [--variants 1,default,16] [--repeat 3] [--n 1536]
 
 The engine decodes on as many threads as this process may use (worker/engine/cpus.py). Each
 ``decode_image`` resizes with torch, whose kernels split work over an OpenMP team of torch's
@@ -32,8 +32,7 @@ def one(variant: str, n: int) -> dict:
 
     import torch
 
-    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-    from _common import photo_like_jpeg
+    from benchmarks._common import photo_like_jpeg
     from worker.engine import allowed_cpus
     from worker.image.decode import decode_image
 
@@ -70,8 +69,8 @@ def main() -> None:
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(a.repeat):
         for v in variants:
-            out = subprocess.run([sys.executable, __file__, "--one", v, "--n", str(a.n)],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run([sys.executable, "-m", __spec__.name, "--one", v, "--n", str(a.n)],
+                                 check=True, capture_output=True, text=True, cwd=ROOT).stdout
             m = json.loads(out.strip().splitlines()[-1])
             rows[v].append(m)
             print(f"  round {r + 1} intra-op {v:>7s} ({m['intra_op']} threads, {m['decoders']} decode "

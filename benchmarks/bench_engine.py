@@ -1,6 +1,6 @@
 """The streaming engine against its limits, measured in the same run (issue 7's figures).
 
-    python benchmarks/bench_engine.py [--scenarios default68,latency39,plumbing,ceiling,rss] [--n-latency 1024]
+    python -m benchmarks.bench_engine [--scenarios default68,latency39,plumbing,ceiling,rss] [--n-latency 1024]
 
 Scenarios (each prints its figures and its ratio to a baseline measured in the same run):
 
@@ -57,8 +57,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-from _common import (ROOT, moto_child, photo_like_jpeg, proc_cpu_s, proc_rss_mb, proxy_child,
-                     reexec_with_malloc_tuning, zero_cost_engine)
+from benchmarks._common import (ROOT, moto_child, photo_like_jpeg, proc_cpu_s, proc_rss_mb, proxy_child,
+                                  reexec_with_malloc_tuning, zero_cost_engine)
 
 
 def log(msg: str) -> None:
@@ -109,8 +109,8 @@ class Queue:
     """A throwaway redis-server and one `hardnet worker` process with the given settings."""
 
     def __init__(self, tmp: Path, env_extra: dict[str, str]):
-        from cluster import Worker
-        from servers import RedisServer
+        from tests.cluster import Worker
+        from tests.servers import RedisServer
 
         tmp.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(tmp / "redis").start()
@@ -194,7 +194,7 @@ def scenario_latency39(tmp: Path, a) -> None:
             list(ex.map(lambda ib: cl.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]),
                         enumerate(blobs)))
         urllib.request.urlopen(f"{proxy.url}/__fault__?mode=slow&delay={a.latency_ms / 1000}", timeout=10).read()
-        from servers import s3_env
+        from tests.servers import s3_env
 
         # This machine's speed drifts (a shared VM): the model limit is measured right before and
         # right after every job, and each job is set against the mean of those two.
@@ -307,7 +307,7 @@ def ceiling_one(variant: str, n: int) -> dict:
 
     import torch
 
-    from _common import StackingRunner
+    from benchmarks._common import StackingRunner
     from hnq.storage import Fetched
     from worker.engine import Engine, EngineConfig, allowed_cpus
     from worker.engine.fetch import FIRST_THREADS
@@ -365,8 +365,8 @@ def scenario_ceiling(tmp: Path, a) -> None:
         decs.append(len(blobs) / (time.perf_counter() - t0))
         log(f"  repeat {r + 1}: decode-only {decs[-1]:.0f} img/s")
         for v in variants:
-            p = subprocess.run([sys.executable, __file__, "--ceiling-one", v, "--n-ceiling", str(n)],
-                               capture_output=True, text=True, timeout=600,
+            p = subprocess.run([sys.executable, "-m", __spec__.name, "--ceiling-one", v,
+                                "--n-ceiling", str(n)], capture_output=True, text=True, timeout=600, cwd=ROOT,
                                env={k: x for k, x in os.environ.items() if k != "MALLOC_ARENA_MAX"})
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
             if not lines:
@@ -483,8 +483,8 @@ def main() -> None:
         for name in [x.strip() for x in a.scenarios.split(",") if x.strip()]:
             if name == "plumbing" and not a.plumbing_child:
                 sys.stdout.flush()
-                subprocess.run([sys.executable, __file__, "--scenarios", name, "--plumbing-child",
-                                "--n-plumbing", str(a.n_plumbing), "--repeat", str(a.repeat)],
+                subprocess.run([sys.executable, "-m", __spec__.name, "--scenarios", name, "--plumbing-child",
+                                "--n-plumbing", str(a.n_plumbing), "--repeat", str(a.repeat)], cwd=ROOT,
                                env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"})
                 continue
             sub = Path(d) / name

@@ -3,7 +3,7 @@
 behind tests/faultproxy.py adding a fixed delay to every request (closer to real S3, where a
 page's round trip, not the server's CPU, is what a single stream waits for).
 
-    python benchmarks/bench_listing.py [--keys 100000] [--prefixes 100] [--threads 8] [--delay 0.05]
+    python -m benchmarks.bench_listing [--keys 100000] [--prefixes 100] [--threads 8] [--delay 0.05]
 
 Setup: KEYS empty objects under PREFIXES folders (set/pNNN/img-NNNNNN.jpg), plus a flat prefix
 (no folders) of FLAT keys. PUTs over HTTP with 32 threads are timed on a sample and printed (about
@@ -26,12 +26,8 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, proxy_child  # noqa: E402
-
-sys.path.insert(0, str(ROOT))
+from benchmarks._common import Child, proc_cpu_s, proxy_child
 
 
 def _client(url: str):
@@ -44,8 +40,7 @@ def _client(url: str):
 
 _MOTO = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
-from servers import MotoS3
+from tests.servers import MotoS3
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 m = MotoS3().start()
@@ -66,9 +61,7 @@ m.stop()
 
 
 def _moto():
-    from _common import Child
-
-    return Child([sys.executable, "-c", _MOTO, str(ROOT / "tests")])
+    return Child([sys.executable, "-c", _MOTO])
 
 
 def _fill_direct(moto, bucket: str, prefix: str, n: int, folders: int) -> float:
@@ -89,10 +82,7 @@ def _put_rate(url: str, n: int, threads: int = 32) -> float:
 
 
 def _list(bucket: str, prefix: str, threads: int, depth: int, server) -> dict:
-    from _common import proc_cpu_s
-    from hnq.storage.s3.listing import ListingStats, list_objects
-
-    from hnq.storage.s3.listing import listing_client
+    from hnq.storage.s3.listing import ListingStats, list_objects, listing_client
 
     listing_client()          # made before the clock starts (a new endpoint: a new client)
     st = ListingStats()
@@ -105,9 +95,7 @@ def _list(bucket: str, prefix: str, threads: int, depth: int, server) -> dict:
 
 
 def _stub(keys: int, folders: int, delay: float):
-    from _common import Child
-
-    return Child([sys.executable, str(ROOT / "benchmarks" / "s3_list_stub.py"), "--bucket", "stub",
+    return Child([sys.executable, "-m", "benchmarks.s3_list_stub", "--bucket", "stub",
                   "--prefix", "set/", "--keys", str(keys), "--folders", str(folders), "--delay", str(delay)])
 
 
@@ -124,7 +112,7 @@ def main() -> int:
                     help="which of moto, proxy (moto + delay), stub (list stand-in + delay) to measure")
     a = ap.parse_args()
 
-    from servers import s3_env
+    from tests.servers import s3_env
 
     moto = _moto()
     proxy = None
@@ -139,7 +127,7 @@ def main() -> int:
         print(f"setup: {a.flat} keys under one flat prefix in {setup_f:.1f} s")
         keys, flat = range(a.keys), range(a.flat)
         proxy = proxy_child(moto.url)
-        from faultproxy import remote_set_fault
+        from tests.faultproxy import remote_set_fault
 
         remote_set_fault(proxy.url, "slow", delay=a.delay)
         from hnq.storage import reset_s3_client

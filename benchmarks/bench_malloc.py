@@ -2,7 +2,7 @@
 `hardnet` torch commands set (producer/cli.py). Each variant runs in its own process (glibc reads
 the variables at start-up), alternating, and the ratio is printed per round.
 
-    python benchmarks/bench_malloc.py [--model hardnet39ds] [--seconds 12] [--rounds 2]
+    python -m benchmarks.bench_malloc [--model hardnet39ds] [--seconds 12] [--rounds 2]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """images/s of labelling the same N images: a home-made script vs our pipeline (vs the queue).
 
-    python benchmarks/bench_pipeline.py [--n 64] [--model hardnet39ds] [--batch-size 16]
+    python -m benchmarks.bench_pipeline [--n 64] [--model hardnet39ds] [--batch-size 16]
                                         [--threads T] [--repeat 4] [--s3] [--queue]
 
 Inputs: N generated photo-like JPEGs (smooth gradients + edges + sensor-like noise, quality 90),
@@ -63,18 +63,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import torch
 
-import torch  # noqa: E402
-
-from hnq.storage import FetchPolicy  # noqa: E402
-from hnq.uris import path_to_file_uri  # noqa: E402
-from worker.image.decode import decode_image, reference_preprocess  # noqa: E402
-from _common import moto_child, photo_like_jpeg  # noqa: E402
-from worker.engine import build_engine  # noqa: E402
-from worker.engine.classifier import Classifier  # noqa: E402
+from benchmarks._common import ROOT, moto_child, photo_like_jpeg, zero_cost_engine
+from hnq.storage import FetchPolicy
+from hnq.uris import path_to_file_uri
+from worker.engine import build_engine
+from worker.engine.classifier import Classifier
+from worker.image.decode import decode_image, reference_preprocess
 
 MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 BUCKET = "bench"
@@ -200,8 +196,8 @@ def timed_cpu(fn, ctx) -> tuple[float, float, object]:
 # ------------------------------------------------------------------------------------------- queue
 def run_queue(ctx, tmp: Path, s3_url: str | None, source: str) -> list[tuple[float, float, float]]:
     """[(job seconds, CLI wall seconds, paired in-process (c) seconds)] per repeat."""
-    from cluster import Worker
-    from servers import RedisServer, s3_env
+    from tests.cluster import Worker
+    from tests.servers import RedisServer, s3_env
 
     a = ctx.args
     redis = RedisServer(tmp / "redis").start()
@@ -286,7 +282,7 @@ def main() -> None:
         ctx.blobs = [p.read_bytes() for p in paths]
         policy = FetchPolicy(file_roots=(str(ctx.img_dir),))
         if a.s3:
-            from servers import s3_env
+            from tests.servers import s3_env
 
             s3 = moto_child()
             os.environ.update(s3_env(s3.url))
@@ -310,8 +306,6 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         ctx.engine = build_engine(ctx.clf, policy, fetch_threads=a.fetch_threads,
                                   decode_threads=a.decode_threads)
-        from _common import zero_cost_engine
-
         ctx.zero_engine = zero_cost_engine(ctx.clf, policy, fetch_threads=a.fetch_threads,
                                            decode_threads=a.decode_threads)
         ctx.decoded = torch.stack([decode_image(b) for b in ctx.blobs])

@@ -7,7 +7,7 @@ fetches all of them with each client at each thread count, interleaved over the 
 objects/s and client CPU ms per object (median over the repeats), and the obstore/boto3 ratios
 of the same run.
 
-    python benchmarks/bench_s3_get.py [--n 400] [--size 100000] [--threads 8,32] [--repeat 3]
+    python -m benchmarks.bench_s3_get [--n 400] [--size 100000] [--threads 8,32] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -19,13 +19,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from servers import free_port, s3_env, wait_port  # noqa: E402
+from tests.servers import free_port, s3_env, wait_port
 
 CLIENTS = ("boto3", "obstore")
 

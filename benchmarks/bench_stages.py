@@ -3,7 +3,7 @@ same work through each, measured in the same run.
 
     pip install spdl==0.8.0                     # only for this comparison; not dependencies of
     pip install --no-deps torchdata==0.11.0     # the project (--no-deps: keep our torch)
-    python benchmarks/bench_stages.py [--n 2000] [--latency-ms 20] [--repeat 3]
+    python -m benchmarks.bench_stages [--n 2000] [--latency-ms 20] [--repeat 3]
 
 Work: N in-memory 500x375 JPEGs; "fetch" sleeps ``--latency-ms`` (a remote store's latency, GIL
 released) and returns the bytes; decode is the worker's `decode_image`; batches of 32; the
@@ -28,7 +28,7 @@ import resource
 import statistics
 import time
 
-from _common import photo_like_jpeg, reexec_with_malloc_tuning
+from benchmarks._common import photo_like_jpeg, reexec_with_malloc_tuning, zero_cost_runner
 
 
 def cpu_s() -> float:
@@ -52,7 +52,6 @@ def main() -> None:
     from worker.engine import Engine, EngineConfig, allowed_cpus
     from worker.image.decode import decode_image
     from worker.engine.classifier import Classifier
-    from _common import zero_cost_runner
 
     cpus = allowed_cpus()
     blobs = {f"mem://{i}": photo_like_jpeg(500, 375, seed=i) for i in range(a.n)}

@@ -7,7 +7,7 @@ Prints, per destination kind (file, and with --s3 moto's S3 server behind a coun
   Redis bytes per URI    MEMORY USAGE of the queue list, and of every key, divided by N
   storage requests/chunk objects written (file) or HTTP requests seen by the proxy (S3), per chunk
 
-    python benchmarks/bench_submit_scale.py [--n 1000000] [--chunk-size 512] [--s3]
+    python -m benchmarks.bench_submit_scale [--n 1000000] [--chunk-size 512] [--s3]
 """
 from __future__ import annotations
 
@@ -21,27 +21,25 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.servers import RedisServer, s3_env
 
-from servers import RedisServer, s3_env  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class S3Child:
     """moto's S3 server and the counting proxy in a child process (off this process's GIL)."""
 
-    CODE = ("import sys, json; sys.path.insert(0, sys.argv[1]); from servers import MotoS3; "
-            "from faultproxy import FaultProxy; import boto3; m = MotoS3().start(); "
+    CODE = ("import sys, json; from tests.servers import MotoS3; "
+            "from tests.faultproxy import FaultProxy; import boto3; m = MotoS3().start(); "
             "boto3.client('s3', endpoint_url=m.url, region_name='us-east-1', aws_access_key_id='x', "
             "aws_secret_access_key='x').create_bucket(Bucket='bench-out'); "
             "p = FaultProxy(m.url).start(); print(p.url, flush=True); "
             "[print(json.dumps(p.stats()), flush=True) for _ in iter(sys.stdin.readline, '')]")
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(ROOT / "tests")],
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+                                     stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         self.url = self.proc.stdout.readline().strip()
         if not self.url.startswith("http"):
             raise RuntimeError("moto S3 server did not start")

@@ -4,7 +4,7 @@ and waits a fixed delay before each answer, concurrently for concurrent requests
 regime of real S3 (the server scales, a page costs a round trip), which moto on two shared cores
 is not (it spends ~0.4 ms of CPU per listed key, one request at a time).
 
-    python benchmarks/s3_list_stub.py --bucket B --prefix set/ --keys 100000 --folders 100 --delay 0.05
+    python -m benchmarks.s3_list_stub --bucket B --prefix set/ --keys 100000 --folders 100 --delay 0.05
 
 prints ``LISTENING http://127.0.0.1:PORT`` once ready; stdin closing stops it. Loopback only.
 """
