@@ -1,4 +1,5 @@
-"""The Celery app of the workers (thin: configuration only; the work is in worker.tasks).
+"""The Celery app of the workers (thin: configuration only; the tasks are in worker.tasks, the work
+in worker.chunk, the process's signal handlers in worker.lifecycle).
 
     celery -A worker.app worker -Q hardnet      # one process per GPU
     hardnet worker                              # the same, wrapped
@@ -23,11 +24,11 @@ from worker.admission import Admission
 from worker.settings import WorkerSettings
 
 settings = WorkerSettings()
-#: told the images to hold once the engine (its batch size) is built: worker.tasks.Context
+#: told the images to hold once the engine (its batch size) is built: worker.chunk.Context
 admission = Admission(settings.chunks_in_flight, settings.pool_size)
 transport.install(gate=admission)
 
-app = Celery("hardnet", include=["worker.tasks", "worker.sweeper"])
+app = Celery("hardnet", include=["worker.tasks", "worker.lifecycle", "worker.sweeper"])
 app.conf.update(celery_config(settings))
 app.conf.update(worker_pool="threads", worker_concurrency=settings.pool_size)
 lean_messages(app)  # retries re-send the message: keep it small

@@ -90,11 +90,13 @@ def celery_argv(a: argparse.Namespace, settings) -> list[str]:
 
 def cmd_worker(a: argparse.Namespace) -> int:
     _export_worker_options(a)
-    from worker import tasks
+    # Imported after _export_worker_options: the worker's settings are read from the environment
+    # when worker.app is first imported.
+    from worker import lifecycle
     from worker.app import app, settings
 
     app.worker_main(celery_argv(a, settings))
-    if tasks.recycle_requested.is_set():
+    if lifecycle.recycle_requested.is_set():
         # Memory guard tripped: start afresh in a new process image (same arguments).
         err("restarting the worker (memory guard)")
         os.execv(sys.executable, [sys.executable, "-m", "producer.cli", *sys.argv[1:]])

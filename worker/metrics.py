@@ -130,7 +130,7 @@ def engine_loaded(model: str, device, seconds: float) -> None:
 class RuntimeCollector:
     """Values read when Prometheus scrapes: images in the engines, CUDA memory and utilisation.
 
-    ``engines()`` returns the live engines (worker.tasks keeps them). CUDA figures are given only
+    ``engines()`` returns the live engines (worker.lifecycle keeps them). CUDA figures are given only
     for CUDA devices of those engines, only once this process has initialised CUDA (a scrape must
     never be what initialises it), and utilisation only when pynvml is installed (torch asks NVML
     for it). Nothing here may raise on a CPU worker or when NVML answers badly: a failing part is

@@ -1,0 +1,291 @@
+"""Labelling one chunk in a worker process: the engine context, the body of a chunk's task, and the
+dead-letter glue around it (worker.tasks holds only the Celery tasks that call it).
+
+Reliability rules (docs/reliability.md): a chunk's part is written before its task returns (and so
+before the message is acknowledged: acks_late); deliveries are counted in Redis, so a chunk that
+keeps failing (or keeps killing its worker) goes to the dead-letter list after `max_attempts`
+instead of being redelivered forever (celery#8969)."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+from hnq.errors import ConfigError, TransientError
+from hnq.jobs.finish import finalize, finalize_or_fail
+from hnq.jobs.inputs import load_chunk_entries
+from hnq.jobs.parts import require_pyarrow
+from hnq.jobs.store import JobStore
+from hnq.objects import with_precoded
+from hnq.options import TOP_K_DEFAULT, JobOptions
+from hnq.schema import ChunkTask, ResultRecord
+from hnq.storage.s3.tags import tag_records
+from worker import metrics
+from worker.admission import BATCHES_IN_FLIGHT, Admission
+from worker.engine_pool import EnginePool, check_job_weights, resolve_job_weights
+from worker.settings import WorkerSettings
+from worker.write import dead_letter, write_part
+
+log = logging.getLogger("hardnet.worker")
+
+#: How often a task waiting on its chunk looks whether the job was cancelled meanwhile.
+CANCEL_POLL_S = 1.0
+
+
+class Context:
+    """Per-process state, built lazily (never in a fork parent: CUDA): the engines
+    (worker/engine_pool.py: one per model and weights that jobs ask for, at most HARDNET_MAX_ENGINES,
+    loaded on first use), shared by every chunk in flight (the threads pool runs
+    `chunks_in_flight` tasks at once). The configured model is loaded at start-up; a job that asks
+    for another variant or checkpoint gets it loaded on first use, so `hardnet submit --model /
+    --weights` is always honoured."""
+
+    def __init__(self, s: WorkerSettings, admission: Admission):
+        import torch  # torch only once the engines are built, not when Celery imports the tasks
+
+        self.s = s
+        self.store = JobStore(s.broker_url, s.results_ttl_days)
+        self.engines = EnginePool(self._build, s.max_engines, close=self._close)
+        first = self.engine(s.model)
+        clf = first.classifier
+        # Now that the device's batch size is known: the images a worker holds in flight.
+        admission.configure(s.images_in_flight or BATCHES_IN_FLIGHT * clf.batch_size)
+        self.summary = (
+            f"model={s.model} weights={clf.weights} sha256={clf.weights_sha256} device={clf.device} "
+            f"batch={clf.batch_size} amp={clf.amp} chunks_in_flight={s.chunks_in_flight}.."
+            f"{s.pool_size} images_in_flight={admission.images} "
+            f"fetch_threads={first.cfg.fetch_threads} decode_threads={first.cfg.decode_threads} "
+            f"torch_threads={torch.get_num_threads()}")
+
+    def weights_for(self, model: str, job_weights: str | None) -> str | None:
+        """The weights a chunk of ``model`` is labelled with (ConfigError when the job names a
+        checkpoint this worker may not load)."""
+        s = self.s
+        if job_weights is not None:
+            check_job_weights(job_weights, tuple(s.job_weights_allow or ()), s.weights)
+        return resolve_job_weights(model, job_weights, s.model, s.weights)
+
+    def engine(self, model: str, job_weights: str | None = None):
+        """The engine of (model, weights), not held (start-up, logs); chunks use :meth:`lease`."""
+        return self.engines.get(model, self.weights_for(model, job_weights))
+
+    def lease(self, model: str, job_weights: str | None = None):
+        return self.engines.lease(model, self.weights_for(model, job_weights))
+
+    def _build(self, model: str, weights: str | None):
+        # torch and the model code: imported by the first engine built, not by Celery's task import
+        from worker.engine import build_engine
+        from worker.engine.classifier import Classifier
+
+        s = self.s
+        t0 = time.monotonic()
+        clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size or None,
+                         amp=s.amp, fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
+        eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
+                           decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
+                           retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
+                           torchscript=s.torchscript,
+                           decode=s.decode, gc_threshold=s.gc_threshold, torch_threads=s.torch_threads,
+                           warm_up=clf.device.type == "cuda" or s.compile)
+        metrics.instrument(eng, model)
+        metrics.engine_loaded(model, clf.device, time.monotonic() - t0)
+        log.info("engine for %s: weights=%s sha256=%s", model, clf.weights, clf.weights_sha256)
+        return eng
+
+    @staticmethod
+    def _close(engine) -> None:
+        engine.close()
+        engine.classifier = None
+        try:
+            import torch  # already loaded by the engine being closed
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class ChunkRunner:
+    """The chunk labelling of one worker process: its :class:`Context`, built once on first use
+    (worker.lifecycle builds it at start-up), and the job store alone for what needs no model
+    (dropping a cancelled chunk, finalising a job)."""
+
+    def __init__(self, settings: WorkerSettings, admission: Admission):
+        self.settings = settings
+        self.admission = admission
+        self._ctx: Context | None = None
+        self._ctx_lock = threading.Lock()
+        self._plain_store: JobStore | None = None
+
+    @property
+    def built(self) -> Context | None:
+        """The context if it was built (start-up logs, metrics), else None; builds nothing."""
+        return self._ctx
+
+    def context(self) -> Context:
+        with self._ctx_lock:
+            if self._ctx is None:
+                self._ctx = Context(self.settings, self.admission)
+            return self._ctx
+
+    def store(self) -> JobStore:
+        # The job store alone (no model): enough to drop cancelled chunks without loading weights.
+        if self._ctx is not None:
+            return self._ctx.store
+        if self._plain_store is None:
+            self._plain_store = JobStore(self.settings.broker_url, self.settings.results_ttl_days)
+        return self._plain_store
+
+    def dead_letter(self, store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
+        """Give up on a chunk (worker.write.dead_letter): never over a part that an earlier
+        attempt completed; otherwise chunk_failed records, a dead letter for `hardnet redrive`, and
+        the job finalised if this was its last chunk."""
+        if dead_letter(store, task, None, error, attempts, self.settings.output_policy()) == "dead":
+            metrics.CHUNKS.labels("dead_lettered").inc()
+
+    def finalize_job(self, job_id: str) -> None:
+        finalize_or_fail(self.store(), job_id, self.settings.output_policy())
+
+    def run(self, task: ChunkTask, retry: Callable[..., BaseException]) -> dict | None:
+        """Label one delivery of ``task`` and write its part. ``retry``: the Celery task's own
+        ``retry`` (it raises); a chunk that failed ``max_attempts`` times, or with a configuration
+        error, is dead-lettered instead."""
+        settings = self.settings
+        store = self.store()
+        state, attempt = store.start_chunk(task.job_id, task.chunk)
+        if state == "cancelled":
+            log.info("chunk %s/%d dropped: job cancelled", task.job_id, task.chunk)
+            metrics.CHUNKS.labels("cancelled").inc()
+            return None
+        if state == "missing":
+            log.warning("job %s unknown to Redis (state lost?): labelling chunk %d anyway", task.job_id, task.chunk)
+        if attempt > settings.max_attempts:
+            # Delivered again after max_attempts: the earlier deliveries failed or killed the worker.
+            err = store.last_error(task.job_id, task.chunk) or "the worker died while processing it (killed, crashed or out of memory)"
+            self.dead_letter(store, task, err, attempt - 1)
+            return None
+
+        log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
+        t0 = time.monotonic()
+        try:
+            entries = load_chunk_entries(store, task, settings.output_policy())
+            opts = task.opts
+            if opts.format != "jsonl" and not task.dest:
+                raise ConfigError(f"{opts.format} parts need a destination; this message has none")
+            if opts.format == "parquet":
+                require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
+            with self.context().lease(task.model, opts.weights) as engine:
+                # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
+                records = with_precoded(entries, task.model, task.job_id, lambda uris: run_in_engine(
+                    engine, store, task, uris, watch=state != "missing"), weights=engine.classifier.weights)
+                clf, summary = engine.classifier, engine.summary()   # the engine may be swapped out after
+            if records is None:
+                log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
+                metrics.CHUNKS.labels("cancelled").inc()
+                return None
+            records = finish_records(records, opts, tag_threads=settings.tag_threads,
+                                     name=f"{task.job_id}/{task.chunk}")
+            write_part(store, task.dest, task.job_id, task.chunk, records, task.options)
+            ok = sum(r.status == "ok" for r in records)
+            log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
+                     len(records) - ok, rss_mb(), summary)
+            if state != "missing":
+                note_weights_once(store, task.job_id, clf.weights, clf.weights_sha256)
+            # Inside the try: if the manifest can't be written the chunk is retried, and the retry
+            # (idempotent) finds the job complete again and writes it then.
+            if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
+                                                            **outcome_extras(records)):
+                finalize(store, task.job_id, settings.output_policy())
+            metrics.CHUNKS.labels("done").inc()
+            metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
+        except Exception as e:  # noqa: BLE001
+            err = f"{type(e).__name__}: {e}"
+            if state != "missing":
+                store.note_error(task.job_id, task.chunk, err)
+            if attempt >= settings.max_attempts or isinstance(e, ConfigError):  # config: no retry
+                if state != "missing":
+                    self.dead_letter(store, task, err, attempt)
+                return None
+            delay = min(settings.retry_backoff_max, 2 ** attempt) * random.uniform(0.5, 1.0)
+            level = logging.WARNING if isinstance(e, TransientError) else logging.ERROR
+            log.log(level, "chunk %s/%d attempt %d failed (%s); retrying in %.1fs",
+                    task.job_id, task.chunk, attempt, err, delay)
+            metrics.CHUNKS.labels("retried").inc()
+            raise retry(exc=e, countdown=delay)
+        return {"ok": ok, "failed": len(records) - ok}
+
+
+def run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
+                  watch: bool) -> list[ResultRecord] | None:
+    """Hand the chunk's URIs to the engine and wait for one record per URI, in order. Returns None
+    when the job is cancelled meanwhile (its remaining images are dropped from the engine).
+    StorageDown (a TransientError) propagates: the whole chunk is retried."""
+    chunk = engine.submit(uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}", top_k=task.opts.top_k)
+    try:
+        while not chunk.wait(CANCEL_POLL_S):
+            if watch and store.job_state(task.job_id) == "cancelled":
+                chunk.cancel()
+                return None
+        return chunk.result()
+    finally:
+        if not chunk.wait(0):
+            chunk.cancel()   # an exception here (e.g. Redis down while polling): stop its images
+
+
+# --- what a job's options (hnq.options) do to a chunk's records between the engine and the part --
+def name_labels(records: list[ResultRecord], top_k: int) -> list[ResultRecord]:
+    """Records carry their labels as ``top5`` for the default k, as ``topk`` for any other (a
+    ``top5`` of 3 labels would be a lie, and readers of today's ``top5`` keep working)."""
+    if top_k == TOP_K_DEFAULT:
+        return records
+    return [r.model_copy(update={"topk": r.top5, "top5": None}) if r.top5 is not None else r
+            for r in records]
+
+
+def finish_records(records: list[ResultRecord], options: JobOptions, *, tag_threads: int = 16,
+                   name: str = "") -> list[ResultRecord]:
+    """The top-k field name, then the S3 tag write-back (``--tag``)."""
+    records = name_labels(records, options.top_k)
+    if options.tag:
+        records, counts = tag_records(records, threads=tag_threads)
+        log.info("chunk %s tags: %s", name, counts)
+    return records
+
+
+def outcome_extras(records: list[ResultRecord]) -> dict:
+    """The keyword arguments of JobStore.complete_chunk beyond ok/failed: error records per code
+    and the weights the records were made with."""
+    codes = Counter(r.error.code for r in records if r.error is not None)
+    codes.update(r.tag_error.code for r in records if r.tag_error is not None)
+    weights = next((r.weights for r in records if r.weights), None)
+    return {"codes": {str(getattr(k, "value", k)): n for k, n in codes.items()}, "weights": weights}
+
+
+# --- the manifest's weights_sha256, noted once ---------------------------------------------------
+_noted: dict[tuple[str, str, str], None] = {}   # insertion-ordered: the oldest go first
+_noted_lock = threading.Lock()
+
+
+def note_weights_once(store: JobStore, job_id: str, weights: str, sha256: str) -> None:
+    """The manifest's weights_sha256: one Redis write per job and checkpoint in this process, not
+    one per chunk (the last 1,024 remembered)."""
+    key = (job_id, weights, sha256)
+    with _noted_lock:
+        if key in _noted:
+            return
+    store.note_weights_sha256(job_id, weights, sha256)
+    with _noted_lock:
+        _noted[key] = None
+        while len(_noted) > 1024:
+            del _noted[next(iter(_noted))]
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB (chunk log lines, the memory guard)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
