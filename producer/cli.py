@@ -23,7 +23,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from producer import commands, demo, exporter
+    from producer import commands, demo, exporter, report
     from worker import commands as worker_commands
 
     p = argparse.ArgumentParser(prog="hardnet", formatter_class=HelpFormatter,
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     worker_commands.register(sub)
     commands.register(sub)
+    report.register(sub)
     exporter.register(sub)
     demo.register(sub)
     return p

@@ -9,31 +9,9 @@ import time
 
 from hnq.errors import ConfigError
 from hnq.schema import MODELS
-from hnq.console import (EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TIMEOUT, STATE_EXIT, BrokerUnreachable,
-                         add_command, err)
-
-
-def settings():
-    from producer.settings import ProducerSettings
-
-    return ProducerSettings()
-
-
-def job_store(s):
-    """The job store, once Redis has answered (within about 8 s, or BrokerUnreachable). After that
-    first contact the store rides out a Redis restart with its long backoff (`--wait`)."""
-    import redis
-
-    from hnq.jobs.store import JobStore
-
-    st = JobStore(s.broker_url, s.results_ttl_days)
-    try:
-        st.ping_fast(8.0)
-    except redis.AuthenticationError:
-        raise
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise BrokerUnreachable(str(e)) from None
-    return st
+from hnq.console import (EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TIMEOUT, STATE_EXIT, add_command,
+                         err)
+from producer.connect import job_store, settings
 
 
 def lost(s, st, job_id: str, json_out: bool) -> int:
@@ -351,7 +329,3 @@ def register(sub) -> None:
     rd = add_command(sub, "redrive", "send a job's dead-lettered chunks again", cmd_redrive)
     rd.add_argument("job", help="job id")
     rd.add_argument("--chunk", type=int, help="only this chunk; unset: all of the job's dead letters")
-
-    from producer.report import register as register_report
-
-    register_report(sub)   # hardnet report JOB
