@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.image.decode import decode_image, reference_preprocess
+from worker.image.decode import decode_image
+from worker.image.reference import reference_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 

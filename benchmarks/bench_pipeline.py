@@ -70,7 +70,8 @@ from hnq.storage import FetchPolicy
 from hnq.uris import path_to_file_uri
 from worker.engine import build_engine
 from worker.engine.classifier import Classifier
-from worker.image.decode import decode_image, reference_preprocess
+from worker.image.decode import decode_image
+from worker.image.reference import reference_preprocess
 
 MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 BUCKET = "bench"

@@ -42,7 +42,7 @@ def _model():
 def label(path: str) -> None:
     import torch
 
-    from worker.image.decode import reference_preprocess
+    from worker.image.reference import reference_preprocess
 
     s = _model()
     with open(path, "rb") as f:

@@ -15,9 +15,10 @@ from PIL import Image, ImageFile
 
 from hnq.errors import ErrorCode, ImageError
 from worker.image import decode as dec
-from worker.image.decode import (
-    DEFAULT_MAX_PIXELS, MEAN, STD, decode_image, normalize, reference_preprocess, sniff_format,
-)
+from worker.image import resize
+from worker.image.decode import DEFAULT_MAX_PIXELS, decode_image, sniff_format
+from worker.image.normalize import MEAN, STD, normalize
+from worker.image.reference import reference_preprocess
 
 STD_T = torch.tensor(STD).view(3, 1, 1)
 LEVEL = 1 / 255 / STD_T  # one uint8 level after normalisation, per channel
@@ -428,7 +429,7 @@ def test_direct_resize_and_crop_match_torchvisions_functions():
     from torchvision.transforms.v2.functional._geometry import _do_native_uint8_resize_on_cpu
 
     # the direct call is taken exactly where torchvision itself would run the uint8 kernel
-    assert dec._native_uint8_resize() == _do_native_uint8_resize_on_cpu(TF.InterpolationMode.BILINEAR)
+    assert resize._native_uint8_resize() == _do_native_uint8_resize_on_cpu(TF.InterpolationMode.BILINEAR)
     rng = np.random.default_rng(7)
     shapes = [(375, 500), (500, 375), (2000, 300), (300, 2000), (257, 256), (224, 900), (256, 256),
               (3000, 4000), (101, 99), (240, 320)] + \
@@ -436,16 +437,16 @@ def test_direct_resize_and_crop_match_torchvisions_functions():
     for h, w in shapes:
         hwc = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         for t in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):
-            nh, nw = dec._resized_size(h, w, 256)
+            nh, nw = resize.resized_size(h, w, 256)
             want = t
             if (h, w) != (nh, nw):
-                if dec._pillow_vertical_first(w, h, nw, nh):
+                if resize.pillow_vertical_first(w, h, nw, nh):
                     want = TF.resize_image(want, [nh, w], interpolation=TF.InterpolationMode.BILINEAR,
                                            antialias=True)
                 want = TF.resize_image(want, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR,
                                        antialias=True)
             for crop in (224, 300):                  # 300 > 256: padded, as torchvision does
-                got = dec._resize_crop_tensor(t, (nh, nw), crop)
+                got = resize.resize_crop_tensor(t, (nh, nw), crop)
                 exp = TF.center_crop_image(want, [crop, crop]).contiguous()
                 assert got.shape == exp.shape and got.is_contiguous(), (h, w, crop)
                 assert torch.equal(got, exp), (h, w, crop, t.stride())

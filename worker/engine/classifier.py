@@ -17,7 +17,8 @@ from hnq.schema import Label, ResultRecord
 from worker.engine.device import default_batch_size
 from worker.model.labels import IMAGENET_CATEGORIES
 from worker.model.weights import load_model, source_sha256, state_dict_sha256
-from worker.image.decode import decode_image, normalize
+from worker.image.decode import decode_image
+from worker.image.normalize import normalize
 
 log = logging.getLogger(__name__)
 

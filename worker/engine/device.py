@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.image.decode import normalize
+from worker.image.normalize import normalize
 
 log = logging.getLogger("hardnet.worker")
 

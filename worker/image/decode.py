@@ -1,14 +1,14 @@
-"""Decoding of encoded image bytes and the standard HarDNet transform, on the hot path of the worker
-and of ``hardnet classify``.
+"""Decoding of encoded image bytes: the first three steps of the standard HarDNet transform, on the
+hot path of the worker and of ``hardnet classify``.
 
-The standard transform (PyTorch Hub HarDNet page), applied by :func:`reference_transform` with PIL:
+The standard transform (PyTorch Hub HarDNet page; :mod:`worker.image.reference` applies it with PIL):
 
     RGB conversion -> Resize(256) (shorter side, bilinear, antialiased) -> CenterCrop(224)
     -> ToTensor -> Normalize(MEAN, STD)
 
-:func:`decode_image` does the first three steps and returns **uint8** ``[3, 224, 224]``; the last
-two (:func:`normalize`) happen on the device, on the whole batch: uint8 is 4x smaller than fp32
-through process pipes and host-to-device copies.
+:func:`decode_image` does the first three steps (the resize and crop: :mod:`worker.image.resize`)
+and returns **uint8** ``[3, 224, 224]``; the last two (:mod:`worker.image.normalize`) happen on the
+device, on the whole batch.
 
 Paths, chosen from the bytes (never from a file name):
 
@@ -23,25 +23,15 @@ Paths, chosen from the bytes (never from a file name):
 * Everything else PIL can open (CMYK/YCCK JPEG, 12-bit JPEG, 16-bit PNG, APNG, animated WebP,
   GIF (first frame), TIFF, BMP, AVIF, ...) -> PIL decode + :func:`to_rgb`. Except EPS, which PIL
   renders by running Ghostscript on the file: a ``decode_error`` here.
-* Resize + crop: the antialiased uint8 bilinear resize of ``torchvision.transforms.v2`` (torch's
-  port of Pillow's fixed-point resampler): ~6x faster than PIL's, at most 1 uint8 level off it on
-  typically 0.05-0.3% of values (its weights have ~14 fractional bits, Pillow's 22); a few scale
-  factors do worse (288 -> 256 wide: 0.66% of one pass's values; 1 of 80 random geometries over 0.5%). Both resamplers round to uint8
-  between their two passes, so the pass order matters (~1 value in 10 off by 1 otherwise): torch
-  always goes horizontal first, Pillow 13 goes vertical first when the height shrinks by more
-  than twice as many pixels as the width (e.g. 300x2000, 1080x2400 portraits); we then do the two
-  passes as two single-axis resizes in PIL's order.
-* Extreme aspect ratios (resized intermediate over 4 Mpx, i.e. aspect > ~64: 4000x3 would be
-  341333x256): only the crop window is computed, with PIL's single-axis resizes on the source
-  window (a `box`), since a 1x90M-pixel image would need 256 x 23G pixels. Not bit-exact either
-  (PIL takes the box as float32), measured <= 1 level on < 0.2% of values.
+* Resize + crop: :mod:`worker.image.resize` (torch's uint8 antialiased resize, in PIL's pass order;
+  for extreme aspect ratios only the crop window is computed, with PIL).
 * If the fast decoder rejects the bytes, PIL gets them: we accept exactly what PIL accepts, and an
   error message is PIL's own.
 
 Modes: ``to_rgb`` is ``PIL.Image.convert('RGB')`` except for 16-bit/32-bit integer images, which
 PIL would clip at 255 (a white picture): I;16* keep their high byte (v >> 8, as PIL does for 16-bit
 RGB PNGs), I is clipped to 0..65535 and then keeps its high byte; F is PIL's own conversion.
-:func:`reference_preprocess` uses the same ``to_rgb``.
+:func:`worker.image.reference.reference_preprocess` uses the same ``to_rgb``.
 
 Limits: the declared width*height is checked against ``max_pixels`` from our own header parse
 (JPEG, PNG, GIF, WebP, BMP) before any pixel is decoded, and for other formats from PIL's lazy
@@ -66,30 +56,23 @@ from __future__ import annotations
 import io
 import math
 import struct
-from functools import lru_cache
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision.io  # noqa: F401  (loads the image extension: registers torch.ops.image.*)
-import torchvision.transforms as T
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
 from hnq.errors import ErrorCode, ImageError
+from worker.image.resize import (
+    is_extreme, pil_to_chw, resize_crop_tensor, resize_crop_window, resized_size,
+)
 
-__all__ = [
-    "MEAN", "STD", "DEFAULT_MAX_PIXELS", "decode_image", "normalize", "reference_transform",
-    "reference_preprocess", "to_rgb", "sniff_format", "JpegInfo", "jpeg_info",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "to_rgb", "sniff_format", "JpegInfo", "jpeg_info"]
 
-MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # PIL's own default (1 GiB / 4 bytes / 3): a 24-bit image this size is ~256 MiB decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 
-# Resized intermediate over this many pixels (aspect ratio > ~60) -> only the crop window is computed.
-_MAX_INTERMEDIATE = 4 * 1024 * 1024
 _RGB = 3  # torchvision ImageReadMode.RGB
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -242,19 +225,6 @@ def _decode_error(fmt: str | None, why: object) -> ImageError:
     return ImageError(f"{what}: {why}", ErrorCode.decode_error)
 
 
-def _resized_size(h: int, w: int, resize: int) -> tuple[int, int]:
-    """(new_h, new_w) exactly as torchvision's Resize(int) computes it."""
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = resize, int(resize * long / short)
-    return (new_long, new_short) if w <= h else (new_short, new_long)
-
-
-def _is_extreme(h: int, w: int, resize: int, crop: int) -> bool:
-    """Would the full resized intermediate be big (a very long strip of an image)?"""
-    nh, nw = _resized_size(h, w, resize)
-    return resize >= crop and nh * nw > _MAX_INTERMEDIATE
-
-
 def to_rgb(im: Image.Image) -> Image.Image:
     """``im.convert('RGB')``, except that 16/32-bit integer images keep their high byte instead of
     being clipped at 255 by PIL (which turns a 16-bit photo white)."""
@@ -268,115 +238,6 @@ def to_rgb(im: Image.Image) -> Image.Image:
         g = (a.astype(np.uint32) >> 8).astype(np.uint8)
         return Image.fromarray(np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2)), "RGB")
     return im.convert("RGB")
-
-
-def _pil_to_chw(im: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 [3,H,W] (a view of a writable HWC array)."""
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-
-
-_VFIRST_PROBE: list[bool] = []
-
-
-def _pillow_vertical_first(w: int, h: int, nw: int, nh: int) -> bool:
-    """Does PIL's resize of (w, h) to (nw, nh) do its vertical pass first?
-
-    Both passes round to uint8, so the order shows in about 1 value in 10 (by 1 level). Pillow
-    did the horizontal pass first up to 12.x; Pillow 13 does the vertical one first when the height
-    shrinks by more than twice as many pixels as the width (measured on 660 random geometries).
-    Which behaviour this Pillow has is probed once, on a tiny image."""
-    if w == nw or h == nh:
-        return False  # one pass only
-    if not _VFIRST_PROBE:
-        rng = np.random.default_rng(1234)
-        im = Image.fromarray(rng.integers(0, 256, (40, 12, 3), dtype=np.uint8), "RGB")
-        bl = Image.Resampling.BILINEAR
-        got = np.asarray(im.resize((10, 20), bl))
-        vh = np.asarray(im.resize((12, 20), bl).resize((10, 20), bl))
-        hv = np.asarray(im.resize((10, 40), bl).resize((10, 20), bl))
-        _VFIRST_PROBE.append(bool((got == vh).all() and not (got == hv).all()))
-    return _VFIRST_PROBE[0] and nh < h and (h - nh) > 2 * (w - nw)
-
-
-@lru_cache(maxsize=1)
-def _native_uint8_resize() -> bool:
-    """Does torchvision run torch's uint8 antialiased bilinear kernel on this CPU (AVX2, AVX512 or
-    ARM64)? Asked of torchvision itself, once; elsewhere it resizes in float32 and rounds, and so
-    do we (through its function)."""
-    try:
-        from torchvision.transforms.v2.functional._geometry import _do_native_uint8_resize_on_cpu
-    except ImportError:
-        return False
-    return (_do_native_uint8_resize_on_cpu(TF.InterpolationMode.BILINEAR)
-            and hasattr(torch._C._nn, "_upsample_bilinear2d_aa"))
-
-
-def _tensor_resize(t: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """uint8 [3,H,W] -> [3,*size]: what ``TF.resize_image(t, size, BILINEAR, antialias=True)``
-    computes, with the kernel called directly where torchvision would call it. The wrapper's
-    Python (checks, interpolate's dispatch) took ~13 of its ~20 us per call, all of it holding
-    the GIL, which a GPU worker's decode threads share (tests/unit/test_decode.py checks the two
-    agree bit for bit)."""
-    if not (_native_uint8_resize() and t.dtype == torch.uint8 and t.dim() == 3 and t.numel()):
-        return TF.resize_image(t, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    c, h, w = t.shape
-    x = t.unsqueeze(0)
-    st = x.stride()
-    if st[0] != x.numel() and x.is_contiguous(memory_format=torch.channels_last):
-        # torchvision's restride (pytorch#68430): keeps a decoder's HWC layout channels_last
-        # through the kernel instead of a repacking copy; the values are the same either way.
-        x = x.as_strided((1, c, h, w), (x.numel(),) + st[1:])
-    return torch._C._nn._upsample_bilinear2d_aa(x, size, False, None)[0]
-
-
-def _resize_crop_tensor(t: torch.Tensor, size: tuple[int, int], crop: int) -> torch.Tensor:
-    """uint8 [3,H,W] -> resized to `size` (h, w) -> center crop. torch's uint8 antialiased kernel
-    (a port of Pillow's, horizontal pass then vertical) does the passes in PIL's order."""
-    h, w = t.shape[-2:]
-    nh, nw = size
-    if (h, w) != (nh, nw):
-        if _pillow_vertical_first(w, h, nw, nh):
-            t = _tensor_resize(t, [nh, w])
-        t = _tensor_resize(t, [nh, nw])
-    if crop <= min(nh, nw):
-        top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))  # as TF's anchor
-        t = t[:, top:top + crop, left:left + crop]
-    else:
-        t = TF.center_crop_image(t, [crop, crop])  # pads
-    return t.contiguous()
-
-
-def _resize_crop_window(im: Image.Image, size: tuple[int, int], crop: int) -> torch.Tensor:
-    """Resize to `size` (h, w) + center crop, computing only the crop window, for images whose full
-    resized intermediate would be huge (1x100000 -> 256 x 25.6M). Cuts the source window the crop's
-    filter taps lie in (plus a margin) and runs PIL's single-axis passes on it, with a source `box`
-    in window coordinates (small numbers: PIL passes the box as float32), in PIL's pass order.
-    Same filter taps and weights as the full resize up to float rounding of the box."""
-    w, h = im.size
-    nh, nw = size
-    top = int(round((nh - crop) / 2.0))
-    left = int(round((nw - crop) / 2.0))
-    sx, sy = w / nw, h / nh
-
-    def window(off: int, scale: float, n: int) -> tuple[int, int]:
-        margin = max(1.0, scale) + 2.0  # bilinear support is max(1, scale) source pixels
-        return (max(0, math.floor(off * scale - margin)),
-                min(n, math.ceil((off + crop) * scale + margin)))
-
-    x0, x1 = window(left, sx, w)
-    y0, y1 = window(top, sy, h)
-    win = im.crop((x0, y0, x1, y1))
-    ww, wh = x1 - x0, y1 - y0
-    hb = (left * sx - x0, (left + crop) * sx - x0)
-    vb = (top * sy - y0, (top + crop) * sy - y0)
-    bl = Image.Resampling.BILINEAR
-    if _pillow_vertical_first(w, h, nw, nh):
-        win = win.resize((ww, crop), bl, box=(0, vb[0], ww, vb[1]))
-        out = win.resize((crop, crop), bl, box=(hb[0], 0, hb[1], crop))
-    else:
-        win = win.resize((crop, wh), bl, box=(hb[0], 0, hb[1], wh))
-        out = win.resize((crop, crop), bl, box=(0, vb[0], crop, vb[1]))
-    return _pil_to_chw(out).contiguous()
 
 
 def _torchvision_decode(kind: str, data: bytes) -> torch.Tensor:
@@ -471,7 +332,7 @@ def _decode(data: bytes, resize: int, crop: int, max_pixels: int, fast_jpeg: boo
     if hdr.width is not None and hdr.height is not None:
         _check_size(hdr.width, hdr.height, max_pixels, hdr.fmt)
 
-    if hdr.fast and not _is_extreme(hdr.height, hdr.width, resize, crop):
+    if hdr.fast and not is_extreme(hdr.height, hdr.width, resize, crop):
         use_draft = (fast_jpeg and hdr.fmt == "JPEG"
                      and min(hdr.width, hdr.height) >= 4 * resize)
         if not use_draft:
@@ -480,11 +341,11 @@ def _decode(data: bytes, resize: int, crop: int, max_pixels: int, fast_jpeg: boo
             except Exception:  # RuntimeError from libjpeg/libwebp; or the ops are gone
                 t = None  # let PIL decide (and word the error)
             if t is not None:
-                return _resize_crop_tensor(t, _resized_size(t.shape[1], t.shape[2], resize), crop)
+                return resize_crop_tensor(t, resized_size(t.shape[1], t.shape[2], resize), crop)
 
     im = _pil_open(data, hdr.fmt, max_pixels)
     w, h = im.size
-    size = _resized_size(h, w, resize)
+    size = resized_size(h, w, resize)
     if fast_jpeg and im.format in ("JPEG", "MPO") and min(w, h) >= 4 * resize:
         # DCT-domain downscale by 2/4/8, keeping >= 2x oversampling of the resize target.
         s = min(w, h)
@@ -493,44 +354,6 @@ def _decode(data: bytes, resize: int, crop: int, max_pixels: int, fast_jpeg: boo
         except Exception as e:
             raise _decode_error(im.format, f"{type(e).__name__}: {e}") from None
     rgb = _pil_load_rgb(im, hdr.fmt)
-    if _is_extreme(h, w, resize, crop):
-        return _resize_crop_window(rgb, size, crop)
-    return _resize_crop_tensor(_pil_to_chw(rgb), size, crop)
-
-
-@lru_cache(maxsize=64)
-def _affine(device: torch.device, dtype: torch.dtype, mean: tuple, std: tuple):
-    s = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=torch.float64)
-    b = torch.tensor([-m / v for m, v in zip(mean, std)], dtype=torch.float64)
-    return (s.to(device=device, dtype=dtype).view(-1, 1, 1),
-            b.to(device=device, dtype=dtype).view(-1, 1, 1))
-
-
-def normalize(batch: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-              mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
-    """uint8 ``[B,3,H,W]`` (or ``[3,H,W]``), any device and memory format -> ``(x/255 - mean)/std``
-    as ``dtype``, keeping the input's memory format (channels_last stays channels_last).
-    Half-precision outputs are computed in fp32 and rounded once."""
-    if batch.dtype != torch.uint8:
-        raise TypeError(f"normalize expects a uint8 tensor, got {batch.dtype}")
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    scale, bias = _affine(batch.device, work, tuple(float(m) for m in mean), tuple(float(s) for s in std))
-    x = batch.to(dtype=work)            # preserve_format: keeps channels_last
-    x.mul_(scale).add_(bias)
-    return x if work == dtype else x.to(dtype=dtype)
-
-
-def reference_transform(resize: int = 256, crop: int = 224) -> T.Compose:
-    """The PIL reference: torchvision's own transforms on an RGB PIL image (as the Hub page)."""
-    return T.Compose([
-        T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(crop),
-        T.ToTensor(),
-        T.Normalize(mean=MEAN, std=STD),
-    ])
-
-
-def reference_preprocess(data: bytes, *, resize: int = 256, crop: int = 224) -> torch.Tensor:
-    """Normalised float ``[3, crop, crop]`` by the plain PIL path, for checking and documentation."""
-    im = Image.open(io.BytesIO(data))
-    return reference_transform(resize, crop)(to_rgb(im))
+    if is_extreme(h, w, resize, crop):
+        return resize_crop_window(rgb, size, crop)
+    return resize_crop_tensor(pil_to_chw(rgb), size, crop)

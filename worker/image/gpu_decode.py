@@ -9,7 +9,7 @@ Routing, per blob (:func:`gpu_eligible`, from our own header parse, :func:`decod
 * to nvJPEG: JPEG, sequential (SOF0 baseline / SOF1 extended), 8-bit, 1 or 3 components, declared
   width*height within ``max_pixels``, an EOI marker at the end (a truncated file goes to the CPU,
   whose decoder reports it as ``decode_error``; nvJPEG might return a half-grey picture instead),
-  and not so elongated that the CPU path would compute only the crop window (``decode._is_extreme``);
+  and not so elongated that the CPU path would compute only the crop window (``resize.is_extreme``);
 * everything else (progressive, CMYK/YCCK, 12-bit, PNG, WebP, ..., corrupt, empty, too large) to
   ``cpu_decode`` one by one: the same tensor or the same ``ImageError`` as the CPU worker gives.
 * The eligible ones are decoded in batched calls (one, unless their decoded RGB would exceed 1 GiB:
@@ -18,7 +18,7 @@ Routing, per blob (:func:`gpu_eligible`, from our own header parse, :func:`decod
   is retried alone on the GPU, and those that fail again go to ``cpu_decode``: one bad image costs
   one record, never the batch.
 
-Geometry: shorter side to ``resize`` (``decode._resized_size``, as torchvision's Resize(int)),
+Geometry: shorter side to ``resize`` (``resize.resized_size``, as torchvision's Resize(int)),
 bilinear with antialias, center crop ``crop`` -- the CPU path's. On CUDA torch has no uint8
 antialiased bilinear kernel (torchvision's ``resize_image`` itself converts uint8 to float32 on
 CUDA, in 0.26 as in 0.29), so we resize in float32 and round back to uint8. The CPU path uses
@@ -74,9 +74,8 @@ import torchvision.io
 import torchvision.transforms.v2.functional as TF
 
 from hnq.errors import ConfigError, ErrorCode, ImageError
-from worker.image.decode import (
-    _is_extreme, _pillow_vertical_first, _resized_size, jpeg_info, sniff_format,
-)
+from worker.image.decode import jpeg_info, sniff_format
+from worker.image.resize import is_extreme, pillow_vertical_first, resized_size
 
 __all__ = ["DECODE_MODES", "GpuDecoder", "gpu_eligible", "resolve_decode_mode"]
 
@@ -210,7 +209,7 @@ class GpuDecoder:
         if not isinstance(data, (bytes, bytearray, memoryview)) or not gpu_eligible(bytes(data), self.max_pixels):
             return False
         info = jpeg_info(bytes(data))
-        return not _is_extreme(info.height, info.width, self.resize, self.crop)
+        return not is_extreme(info.height, info.width, self.resize, self.crop)
 
     def _decode_guarded(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """One nvJPEG call behind the host barrier (module doc, guard 2)."""
@@ -252,13 +251,13 @@ class GpuDecoder:
     def _resize_crop(self, imgs: list[torch.Tensor], dst: torch.Tensor) -> None:
         """Resize + center crop same-size decoded images [3,H,W] uint8 into dst [n,3,crop,crop]:
         two single-axis float32 passes, each rounded to integers as the CPU path's uint8 passes are,
-        in the order decode.py uses (PIL's). One 2-D float pass instead differs from the CPU result
+        in the order resize.py uses (PIL's). One 2-D float pass instead differs from the CPU result
         by 1 level on ~17% of the values; this on ~0.3% (measured, test_fake_resize_matches_cpu_geometry)."""
         h, w = imgs[0].shape[-2:]
-        nh, nw = _resized_size(h, w, self.resize)
+        nh, nw = resized_size(h, w, self.resize)
         steps = []
         if (h, w) != (nh, nw):
-            if _pillow_vertical_first(w, h, nw, nh):
+            if pillow_vertical_first(w, h, nw, nh):
                 steps.append([nh, w])
             elif w != nw and h != nh:
                 steps.append([h, nw])
