@@ -40,7 +40,8 @@ from hnq.jobs.index import (REUSE_BITS, SUMMARY_PATH, IndexReader, ensure_index,
 from hnq.objects import SourceObject
 from hnq.schema import FINAL_STATES
 from hnq.storage import Destination, S3Destination
-from hnq.storage.s3.client import _listing_error, s3_client
+from hnq.storage.s3.client import s3_client
+from hnq.storage.s3.errors import listing_error as _listing_error
 from hnq.storage.s3.inventory import identity
 
 log = logging.getLogger("hardnet.incremental")

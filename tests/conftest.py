@@ -69,7 +69,7 @@ def s3_get(request, monkeypatch):
     it; at the end the test fails unless that client did GETs and the other did none (so a silent
     fallback to boto3 cannot pass for obstore)."""
     from hnq.storage import FetchPolicy
-    from hnq.storage.s3 import client as s3mod
+    from hnq.storage.s3 import get as s3mod
 
     name = request.param
     used = {"boto3": 0, "obstore": 0}

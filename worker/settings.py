@@ -167,7 +167,7 @@ class WorkerSettings(CommonSettings):
     @classmethod
     def _obstore_installed(cls, v):
         if v == "obstore":
-            from hnq.storage.s3.client import obstore_available
+            from hnq.storage.s3.get import obstore_available
 
             if not obstore_available():
                 raise ValueError("obstore is not installed (pip install 'obstore>=0.12,<0.13')")

@@ -13,8 +13,11 @@ too_large, unsupported_scheme, invalid_uri, forbidden, timeout, fetch_error);
 retries later; the image must not get a permanent error record before it gives up), with a code:
 ``throttled`` (SlowDown / 503 / 429), ``timeout`` or ``fetch_error``.
 
-``s3://`` GETs use obstore or boto3 (``FetchPolicy.s3_client``, see :mod:`hnq.storage.s3.client` and
+``s3://`` GETs use obstore or boto3 (``FetchPolicy.s3_client``, see :mod:`hnq.storage.s3.get` and
 :mod:`hnq.storage.s3.get_obstore`), with the same semantics; listing and writes use boto3.
+
+This package's ``__init__`` is the facade the rest of the code imports (fetch, destinations); the
+backends live in :mod:`~hnq.storage.file`, :mod:`~hnq.storage.http` and :mod:`hnq.storage.s3`.
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ from hnq.errors import ConfigError, ErrorCode, ImageError
 from hnq.storage.base import Destination, Fetched, FetchPolicy
 from hnq.storage.file import FileDestination, check_writable_dir, fetch_file
 from hnq.storage.http import fetch_http
-from hnq.storage.s3.client import (S3Destination, check_bucket, fetch_s3, parse_destination,
-                            reset_s3_client, s3_client)
+from hnq.storage.s3.client import reset_s3_client, s3_client
+from hnq.storage.s3.destination import S3Destination, check_bucket, parse_destination
+from hnq.storage.s3.get import fetch_s3
 from hnq.uris import InvalidURI, check_basic, file_uri_to_path, path_to_file_uri, scheme_of
 
 __all__ = [

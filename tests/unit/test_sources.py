@@ -141,7 +141,7 @@ def test_s3_prefix_paginated(big_bucket):
 
 
 def test_s3_prefix_streams_pages(big_bucket, monkeypatch):
-    import hnq.storage.s3.client as s3mod
+    import hnq.storage.s3.listing as s3mod
 
     monkeypatch.setattr(s3mod, "LIST_PAGE_SIZE", 500)
     calls = []

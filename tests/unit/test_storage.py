@@ -430,7 +430,7 @@ def _obs():
 
 
 def test_get_client_choice(monkeypatch):
-    from hnq.storage.s3 import client as s3mod
+    from hnq.storage.s3 import get as s3mod
 
     _obs()
     assert s3mod.get_client_for("boto3") == "boto3"
@@ -460,7 +460,7 @@ def test_obstore_keys_it_cannot_spell_go_to_boto3(s3, bucket, monkeypatch):
     """obstore would strip '/' at the ends (another object!) or refuse '//', '.', '..' and
     control characters: those keys are fetched by boto3, as given."""
     so = _obs()
-    from hnq.storage.s3 import client as s3mod
+    from hnq.storage.s3 import get as s3mod
 
     odd = ["/lead.jpg", "trail.jpg/", "a//b.jpg", "d/./x.jpg", "d/../x.jpg", "tab\t.jpg",
            "bell\x07.jpg"]
@@ -673,7 +673,7 @@ def test_obstore_error_mapping_is_boto3s(cls, status, code, want, transient):
     so = _obs()
     import botocore.exceptions as bex
 
-    from hnq.storage.s3.client import map_fetch_error
+    from hnq.storage.s3.errors import map_fetch_error
 
     got = so.map_obstore_error(_obstore_error(cls, status, code), "s3://b/k.jpg", "k.jpg")
     boto = map_fetch_error(bex.ClientError(

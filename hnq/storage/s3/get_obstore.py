@@ -1,8 +1,9 @@
 """S3 object GETs through obstore (Rust ``object_store``), with boto3's semantics.
 
-Measured here: about a third of boto3's client CPU per 100 KB object (docs/performance.md,
-"S3 GET client"). :func:`hnq.storage.s3.client.fetch_s3` uses it when ``FetchPolicy.s3_client`` is
-``auto`` (and obstore is installed) or ``obstore``; listing and writes stay on boto3.
+Why: it costs less client CPU per object than boto3 (figures:
+docs/performance.md#s3-get-client). :func:`hnq.storage.s3.get.fetch_s3` uses it when
+``FetchPolicy.s3_client`` is ``auto`` (and obstore is installed) or ``obstore``; listing and
+writes stay on boto3.
 
 What is kept from the boto3 path:
 
@@ -31,8 +32,8 @@ What is kept from the boto3 path:
   the stream is cut after ``max_bytes + 1`` bytes all the same.
 * **Error mapping**: obstore's exceptions carry the HTTP status and S3's XML error body in their
   message; status and ``<Code>`` are read from it and go through the same
-  :func:`hnq.storage.s3.client.classify_s3_error` as boto3's ClientError (not_found, access_denied,
-  invalid_uri, coded TransientError...). Transport failures that outlived the retries ->
+  :func:`hnq.storage.s3.errors.classify_s3_error` as boto3's ClientError (not_found,
+  access_denied, invalid_uri, coded TransientError...). Transport failures that outlived the retries ->
   TransientError ``timeout`` or ``fetch_error``; a failing credential provider -> TransientError
   ``fetch_error``.
 * **Keys**: obstore paths cannot spell every S3 key (it strips a leading or trailing ``/``,
@@ -61,8 +62,9 @@ from obstore.exceptions import (BaseError as ObstoreError, InvalidPathError,
 from obstore.store import S3Store
 
 from hnq.errors import ErrorCode, ImageError, TransientError
-from hnq.storage.s3 import client as _s3
 from hnq.storage.base import Fetched, FetchPolicy, clean_etag, too_large
+from hnq.storage.s3.client import boto3_session, env_key, on_reset, s3_client, s3_settings
+from hnq.storage.s3.errors import classify_s3_error, map_fetch_error
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +152,13 @@ class BotoCredentialProvider:
 
 
 def retry_config() -> dict:
-    attempts = _s3.s3_settings().max_attempts
+    attempts = s3_settings().max_attempts
     return {"max_retries": max(0, attempts - 1), "retry_timeout": RETRY_TIMEOUT,
             "backoff": {"init_backoff": BACKOFF_INIT, "max_backoff": BACKOFF_MAX, "base": 2}}
 
 
 def client_options(endpoint: str) -> dict:
-    st = _s3.s3_settings()
+    st = s3_settings()
     read = st.read_timeout
     return {"connect_timeout": timedelta(seconds=st.connect_timeout),
             "read_timeout": timedelta(seconds=read), "timeout": timedelta(seconds=10 * read),
@@ -178,20 +180,20 @@ def endpoint_for(client, bucket: str) -> tuple[str, bool]:
 
 
 def _build(bucket: str) -> S3Store:
-    client = _s3.s3_client()
+    client = s3_client()
     endpoint, virtual = endpoint_for(client, bucket)
     return S3Store(
         bucket,
         config={"endpoint": endpoint, "region": client.meta.region_name or "us-east-1",
                 "virtual_hosted_style_request": virtual},
         client_options=client_options(endpoint), retry_config=retry_config(),
-        credential_provider=BotoCredentialProvider(_s3.boto3_session()))
+        credential_provider=BotoCredentialProvider(boto3_session()))
 
 
 def store_for(bucket: str) -> S3Store:
     """The process's store for ``bucket`` (thread-safe; rebuilt when the environment changed)."""
     global _stores_env, _pid
-    env = (_s3.env_key(), BACKOFF_INIT, BACKOFF_MAX, RETRY_TIMEOUT, CREDENTIALS_TTL)
+    env = (env_key(), BACKOFF_INIT, BACKOFF_MAX, RETRY_TIMEOUT, CREDENTIALS_TTL)
     if os.getpid() != _pid:  # forked without register_at_fork having run (or pid faked)
         _reset_after_fork()
     store = _stores.get(bucket) if env == _stores_env else None
@@ -213,6 +215,9 @@ def reset_stores() -> None:
         _stores_env = None
 
 
+on_reset(reset_stores)  # new credentials: reset_s3_client() drops the stores built from the old
+
+
 def _first_line(e: BaseException, key: str) -> str:
     text = str(e).replace(key, "<key>") if key else str(e)
     line = text.split("\n\nDebug source:", 1)[0].strip().splitlines()[0] if text.strip() else ""
@@ -228,15 +233,15 @@ def map_obstore_error(e: BaseException, uri: str, key: str) -> Exception:
     status = _STATUS_RE.search(text)
     if status:
         code = _CODE_RE.search(text)
-        return _s3.classify_s3_error(uri, code.group(1).strip() if code else "",
+        return classify_s3_error(uri, code.group(1).strip() if code else "",
                                      int(status.group(1)))
     if isinstance(e, UnauthenticatedError):  # the credential provider failed: no answer at all
         return TransientError(f"{uri}: no usable AWS credentials ({_first_line(e, key)})",
                               ErrorCode.fetch_error)
     if isinstance(e, FileNotFoundError):
-        return _s3.classify_s3_error(uri, "", 404)
+        return classify_s3_error(uri, "", 404)
     if isinstance(e, PermissionDeniedError):
-        return _s3.classify_s3_error(uri, "", 403)
+        return classify_s3_error(uri, "", 403)
     if isinstance(e, InvalidPathError):
         return ImageError(f"{uri}: {_first_line(e, key)}", ErrorCode.invalid_uri)
     code = ErrorCode.timeout if _TIMEOUT_RE.search(text) else ErrorCode.fetch_error
@@ -249,7 +254,7 @@ def fetch_obstore(uri: str, bucket: str, key: str, policy: FetchPolicy) -> Fetch
     try:
         store = store_for(bucket)
     except Exception as e:  # noqa: BLE001 - no credentials for the presign, bad endpoint...
-        raise _s3.map_fetch_error(e, uri) from None
+        raise map_fetch_error(e, uri) from None
     if _runtime_pid is None:
         _runtime_pid = os.getpid()
     try:

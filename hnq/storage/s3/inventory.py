@@ -51,8 +51,10 @@ import botocore.exceptions as bex
 from hnq.errors import ConfigError, TransientError
 from hnq.objects import SourceObject
 from hnq.storage.base import clean_etag
-from hnq.storage.s3.client import _err, _listing_error, s3_client
-from hnq.uris import InvalidURI, is_image_name, parse_s3, s3_uri, scheme_of
+from hnq.storage.s3.client import s3_client
+from hnq.storage.s3.errors import code_and_status, listing_error
+from hnq.storage.s3.listing import iter_folders
+from hnq.uris import InvalidURI, file_uri_to_path, is_image_name, parse_s3, s3_uri, scheme_of
 
 log = logging.getLogger("hardnet.inventory")
 
@@ -91,11 +93,11 @@ class InventoryStats:
 # ------------------------------------------------------------------------------ reading objects
 def _get_error(e: BaseException, uri: str, what: str) -> Exception:
     if isinstance(e, bex.ClientError):
-        code, status = _err(e)
+        code, status = code_and_status(e)
         if code in ("NoSuchKey", "NotFound") or (status == 404 and code != "NoSuchBucket"):
             return ConfigError(f"{uri}: no such object ({what})")
     bucket, key = parse_s3(uri)
-    return _listing_error(e, bucket, key)
+    return listing_error(e, bucket, key)
 
 
 def _get(uri: str, what: str):
@@ -111,12 +113,12 @@ def _exists(bucket: str, key: str) -> bool:
         s3_client().head_object(Bucket=bucket, Key=key)
         return True
     except bex.ClientError as e:
-        code, status = _err(e)
+        code, status = code_and_status(e)
         if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
             return False
-        raise _listing_error(e, bucket, key) from None
+        raise listing_error(e, bucket, key) from None
     except Exception as e:  # noqa: BLE001
-        raise _listing_error(e, bucket, key) from None
+        raise listing_error(e, bucket, key) from None
 
 
 def _read_bytes(uri: str, what: str) -> bytes:
@@ -163,16 +165,7 @@ def resolve_manifest(spec: str) -> str:
     if key.endswith(".json"):
         return spec
     prefix = key if (not key or key.endswith("/")) else key + "/"
-    dates: list[str] = []
-    try:
-        for page in s3_client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for cp in page.get("CommonPrefixes") or ():
-                name = cp["Prefix"][len(prefix):].rstrip("/")
-                if _REPORT_DIR.match(name):
-                    dates.append(name)
-    except Exception as e:  # noqa: BLE001
-        raise _listing_error(e, bucket, prefix) from None
+    dates = [name for name in iter_folders(bucket, prefix) if _REPORT_DIR.match(name)]
     for d in sorted(dates, reverse=True):
         if _exists(bucket, f"{prefix}{d}/manifest.json"):
             return s3_uri(bucket, f"{prefix}{d}/manifest.json")
@@ -203,8 +196,6 @@ def load_manifest(uri: str) -> dict:
                                   f"file says {want.decode('ascii', 'replace').strip()[:64]}): a "
                                   "truncated or replaced report")
     else:
-        from hnq.uris import file_uri_to_path
-
         try:
             with open(file_uri_to_path(uri), "rb") as f:
                 data = f.read()
@@ -249,7 +240,7 @@ def open_report(spec: str) -> Report:
     if fmt not in ("CSV", "PARQUET"):
         raise ConfigError(f"{uri}: unknown inventory fileFormat {m['fileFormat']!r} (CSV or Parquet)")
     if fmt == "PARQUET":
-        try:
+        try:  # imported here: pyarrow is optional, and heavy, and CSV reports never need it
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise ConfigError(f"{uri}: this inventory report is in Parquet; {_PARQUET_HINT}") from None
@@ -347,7 +338,7 @@ def _csv_rows(furi: str, schema: list[str], f: dict) -> Iterator[dict]:
 
 
 def _parquet_rows(furi: str, f: dict, tmpdir: str | None) -> Iterator[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional and heavy: only a Parquet report loads it
 
     body = _get(furi, "an inventory data file named by the manifest")
     md5 = hashlib.md5(usedforsecurity=False)

@@ -1,5 +1,8 @@
-"""Listing an S3 prefix as a stream of :class:`~hnq.objects.SourceObject` (URI, ETag, size,
-storage class), in one stream or fanned out over its common prefixes.
+"""Every listing of S3 in one place: the objects under a prefix as a stream of
+:class:`~hnq.objects.SourceObject` (URI, ETag, size, storage class), in one stream or fanned out
+over its common prefixes (:func:`list_objects`, the producer's sources); the plain keys under a
+prefix (:func:`iter_keys`, a destination's listing); the folders directly under a prefix
+(:func:`iter_folders`, inventory report dates).
 
 **Single stream** (``threads=1``): ListObjectsV2 pages one after the other, in the calling
 thread. Keys come in S3's order (sorted by UTF-8 bytes). Each page waits for the one before it
@@ -41,13 +44,16 @@ from typing import Iterator
 from hnq.errors import ConfigError, TransientError
 from hnq.objects import SourceObject
 from hnq.storage.base import clean_etag
-from hnq.storage.s3 import client as _s3
-from hnq.storage.s3.client import _listing_error, boto3_session, client_config, env_key
+from hnq.storage.s3.client import boto3_session, client_config, env_key, s3_client
+from hnq.storage.s3.errors import listing_error
 from hnq.uris import is_image_name, s3_uri
 
 log = logging.getLogger("hardnet.listing")
 
 _DONE = object()
+
+#: keys per ListObjectsV2 page (S3's maximum is 1000)
+LIST_PAGE_SIZE = 1000
 
 
 @dataclass
@@ -69,8 +75,8 @@ _LAST_MODIFIED = re.compile(rb"<LastModified>[^<]*</LastModified>")
 
 
 def _drop_last_modified(response_dict=None, **_) -> None:
-    # botocore turns every <LastModified> into a datetime with dateutil: 5.9 of 9.2 s in a cProfile
-    # of one stream of 20,000 keys (docs/whole-bucket.md). Nothing here reads it.
+    # botocore turns every <LastModified> into a datetime with dateutil, most of a listing's CPU
+    # (figures: docs/whole-bucket.md#4-listing-a-big-prefix-instead). Nothing here reads it.
     body = response_dict.get("body") if response_dict else None
     if isinstance(body, bytes) and b"<LastModified>" in body:
         response_dict["body"] = _LAST_MODIFIED.sub(b"", body)
@@ -91,6 +97,47 @@ def listing_client():
                 _lc.clear()
                 _lc[key] = c
     return c
+
+
+def iter_keys(bucket: str, prefix: str = "", *, recursive: bool = True,
+              images_only: bool = True, page_size: int | None = None) -> Iterator[str]:
+    """Stream the keys under ``prefix`` page by page (ListObjectsV2), skipping directory markers
+    (keys ending in ``/``) and, with ``images_only``, non-image keys. ``recursive=False`` lists
+    only the keys directly under ``prefix`` (delimiter ``/``). Missing bucket / no access ->
+    ConfigError."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    kwargs = {"Bucket": bucket, "Prefix": prefix,
+              "PaginationConfig": {"PageSize": page_size or LIST_PAGE_SIZE}}
+    if not recursive:
+        kwargs["Delimiter"] = "/"
+    try:
+        for page in paginator.paginate(**kwargs):
+            for obj in page.get("Contents", ()) or ():
+                key = obj["Key"]
+                if key.endswith("/"):
+                    continue
+                if images_only and not is_image_name(key):
+                    continue
+                yield key
+    except (ConfigError, TransientError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise listing_error(e, bucket, prefix) from None
+
+
+def iter_folders(bucket: str, prefix: str) -> Iterator[str]:
+    """The names of the folders (common prefixes) directly under ``prefix`` (which ends in ``/``
+    or is empty), without ``prefix`` and the trailing ``/``, in S3's order. Errors as
+    :func:`iter_keys`."""
+    try:
+        for page in s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            for cp in page.get("CommonPrefixes") or ():
+                yield cp["Prefix"][len(prefix):].rstrip("/")
+    except (ConfigError, TransientError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise listing_error(e, bucket, prefix) from None
 
 
 def _next_page(resp: dict, bucket: str, prefix: str) -> str | None:
@@ -126,7 +173,7 @@ def list_objects(bucket: str, prefix: str = "", *, threads: int = 1, depth: int 
     if depth < 0:
         raise ConfigError(f"listing depth must be >= 0, not {depth}")
     stats = stats if stats is not None else ListingStats()
-    page_size = page_size or _s3.LIST_PAGE_SIZE
+    page_size = page_size or LIST_PAGE_SIZE
     if threads == 1 or not recursive:
         yield from _single(bucket, prefix, recursive, images_only, page_size, stats)
     else:
@@ -145,7 +192,7 @@ def _single(bucket, prefix, recursive, images_only, page_size, stats) -> Iterato
         try:
             resp = client.list_objects_v2(**kwargs, **({"ContinuationToken": token} if token else {}))
         except Exception as e:  # noqa: BLE001 - mapped
-            raise _listing_error(e, bucket, prefix) from None
+            raise listing_error(e, bucket, prefix) from None
         stats.requests += 1
         objs = _objects(bucket, resp.get("Contents"), images_only)
         stats.keys += len(objs)
@@ -213,7 +260,7 @@ class _Parallel:
                 self._unit(client, prefix, level)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 if not isinstance(e, (ConfigError, TransientError)):
-                    e = _listing_error(e, self.bucket, prefix)
+                    e = listing_error(e, self.bucket, prefix)
                 self._put(e)
                 self.stop.set()
                 with self.cv:

@@ -38,7 +38,8 @@ import botocore.exceptions as bex
 
 from hnq.errors import ErrorCode
 from hnq.schema import RecordError, ResultRecord
-from hnq.storage.s3.client import _err, s3_client
+from hnq.storage.s3.client import s3_client
+from hnq.storage.s3.errors import code_and_status
 from hnq.uris import InvalidURI, parse_s3
 
 log = logging.getLogger("hardnet.worker")
@@ -93,7 +94,7 @@ class TagFailed(Exception):
 
 def _why(e: BaseException, what: str, permission: str) -> str:
     if isinstance(e, bex.ClientError):
-        code, status = _err(e)
+        code, status = code_and_status(e)
         if code in ("NoSuchKey", "NoSuchBucket", "404") or status == 404:
             return f"{what}: the object no longer exists"
         if code in ("AccessDenied", "403") or status == 403:
