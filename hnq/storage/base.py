@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hnq.errors import ErrorCode, ImageError
+from hnq.options import part_relpath
+
 
 @dataclass(frozen=True)
 class FetchPolicy:
@@ -23,7 +25,7 @@ class FetchPolicy:
     * ``file_roots``: None = local files anywhere; a tuple = only under those directories (after
       resolving symlinks and ``..``); ``()`` = local files refused.
     * ``s3_client``: what GETs ``s3://`` objects: ``auto`` (obstore when it is installed, else
-      boto3), ``obstore`` or ``boto3`` (see :func:`hnq.storage.s3.client.get_client_for`).
+      boto3), ``obstore`` or ``boto3`` (see :func:`hnq.storage.s3.get.get_client_for`).
     """
 
     max_bytes: int = 50 * 2**20
@@ -125,8 +127,6 @@ class Destination(abc.ABC):
     @staticmethod
     def part_path(job_id: str, chunk: int, fmt: str = "jsonl") -> str:
         """DEST-relative path of a chunk's part: JOB/part-NNNNN.jsonl or .parquet (hnq.options)."""
-        from hnq.options import part_relpath
-
         return part_relpath(job_id, chunk, fmt)
 
     @staticmethod

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 
 from hnq.errors import ErrorCode, ImageError, TransientError
-from hnq.storage import netguard
+import hnq.storage.netguard as netguard  # the module, not the package: no circle via hnq.storage
 from hnq.storage.base import Fetched, FetchPolicy, clean_etag, read_capped, too_large
 from hnq.uris import parse_http
 
