@@ -12,34 +12,13 @@ batch); the reference's include ToTensor+Normalize (~0.3 ms). Best of N runs per
 from __future__ import annotations
 
 import argparse
-import io
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from benchmarks._common import ROOT, photo_like_jpeg
 from worker.image.decode import decode_image
 from worker.image.reference import reference_preprocess
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def photo_like_jpeg(w: int, h: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([
-        120 + 100 * np.sin(x / w * 3.1 + y / h * 1.3),
-        60 + 150 * (x / w) * (y / h),
-        200 - 120 * np.cos(y / h * 4.0),
-    ], axis=-1)
-    cell = max(8, w // 20)
-    img[(x // cell + y // cell) % 2 == 0] *= 0.7
-    img += rng.normal(0, 5, img.shape).astype(np.float32)
-    b = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
-    return b.getvalue()
 
 
 def best_ms(fn, data: bytes, repeat: int) -> float:
@@ -59,9 +38,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     images: list[tuple[str, bytes]] = [
-        ("500x375 JPEG (generated)", photo_like_jpeg(500, 375)),
-        ("1024x768 JPEG (generated)", photo_like_jpeg(1024, 768)),
-        ("4032x3024 JPEG (generated)", photo_like_jpeg(4032, 3024)),
+        ("500x375 JPEG (generated)", photo_like_jpeg(500, 375, seed=0)),
+        ("1024x768 JPEG (generated)", photo_like_jpeg(1024, 768, seed=0)),
+        ("4032x3024 JPEG (generated)", photo_like_jpeg(4032, 3024, seed=0)),
     ]
     for name, label in (("dog.jpg", "1546x1213 JPEG (samples/dog.jpg)"),
                         ("chelsea.png", "451x300 PNG (samples/chelsea.png)")):
@@ -94,7 +73,7 @@ def main() -> None:
         t = TF.resize_image(t, [10, 12], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         return TF.center_crop_image(t, [8, 8]).contiguous()
 
-    tiny = photo_like_jpeg(20, 16)
+    tiny = photo_like_jpeg(20, 16, seed=0)
     assert torch.equal(via_torchvision(tiny), decode_image(tiny, resize=10, crop=8))
     rows = []
     for _ in range(5):  # interleaved; best of many calls each

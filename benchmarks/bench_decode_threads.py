@@ -19,20 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._common import ROOT, Meter, median_hi, photo_like_jpeg, rerun_argv
 
 
 def one(variant: str, n: int) -> dict:
-    import resource
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
+    # torch only in the measuring child (the parent only starts them and prints)
     import torch
 
-    from benchmarks._common import photo_like_jpeg
     from worker.engine import allowed_cpus
     from worker.image.decode import decode_image
 
@@ -43,14 +38,10 @@ def one(variant: str, n: int) -> dict:
     blobs = [blobs[i % 64] for i in range(n)]
     with ThreadPoolExecutor(threads) as ex:
         list(ex.map(decode_image, blobs[:128]))         # warm-up: the teams exist from here on
-        ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0, c0 = time.perf_counter(), time.process_time()
-        list(ex.map(decode_image, blobs))
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"rate": n / wall, "us": 1e6 * cpu / n, "decoders": threads,
-            "intra_op": torch.get_num_threads(),
-            "switches": (ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw) / n}
+        with Meter() as m:
+            list(ex.map(decode_image, blobs))
+    return {"rate": n / m.wall, "us": 1e6 * m.cpu / n, "decoders": threads,
+            "intra_op": torch.get_num_threads(), "switches": m.switches / n}
 
 
 def main() -> None:
@@ -69,7 +60,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(a.repeat):
         for v in variants:
-            out = subprocess.run([sys.executable, "-m", __spec__.name, "--one", v, "--n", str(a.n)],
+            out = subprocess.run([*rerun_argv(), "--one", v, "--n", str(a.n)],
                                  check=True, capture_output=True, text=True, cwd=ROOT).stdout
             m = json.loads(out.strip().splitlines()[-1])
             rows[v].append(m)
@@ -77,16 +68,12 @@ def main() -> None:
                   f"threads): {m['rate']:.0f} img/s, {m['us']:.0f} us CPU, {m['switches']:.2f} context "
                   f"switches per image", flush=True)
 
-    def med(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2]
-
     for v in variants:
         ms = rows[v]
-        ratio = med([m["rate"] / b["rate"] for m, b in zip(ms, rows["1"])])
+        ratio = median_hi([m["rate"] / b["rate"] for m, b in zip(ms, rows["1"])])
         print(f"RESULT decode threads, intra-op {v} ({ms[0]['intra_op']} threads, {ms[0]['decoders']} "
-              f"decode threads): median {med([m['rate'] for m in ms]):.0f} img/s, "
-              f"{med([m['us'] for m in ms]):.0f} us CPU and {med([m['switches'] for m in ms]):.2f} "
+              f"decode threads): median {median_hi([m['rate'] for m in ms]):.0f} img/s, "
+              f"{median_hi([m['us'] for m in ms]):.0f} us CPU and {median_hi([m['switches'] for m in ms]):.2f} "
               f"context switches per image; {ratio:.2f}x intra-op 1 (median of same-round ratios)")
 
 

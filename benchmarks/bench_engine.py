@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,22 +56,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks._common import (ROOT, moto_child, photo_like_jpeg, proc_cpu_s, proc_rss_mb, proxy_child,
-                                  reexec_with_malloc_tuning, zero_cost_engine)
+from benchmarks._common import (ROOT, Meter, Queue, StackingRunner, cpu_s, log, median_hi, moto_child,
+                                photo_like_jpeg, proc_rss_mb, proxy_child, quiet_random_weights,
+                                reexec_with_malloc_tuning, rerun_argv, s3_bucket, write_jpegs,
+                                zero_cost_engine)
 
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def make_images(root: Path, n: int) -> list[Path]:
-    root.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        p = root / f"img{i:05d}.jpg"
-        p.write_bytes(photo_like_jpeg(500, 375, seed=i))
-        out.append(p)
-    return out
+# torch and the worker's modules are imported inside the functions: main() re-executes this
+# process under the worker's malloc settings first, and each scenario loads only what it uses.
 
 
 def model_limit(model: str, batch: int, seconds: float = 8.0) -> float:
@@ -105,43 +95,9 @@ def model_limit(model: str, batch: int, seconds: float = 8.0) -> float:
     return max(n * batch / t for t in spent)
 
 
-class Queue:
-    """A throwaway redis-server and one `hardnet worker` process with the given settings."""
-
-    def __init__(self, tmp: Path, env_extra: dict[str, str]):
-        from tests.cluster import Worker
-        from tests.servers import RedisServer
-
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.redis = RedisServer(tmp / "redis").start()
-        self.env = dict(os.environ)
-        self.env.update({"HARDNET_BROKER_URL": self.redis.url, "HARDNET_WEIGHTS": "random",
-                         "HARDNET_DEVICE": "cpu", "HARDNET_STATE_DIR": str(tmp / "state"),
-                         "HARDNET_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1",
-                         "PYTHONWARNINGS": "ignore"})
-        self.env.update(env_extra)
-        self.worker = Worker(self.env, "bench", tmp)
-        self.worker.wait_ready(timeout=300)
-
-    def submit(self, args: list[str], timeout: float = 1800) -> dict:
-        p = subprocess.run([sys.executable, "-m", "producer.cli", "submit", *args, "--wait", "--json"],
-                           env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
-        if not lines:
-            raise RuntimeError(f"submit failed rc={p.returncode}: {p.stderr[-2000:]}\n{self.worker.log()[-2000:]}")
-        info = json.loads(lines[-1])
-        info["job_s"] = (datetime.fromisoformat(info["finished_at"])
-                         - datetime.fromisoformat(info["submitted_at"])).total_seconds()
-        return info
-
-    def stop(self) -> None:
-        self.worker.stop()
-        self.redis.stop()
-
-
 def scenario_default68(tmp: Path, a) -> None:
     log(f"\n== default68: hardnet68, default worker settings, {a.n_default} local JPEGs through the queue")
-    make_images(tmp / "d68", a.n_default)
+    write_jpegs(tmp / "d68", a.n_default)
     import torch
 
     from worker.engine import default_batch_size
@@ -152,7 +108,7 @@ def scenario_default68(tmp: Path, a) -> None:
     q = Queue(tmp, {"HARDNET_MODEL": "hardnet68", "HARDNET_FILE_ROOTS": str(tmp / "d68")})
     try:
         info = q.submit([str(tmp / "d68")])
-        eng = [ln for ln in q.worker.log().splitlines() if "engine:" in ln][-1:]
+        eng = q.engine_line()
     finally:
         q.stop()
     after = model_limit("hardnet68", batch)
@@ -160,7 +116,7 @@ def scenario_default68(tmp: Path, a) -> None:
     rate = info["succeeded"] / info["job_s"]
     log(f"model limit after: {after:.1f} img/s")
     log(f"end to end: {info['succeeded']} ok of {info['total']} in {info['job_s']:.1f}s = {rate:.1f} img/s")
-    log(f"  worker: {eng[0].split('engine:')[1].strip() if eng else '?'}")
+    log(f"  worker: {eng}")
     log(f"RESULT default68: {rate:.1f} img/s / model limit {limit:.1f} = {rate / limit:.2f}x (target >= 0.85x)")
 
 
@@ -176,7 +132,8 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
 def scenario_latency39(tmp: Path, a) -> None:
     n = a.n_latency
     log(f"\n== latency39: hardnet39ds, chunk 16, {n} JPEGs in moto S3 behind +{a.latency_ms} ms per request")
-    import urllib.request
+    from tests.faultproxy import remote_set_fault
+    from tests.servers import s3_env
 
     variants = parse_variants(a.latency_variants)
     moto = moto_child()
@@ -184,17 +141,8 @@ def scenario_latency39(tmp: Path, a) -> None:
     cpus = len(os.sched_getaffinity(0))
     results: dict[str, list[float]] = {name: [] for name, _ in variants}
     try:
-        import boto3
-
-        cl = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-        cl.create_bucket(Bucket="bench")
-        blobs = [photo_like_jpeg(500, 375, seed=i) for i in range(n)]
-        with ThreadPoolExecutor(8) as ex:
-            list(ex.map(lambda ib: cl.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]),
-                        enumerate(blobs)))
-        urllib.request.urlopen(f"{proxy.url}/__fault__?mode=slow&delay={a.latency_ms / 1000}", timeout=10).read()
-        from tests.servers import s3_env
+        s3_bucket(moto.url, "bench", [(f"img/{i:05d}.jpg", photo_like_jpeg(500, 375, seed=i)) for i in range(n)])
+        remote_set_fault(proxy.url, "slow", delay=a.latency_ms / 1000)
 
         # This machine's speed drifts (a shared VM): the model limit is measured right before and
         # right after every job, and each job is set against the mean of those two.
@@ -206,13 +154,13 @@ def scenario_latency39(tmp: Path, a) -> None:
                 q = Queue(tmp / f"{name}-{r}", {"HARDNET_MODEL": "hardnet39ds", **s3_env(proxy.url), **extra})
                 try:
                     c0 = moto.cpu_s() + proxy.cpu_s()
-                    w0 = proc_cpu_s(q.worker.proc.pid)
+                    w0 = cpu_s(q.worker.proc.pid)
                     t0 = time.perf_counter()
                     info = q.submit(["s3://bench/img/", "--chunk-size", "16"])
                     wall = time.perf_counter() - t0
                     storage_cpu = moto.cpu_s() + proxy.cpu_s() - c0
-                    worker_cpu = proc_cpu_s(q.worker.proc.pid) - w0
-                    eng = [ln for ln in q.worker.log().splitlines() if "engine:" in ln][-1:]
+                    worker_cpu = cpu_s(q.worker.proc.pid) - w0
+                    eng = q.engine_line()
                 finally:
                     q.stop()
                 limit_next = model_limit("hardnet39ds", 32, seconds=5)
@@ -226,15 +174,26 @@ def scenario_latency39(tmp: Path, a) -> None:
                     f"{info['succeeded']} ok of {info['total']} in {info['job_s']:.1f}s = {rate:.1f} img/s; "
                     f"model limit around it {limit:.1f}, scaled by the emulators' share ({100 * share:.0f}% of "
                     f"the machine) {scaled:.1f}: {rate / limit:.2f}x / {rate / scaled:.2f}x scaled")
-                log(f"  worker: {eng[0].split('engine:')[1].strip() if eng else '?'}; CPU {worker_cpu:.1f}s, "
+                log(f"  worker: {eng}; CPU {worker_cpu:.1f}s, "
                     f"moto+proxy {storage_cpu:.1f}s in {wall:.1f}s x {cpus} CPUs")
     finally:
         proxy.stop()
         moto.stop()
     for name, ratios in results.items():
         rs = sorted(ratios)
-        log(f"RESULT latency39 {name}: median {rs[len(rs) // 2]:.2f}x the model limit scaled by the "
+        log(f"RESULT latency39 {name}: median {median_hi(rs):.2f}x the model limit scaled by the "
             f"emulators' share (min {rs[0]:.2f}, max {rs[-1]:.2f}, {len(rs)} jobs; target >= 0.75x)")
+
+
+def decode_only_rate(blobs: list[bytes], threads: int) -> float:
+    """images/s of decode_image alone over blobs in `threads` threads: what the same cores can
+    decode, the baseline of plumbing and ceiling."""
+    from worker.image.decode import decode_image
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(decode_image, blobs))
+    return len(blobs) / (time.perf_counter() - t0)
 
 
 def scenario_plumbing(tmp: Path, a) -> None:
@@ -245,10 +204,9 @@ def scenario_plumbing(tmp: Path, a) -> None:
     from hnq.storage import FetchPolicy
     from hnq.uris import path_to_file_uri
     from worker.engine import allowed_cpus
-    from worker.image.decode import decode_image
     from worker.engine.classifier import Classifier
 
-    files = make_images(tmp / "plumb", uniq)
+    files = write_jpegs(tmp / "plumb", uniq)
     paths = [files[i % uniq] for i in range(n)]
     blobs = [p.read_bytes() for p in paths]
     uris = [path_to_file_uri(p) for p in paths]
@@ -258,18 +216,11 @@ def scenario_plumbing(tmp: Path, a) -> None:
     try:
         rows = []
         for r in range(a.repeat):
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(threads) as ex:
-                list(ex.map(decode_image, blobs))
-            dec = n / (time.perf_counter() - t0)
-            ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0, c0 = time.perf_counter(), time.process_time()
-            chunks = [eng.submit(uris[i:i + 256]) for i in range(0, n, 256)]
-            recs = [x for c in chunks for x in c.result()]
-            e2e = n / (time.perf_counter() - t0)
-            us = 1e6 * (time.process_time() - c0) / n
-            ru1 = resource.getrusage(resource.RUSAGE_SELF)
-            sw = (ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw) / n
+            dec = decode_only_rate(blobs, threads)
+            with Meter() as m:
+                chunks = [eng.submit(uris[i:i + 256]) for i in range(0, n, 256)]
+                recs = [x for c in chunks for x in c.result()]
+            e2e, us, sw = n / m.wall, 1e6 * m.cpu / n, m.switches / n
             assert all(x.status == "ok" for x in recs), [x for x in recs if x.status != "ok"][:1]
             rows.append((dec, e2e, us, sw))
             log(f"  repeat {r + 1}: decode-only {dec:.0f} img/s, engine end to end {e2e:.0f} img/s, "
@@ -278,9 +229,9 @@ def scenario_plumbing(tmp: Path, a) -> None:
     finally:
         eng.close()
     ratios = sorted(e / d for d, e, _, _ in rows)
-    med = ratios[len(ratios) // 2]
-    us = sorted(r[2] for r in rows)[len(rows) // 2]
-    sw = sorted(r[3] for r in rows)[len(rows) // 2]
+    med = median_hi(ratios)
+    us = median_hi([r[2] for r in rows])
+    sw = median_hi([r[3] for r in rows])
     log(f"RESULT plumbing ({threads} decode threads): median ratio engine/decode-only = {med:.2f}x "
         f"(min {ratios[0]:.2f}, max {ratios[-1]:.2f}; target >= 0.85x); engine median {us:.0f} us CPU "
         f"and {sw:.2f} context switches per image")
@@ -307,7 +258,6 @@ def ceiling_one(variant: str, n: int) -> dict:
 
     import torch
 
-    from benchmarks._common import StackingRunner
     from hnq.storage import Fetched
     from worker.engine import Engine, EngineConfig, allowed_cpus
     from worker.engine.fetch import FIRST_THREADS
@@ -328,18 +278,13 @@ def ceiling_one(variant: str, n: int) -> dict:
     uris = [f"s3://bench-bucket/images/{i:08d}.jpg" for i in range(n)]
     try:
         for m in (2048, n):      # a warm-up run, then the measured one
-            ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0, c0 = time.perf_counter(), time.process_time()
-            chunks = [eng.submit(uris[i:i + 512], job_id="bench") for i in range(0, m, 512)]
-            recs = [x for c in chunks for x in c.result()]
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            with Meter() as meter:
+                chunks = [eng.submit(uris[i:i + 512], job_id="bench") for i in range(0, m, 512)]
+                recs = [x for c in chunks for x in c.result()]
             assert len(recs) == m and all(x.status == "ok" for x in recs)
             del recs, chunks
-        return {"rate": n / wall, "us": 1e6 * cpu / n, "gc": gc.get_threshold()[0],
-                "threads": eng.fetcher.threads,
-                "switches": (ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw) / n,
-                "summary": eng.summary()}
+        return {"rate": n / meter.wall, "us": 1e6 * meter.cpu / n, "gc": gc.get_threshold()[0],
+                "threads": eng.fetcher.threads, "switches": meter.switches / n, "summary": eng.summary()}
     finally:
         eng.close()
 
@@ -351,22 +296,18 @@ def scenario_ceiling(tmp: Path, a) -> None:
         f"batch 256, variants {variants} (fetch threads[:gc threshold][:all started]), each measurement in a "
         "fresh process (one engine, as in a worker), interleaved")
     from worker.engine import allowed_cpus
-    from worker.image.decode import decode_image
 
-    blobs = [p.read_bytes() for p in make_images(tmp / "ceil", 256)]
+    blobs = [p.read_bytes() for p in write_jpegs(tmp / "ceil", 256)]
     blobs = [blobs[i % len(blobs)] for i in range(2048)]
     threads = allowed_cpus()
     rows: dict[str, list] = {v: [] for v in variants}
     decs = []
     for r in range(a.repeat):
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(threads) as ex:
-            list(ex.map(decode_image, blobs))
-        decs.append(len(blobs) / (time.perf_counter() - t0))
+        decs.append(decode_only_rate(blobs, threads))
         log(f"  repeat {r + 1}: decode-only {decs[-1]:.0f} img/s")
         for v in variants:
-            p = subprocess.run([sys.executable, "-m", __spec__.name, "--ceiling-one", v,
-                                "--n-ceiling", str(n)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+            p = subprocess.run([*rerun_argv(), "--ceiling-one", v, "--n-ceiling", str(n)],
+                               capture_output=True, text=True, timeout=600, cwd=ROOT,
                                env={k: x for k, x in os.environ.items() if k != "MALLOC_ARENA_MAX"})
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
             if not lines:
@@ -379,11 +320,11 @@ def scenario_ceiling(tmp: Path, a) -> None:
     for v in variants:
         if rows[v]:
             log(f"  {v}, last run: {rows[v][-1]['summary']}")
-    dec = sorted(decs)[len(decs) // 2]
+    dec = median_hi(decs)
     for v in variants:
         if not rows[v]:
             continue
-        med = {k: sorted(m[k] for m in rows[v])[len(rows[v]) // 2] for k in ("rate", "us", "switches")}
+        med = {k: median_hi([m[k] for m in rows[v]]) for k in ("rate", "us", "switches")}
         log(f"RESULT ceiling {v} ({threads} CPUs, GC threshold {rows[v][0]['gc']}, "
             f"{rows[v][-1]['threads']} fetch threads started): "
             f"median {med['rate']:.0f} img/s, {med['us']:.0f} us CPU and {med['switches']:.2f} context "
@@ -395,7 +336,7 @@ def scenario_ceiling(tmp: Path, a) -> None:
 def scenario_rss(tmp: Path, a) -> None:
     n, uniq = a.n_rss, 512
     log(f"\n== rss: a worker (hardnet39ds) over {n} URIs; RSS sampled every second")
-    paths = make_images(tmp / "rss", uniq)
+    paths = write_jpegs(tmp / "rss", uniq)
     listing = tmp / "rss.txt"
     # the same files many times over: a job may list a URI more than once (one record each)
     with listing.open("w") as f:
@@ -469,9 +410,7 @@ def main() -> None:
     ap.add_argument("--plumbing-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ceiling-one", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*RANDOM, untrained weights.*")
+    quiet_random_weights()
     if a.ceiling_one:
         print(json.dumps(ceiling_one(a.ceiling_one, a.n_ceiling)), flush=True)
         return
@@ -483,7 +422,7 @@ def main() -> None:
         for name in [x.strip() for x in a.scenarios.split(",") if x.strip()]:
             if name == "plumbing" and not a.plumbing_child:
                 sys.stdout.flush()
-                subprocess.run([sys.executable, "-m", __spec__.name, "--scenarios", name, "--plumbing-child",
+                subprocess.run([*rerun_argv(), "--scenarios", name, "--plumbing-child",
                                 "--n-plumbing", str(a.n_plumbing), "--repeat", str(a.repeat)], cwd=ROOT,
                                env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"})
                 continue

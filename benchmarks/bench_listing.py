@@ -27,53 +27,16 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks._common import Child, proc_cpu_s, proxy_child
-
-
-def _client(url: str):
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key="testing", config=Config(max_pool_connections=64))
-
-
-_MOTO = """
-import sys, time
-from tests.servers import MotoS3
-from moto.core import DEFAULT_ACCOUNT_ID
-from moto.s3.models import s3_backends
-m = MotoS3().start()
-print(m.url, flush=True)
-for line in sys.stdin:                      # "fill BUCKET PREFIX COUNT [FOLDERS]"
-    _, bucket, prefix, n, folders = (line.split() + ["0"])[:5]
-    n, folders = int(n), int(folders)
-    t0 = time.perf_counter()
-    b = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
-    b.create_bucket(bucket, "us-east-1")
-    per = n // folders if folders else n
-    for i in range(n):
-        key = f"{prefix}p{i // per:03d}/img-{i:06d}.jpg" if folders else f"{prefix}img-{i:06d}.jpg"
-        b.put_object(bucket, key, b"")
-    print(f"{time.perf_counter() - t0:.3f}", flush=True)
-m.stop()
-"""
-
-
-def _moto():
-    return Child([sys.executable, "-c", _MOTO])
-
-
-def _fill_direct(moto, bucket: str, prefix: str, n: int, folders: int) -> float:
-    """Objects written into moto's store in its own process (its backend API, no HTTP)."""
-    moto.proc.stdin.write(f"fill {bucket} {prefix} {n} {folders}\n")
-    moto.proc.stdin.flush()
-    return float(moto.proc.stdout.readline())
+from benchmarks._common import Child, cpu_s, moto_child, proxy_child, s3_client_for
+from hnq.storage import reset_s3_client
+from hnq.storage.s3.listing import ListingStats, list_objects, listing_client
+from tests.faultproxy import remote_set_fault
+from tests.servers import s3_env
 
 
 def _put_rate(url: str, n: int, threads: int = 32) -> float:
     """PUT/s of n empty objects over HTTP with `threads` threads (what the direct fill avoids)."""
-    c = _client(url)
+    c = s3_client_for(url, pool=64)
     c.create_bucket(Bucket="putrate")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as ex:
@@ -82,16 +45,14 @@ def _put_rate(url: str, n: int, threads: int = 32) -> float:
 
 
 def _list(bucket: str, prefix: str, threads: int, depth: int, server) -> dict:
-    from hnq.storage.s3.listing import ListingStats, list_objects, listing_client
-
     listing_client()          # made before the clock starts (a new endpoint: a new client)
     st = ListingStats()
-    cpu0, me0 = server.cpu_s(), proc_cpu_s(os.getpid())
+    cpu0, me0 = server.cpu_s(), cpu_s()
     t0 = time.perf_counter()
     n = sum(1 for _ in list_objects(bucket, prefix, threads=threads, depth=depth, stats=st))
     wall = time.perf_counter() - t0
     return {"keys": n, "wall": wall, "rate": n / wall, "requests": st.requests, "units": st.units,
-            "server_cpu": server.cpu_s() - cpu0, "client_cpu": proc_cpu_s(os.getpid()) - me0}
+            "server_cpu": server.cpu_s() - cpu0, "client_cpu": cpu_s() - me0}
 
 
 def _stub(keys: int, folders: int, delay: float):
@@ -112,26 +73,20 @@ def main() -> int:
                     help="which of moto, proxy (moto + delay), stub (list stand-in + delay) to measure")
     a = ap.parse_args()
 
-    from tests.servers import s3_env
-
-    moto = _moto()
+    moto = moto_child()
     proxy = None
     try:
         rate = _put_rate(moto.url, a.put_sample)
         print(f"setup: PUT over HTTP, 32 threads: {rate:.0f} objects/s ({a.put_sample} objects; "
               f"{a.keys} would take {a.keys / rate:.0f} s), so the keys are written into moto's store "
               "directly (its backend API in the server's process); every listing below is over HTTP")
-        setup = _fill_direct(moto, "bench", "set/", a.keys, a.prefixes)
+        setup = moto.fill("bench", "set/", a.keys, a.prefixes)
         print(f"setup: {a.keys} keys under {a.prefixes} prefixes in {setup:.1f} s")
-        setup_f = _fill_direct(moto, "benchflat", "flat/", a.flat, 0)
+        setup_f = moto.fill("benchflat", "flat/", a.flat, 0)
         print(f"setup: {a.flat} keys under one flat prefix in {setup_f:.1f} s")
         keys, flat = range(a.keys), range(a.flat)
         proxy = proxy_child(moto.url)
-        from tests.faultproxy import remote_set_fault
-
         remote_set_fault(proxy.url, "slow", delay=a.delay)
-        from hnq.storage import reset_s3_client
-
         rows = []
         layouts = ((f"{a.prefixes} prefixes", "bench", "set/", len(keys)), ("flat", "benchflat", "flat/", len(flat)))
         servers = a.servers.split(",")

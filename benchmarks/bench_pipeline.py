@@ -44,28 +44,20 @@ The CLI's own wall time (python start-up, listing, 0.1 s polling) is shown too.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import warnings
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 import torch
 
-from benchmarks._common import ROOT, moto_child, photo_like_jpeg, zero_cost_engine
+from benchmarks._common import (Meter, Queue, moto_child, quiet_random_weights, s3_bucket, write_jpegs,
+                                zero_cost_engine)
 from hnq.storage import FetchPolicy
 from hnq.uris import path_to_file_uri
 from worker.engine import build_engine
@@ -75,17 +67,6 @@ from worker.image.reference import reference_preprocess
 
 MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 BUCKET = "bench"
-
-
-# ------------------------------------------------------------------------------------------ inputs
-def make_images(n: int, root: Path) -> list[Path]:
-    paths = []
-    for i in range(n):
-        w, h = (1024, 768) if i % 4 == 3 else (500, 375)
-        p = root / f"img{i:05d}.jpg"
-        p.write_bytes(photo_like_jpeg(w, h, seed=i))
-        paths.append(p)
-    return paths
 
 
 # ------------------------------------------------------------------------------------------- modes
@@ -177,71 +158,42 @@ class Ctx:
     pass
 
 
-def cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
-    return ru.ru_utime + ru.ru_stime
-
-
-def timed(fn, ctx) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    res = fn(ctx)
-    return time.perf_counter() - t0, res
-
-
 def timed_cpu(fn, ctx) -> tuple[float, float, object]:
-    c0, t0 = cpu_s(), time.perf_counter()
-    res = fn(ctx)
-    return time.perf_counter() - t0, cpu_s() - c0, res
+    """(wall s, CPU s of this process, fn's result)"""
+    with Meter() as m:
+        res = fn(ctx)
+    return m.wall, m.cpu, res
 
 
 # ------------------------------------------------------------------------------------------- queue
 def run_queue(ctx, tmp: Path, s3_url: str | None, source: str) -> list[tuple[float, float, float]]:
     """[(job seconds, CLI wall seconds, paired in-process (c) seconds)] per repeat."""
-    from tests.cluster import Worker
-    from tests.servers import RedisServer, s3_env
+    from tests.servers import s3_env
 
     a = ctx.args
-    redis = RedisServer(tmp / "redis").start()
-    env = dict(os.environ)
-    env.update({
-        "HARDNET_BROKER_URL": redis.url, "HARDNET_MODEL": a.model, "HARDNET_WEIGHTS": "random",
-        "HARDNET_DEVICE": a.device, "HARDNET_BATCH_SIZE": str(a.batch_size),
-        "HARDNET_FETCH_THREADS": str(a.fetch_threads), "HARDNET_DECODE_THREADS": str(a.decode_threads),
-        "HARDNET_FILE_ROOTS": str(ctx.img_dir), "HARDNET_STATE_DIR": str(tmp / "state"),
-        "HARDNET_POLL_INTERVAL": "0.1", "HARDNET_CHUNK_SIZE": str(a.chunk_size),
-        "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore",
-    })
+    env = {"HARDNET_MODEL": a.model, "HARDNET_DEVICE": a.device, "HARDNET_BATCH_SIZE": str(a.batch_size),
+           "HARDNET_FETCH_THREADS": str(a.fetch_threads), "HARDNET_DECODE_THREADS": str(a.decode_threads),
+           "HARDNET_FILE_ROOTS": str(ctx.img_dir), "HARDNET_POLL_INTERVAL": "0.1",
+           "HARDNET_CHUNK_SIZE": str(a.chunk_size)}
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     if s3_url:
         env.update(s3_env(s3_url))
-    worker = Worker(env, "bench", tmp)
+    q = Queue(tmp, env, ready_timeout=180)
     out = []
     try:
-        worker.wait_ready(timeout=180)
         time.sleep(1.0)
         for r in range(a.repeat):
-            t_c, _ = timed(mode_ours, ctx)
-            t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "producer.cli", "submit", source, "--wait",
-                                "--json", "--model", a.model, "--chunk-size", str(a.chunk_size)],
-                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-            wall = time.perf_counter() - t0
-            lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
-            if p.returncode != 0 or not lines:
-                raise RuntimeError(f"hardnet submit failed rc={p.returncode}:\n{p.stderr[-2000:]}\n"
-                                   f"worker log:\n{worker.log()[-2000:]}")
-            info = json.loads(lines[-1])
+            t_c, _, _ = timed_cpu(mode_ours, ctx)
+            info = q.submit([source, "--model", a.model, "--chunk-size", str(a.chunk_size)], timeout=900)
             if info["succeeded"] != len(ctx.uris):
                 raise RuntimeError(f"job labelled {info['succeeded']} of {len(ctx.uris)}: {info}")
-            job = (datetime.fromisoformat(info["finished_at"])
-                   - datetime.fromisoformat(info["submitted_at"])).total_seconds()
+            job, wall = info["job_s"], info["cli_s"]
             out.append((job, wall, t_c))
             print(f"  queue repeat {r + 1}: job {job:.2f}s, CLI {wall:.2f}s, paired (c) {t_c:.2f}s",
                   flush=True)
     finally:
-        worker.stop()
-        redis.stop()
+        q.stop()
     return out
 
 
@@ -263,7 +215,7 @@ def main() -> None:
     ap.add_argument("--queue", action="store_true", help="also (d): redis-server + 1 worker + hardnet submit --wait")
     a = ap.parse_args()
 
-    warnings.filterwarnings("ignore", message=".*RANDOM, untrained weights.*")
+    quiet_random_weights()
     logging.getLogger("worker.model.weights").setLevel(logging.ERROR)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -278,7 +230,7 @@ def main() -> None:
         ctx.img_dir = tmp / "images"
         ctx.img_dir.mkdir()
         t0 = time.perf_counter()
-        paths = make_images(a.n, ctx.img_dir)
+        paths = write_jpegs(ctx.img_dir, a.n, sizes=((500, 375),) * 3 + ((1024, 768),))
         gen_s = time.perf_counter() - t0
         ctx.blobs = [p.read_bytes() for p in paths]
         policy = FetchPolicy(file_roots=(str(ctx.img_dir),))
@@ -287,13 +239,10 @@ def main() -> None:
 
             s3 = moto_child()
             os.environ.update(s3_env(s3.url))
-            from hnq.storage import reset_s3_client, s3_client
+            from hnq.storage import reset_s3_client
 
             reset_s3_client()
-            cl = s3_client()
-            cl.create_bucket(Bucket=BUCKET)
-            for p, data in zip(paths, ctx.blobs):
-                cl.put_object(Bucket=BUCKET, Key=f"images/{p.name}", Body=data)
+            s3_bucket(s3.url, BUCKET, [(f"images/{p.name}", data) for p, data in zip(paths, ctx.blobs)])
             ctx.uris = [f"s3://{BUCKET}/images/{p.name}" for p in paths]
             ctx.paths = [None] * len(paths)
             source = f"s3://{BUCKET}/images/"

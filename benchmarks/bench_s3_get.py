@@ -1,9 +1,9 @@
 """S3 GET client cost: boto3 vs obstore through hnq.storage.fetch.
 
-Starts moto's S3 server in a child process (``python -m moto.server``), so that this process's
-CPU time is the client's alone; puts N objects of about SIZE bytes and
+Starts moto's S3 server in a child process (tests/servers.MotoS3, through benchmarks/_common),
+so that this process's CPU time is the client's alone; puts N objects of about SIZE bytes and
 fetches all of them with each client at each thread count, interleaved over the repeats
-(``time.process_time``: user + sys of every thread of this process). Prints
+(user + sys of every thread of this process, obstore's Rust ones too). Prints
 objects/s and client CPU ms per object (median over the repeats), and the obstore/boto3 ratios
 of the same run.
 
@@ -15,44 +15,28 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.servers import free_port, s3_env, wait_port
+from benchmarks._common import Meter, moto_child, s3_bucket
+from hnq.storage import FetchPolicy, fetch, reset_s3_client
+from tests.servers import s3_env
 
 CLIENTS = ("boto3", "obstore")
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port, timeout=30)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def cpu() -> float:
-    """CPU time (user + sys) of this process, all its threads (obstore's Rust ones too), not of
-    the moto child; ns resolution (os.times ticks are 10 ms)."""
-    return time.process_time()
-
-
 def run_once(uris: list[str], policy, threads: int, expect: int) -> tuple[float, float]:
     """(wall s, client CPU s) to fetch every URI once."""
-    from hnq.storage import fetch
-
     def one(u: str) -> int:
         return fetch(u, policy).size
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, uris[:threads]))  # warm: connections, stores, credentials
-        c0, t0 = cpu(), time.perf_counter()
-        total = sum(pool.map(one, uris))
-        wall, used = time.perf_counter() - t0, cpu() - c0
+        with Meter() as m:
+            total = sum(pool.map(one, uris))
     assert total == expect, (total, expect)
-    return wall, used
+    return m.wall, m.cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,24 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     threads = [int(x) for x in args.threads.split(",") if x.strip()]
 
-    proc, url = start_moto()
+    moto = moto_child()
     try:
-        os.environ.update(s3_env(url))
-        import boto3
+        os.environ.update(s3_env(moto.url))
         import obstore  # noqa: F401  (fail early when it is missing)
 
-        from hnq.storage import FetchPolicy, reset_s3_client
-
         reset_s3_client()
-        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-        s3.create_bucket(Bucket="bench")
         t0 = time.perf_counter()
-        uris = []
-        for i in range(args.n):
-            body = os.urandom(args.size)
-            key = f"img/{i:05d} photo.jpg"
-            s3.put_object(Bucket="bench", Key=key, Body=body)
-            uris.append(f"s3://bench/{key}")
+        keys = [f"img/{i:05d} photo.jpg" for i in range(args.n)]
+        s3_bucket(moto.url, "bench", [(k, os.urandom(args.size)) for k in keys])
+        uris = [f"s3://bench/{k}" for k in keys]
         expect = args.n * args.size
         import importlib.metadata as md
 
@@ -116,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             (ro, co), (rb, cb) = med[("obstore", th)], med[("boto3", th)]
             print(f"  {th:>2} threads: objects/s {ro / rb:.2f}x, CPU ms/obj {co / cb:.2f}x")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        moto.stop()
     return 0
 
 

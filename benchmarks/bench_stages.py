@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import time
 
-from benchmarks._common import photo_like_jpeg, reexec_with_malloc_tuning, zero_cost_runner
-
-
-def cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+from benchmarks._common import (Meter, photo_like_jpeg, quiet_random_weights, reexec_with_malloc_tuning,
+                                zero_cost_runner)
 
 
 def main() -> None:
@@ -43,9 +38,8 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=20)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*RANDOM, untrained weights.*")
+    quiet_random_weights()
+    # after the re-exec above: the process that measures is the only one that loads torch
     import torch
 
     from hnq.storage import Fetched
@@ -117,12 +111,11 @@ def main() -> None:
     res: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in sides}
     for r in range(a.repeat):
         for name, fn in (sides if r % 2 == 0 else sides[::-1]):
-            c0, t0 = cpu_s(), time.perf_counter()
-            n = fn()
-            wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+            with Meter() as m:
+                n = fn()
             assert n == a.n, (name, n)
-            res[name].append((n / wall, 1000 * cpu / n))
-            print(f"  repeat {r + 1} {name}: {n / wall:.0f} img/s, {1000 * cpu / n:.2f} CPU ms/img", flush=True)
+            res[name].append((n / m.wall, 1000 * m.cpu / n))
+            print(f"  repeat {r + 1} {name}: {n / m.wall:.0f} img/s, {1000 * m.cpu / n:.2f} CPU ms/img", flush=True)
     eng.close()
     print(f"\n{'side':9} {'img/s':>8} {'CPU ms/img':>11}   (median of {a.repeat})")
     for name, rows in res.items():

@@ -21,37 +21,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._common import ROOT, moto_child, proxy_child, s3_bucket
+from tests.faultproxy import remote_stats
 from tests.servers import RedisServer, s3_env
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class S3Child:
-    """moto's S3 server and the counting proxy in a child process (off this process's GIL)."""
-
-    CODE = ("import sys, json; from tests.servers import MotoS3; "
-            "from tests.faultproxy import FaultProxy; import boto3; m = MotoS3().start(); "
-            "boto3.client('s3', endpoint_url=m.url, region_name='us-east-1', aws_access_key_id='x', "
-            "aws_secret_access_key='x').create_bucket(Bucket='bench-out'); "
-            "p = FaultProxy(m.url).start(); print(p.url, flush=True); "
-            "[print(json.dumps(p.stats()), flush=True) for _ in iter(sys.stdin.readline, '')]")
+    """moto's S3 server and the counting proxy, each in a child process (off this process's GIL)."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http"):
-            raise RuntimeError("moto S3 server did not start")
+        self.moto = moto_child()
+        s3_bucket(self.moto.url, "bench-out")
+        self.proxy = proxy_child(self.moto.url)
+        self.url = self.proxy.url
 
     def stats(self) -> dict:
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        return remote_stats(self.url)
 
     def stop(self):
-        self.proc.kill()
-        self.proc.wait(10)
+        self.proxy.stop()
+        self.moto.stop()
 
 
 def run_submit(env: dict, listing: Path, dest: str, chunk_size: int) -> tuple[float, float, dict]:

@@ -19,6 +19,8 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from xml.sax.saxutils import escape
 
+from benchmarks._common import listing_keys
+
 _HEAD = ('<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/'
          '2006-03-01/"><Name>{bucket}</Name><Prefix>{prefix}</Prefix><MaxKeys>{max}</MaxKeys>{delim}'
          '<KeyCount>{count}</KeyCount><IsTruncated>{trunc}</IsTruncated>{token}')
@@ -102,10 +104,7 @@ def main() -> int:
     ap.add_argument("--folders", type=int, default=100, help="0 = a flat prefix")
     ap.add_argument("--delay", type=float, default=0.05)
     a = ap.parse_args()
-    per = a.keys // a.folders if a.folders else a.keys
-    keys = [f"{a.prefix}p{i // per:03d}/img-{i:06d}.jpg" if a.folders else f"{a.prefix}img-{i:06d}.jpg"
-            for i in range(a.keys)]
-    srv = serve(Store(a.bucket, keys), a.delay)
+    srv = serve(Store(a.bucket, listing_keys(a.prefix, a.keys, a.folders)), a.delay)
     print(f"LISTENING http://127.0.0.1:{srv.server_address[1]}", flush=True)
     sys.stdin.read()
     srv.shutdown()
