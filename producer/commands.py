@@ -1,17 +1,27 @@
 """The job commands: submit, wait, status, results, cancel, resume, sweep, redrive. They talk to
-Redis and the destination only; nothing here imports torch."""
+Redis and the destination only; nothing here imports torch. The progress display they share with
+the demo is :mod:`producer.progress`; `hardnet report` is :mod:`producer.report`.
+
+producer.submit and producer.resume are imported inside the commands that use them: they load
+Celery, and every `hardnet` invocation builds this parser (the worker's and `hardnet status`'s too)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 
+from hnq.console import EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, add_command, err
 from hnq.errors import ConfigError
+from hnq.jobs.parts import part_jsonl_lines
+from hnq.jobs.sweep import stalled_chunks, sweep
+from hnq.options import JobOptions
 from hnq.schema import MODELS
-from hnq.console import (EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TIMEOUT, STATE_EXIT, add_command,
-                         err)
+from hnq.storage import open_destination
 from producer.connect import job_store, settings
+from producer.intake import intake
+from producer.joboptions import add_arguments as add_job_options
+from producer.joboptions import options_from_args
+from producer.progress import wait_for
 
 
 def lost(s, st, job_id: str, json_out: bool) -> int:
@@ -39,8 +49,6 @@ def lost(s, st, job_id: str, json_out: bool) -> int:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
-    from producer.intake import intake
-    from producer.joboptions import options_from_args
     from producer.submit import submit
 
     s = settings()
@@ -72,60 +80,6 @@ def cmd_wait(a: argparse.Namespace) -> int:
     return wait_for(s, a.job, json_out=a.json, timeout=a.timeout, store=store)
 
 
-def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = None, store=None) -> int:
-    """Progress until the job ends; the exit code follows its final state (STATE_EXIT)."""
-    from hnq.schema import FINAL_STATES
-
-    store = store or job_store(s)
-    start = time.monotonic()
-    tty = sys.stderr.isatty()
-    last = ""
-    while True:
-        info = store.info(job_id)
-        if info is None:
-            err(f"job {job_id}: state lost (Redis no longer knows it; was it restarted without persistence?)")
-            return EXIT_JOB_FAILED
-        line = _progress_line(info)
-        if line != last:
-            print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
-            last = line
-        if info.state in FINAL_STATES:
-            break
-        if timeout and time.monotonic() - start > timeout:
-            err(f"\ngave up waiting after {timeout:.0f}s; the job goes on (hardnet wait {job_id})")
-            return EXIT_TIMEOUT
-        time.sleep(s.poll_interval)
-    if tty:
-        print(file=sys.stderr)
-    summary = info.model_dump(mode="json")
-    if json_out:
-        print(json.dumps(summary), flush=True)
-    else:
-        codes = ", ".join(f"{k}={v}" for k, v in info.error_codes.items())
-        err(f"job {job_id} {info.state}: {info.succeeded} labelled, {info.failed} failed of {info.total}"
-             + (f" ({codes})" if codes else "")
-             + (f", {info.skipped} skipped (labelled by an earlier job)" if info.skipped else "")
-             + (f", {info.dead_chunks} dead-lettered chunks (hardnet redrive {job_id})" if info.dead_chunks else "")
-             + (f"; {info.error}" if info.error else ""))
-    return STATE_EXIT.get(info.state, EXIT_JOB_FAILED)
-
-
-def _progress_line(info) -> str:
-    done = info.succeeded + info.failed
-    total = info.total
-    if total:
-        width = 30
-        fill = int(width * done / total)
-        bar = "#" * fill + "-" * (width - fill)
-        pct = f"{100 * done / total:5.1f}%"
-    else:
-        bar, pct = "listing...", ""
-    rate = f"{info.rate:.1f} img/s" if info.rate else "- img/s"
-    eta = f"ETA {info.eta_s:.0f}s" if info.eta_s is not None else ""
-    return (f"[{bar}] {pct} {info.state} ok={info.succeeded} failed={info.failed} "
-            f"total={total if total is not None else '?'} {rate} {eta}").rstrip()
-
-
 # ------------------------------------------------------------------------------------------ status
 def cmd_status(a: argparse.Namespace) -> int:
     s = settings()
@@ -144,8 +98,6 @@ def cmd_status(a: argparse.Namespace) -> int:
     info = store.info(a.job)
     if info is None:
         return lost(s, store, a.job, a.json)
-    from hnq.jobs.sweep import stalled_chunks
-
     dead = store.dead_letters(a.job)
     stalled = stalled_chunks(store, a.job, s.visibility_timeout)
     if a.json:
@@ -171,8 +123,6 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- results
 def cmd_results(a: argparse.Namespace) -> int:
-    from hnq.storage import open_destination
-
     s = settings()
     store = job_store(s)
     info = store.info(a.job)
@@ -180,9 +130,6 @@ def cmd_results(a: argparse.Namespace) -> int:
         return lost(s, store, a.job, False)
     if info.chunks is None:
         raise ConfigError(f"job {a.job} is still being listed; try again shortly")
-    from hnq.options import JobOptions
-    from hnq.jobs.parts import part_jsonl_lines
-
     fmt = JobOptions.from_json(store.raw(a.job).get("options")).format
     dest = open_destination(info.dest) if info.dest else None
     out = open(a.output, "w") if a.output else sys.stdout
@@ -238,7 +185,6 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from hnq.jobs.sweep import sweep
     from producer.submit import sender
 
     s = settings()
@@ -293,8 +239,6 @@ def register(sub) -> None:
     s.add_argument("--force", action="store_true",
                    help="allow a job above HARDNET_REDIS_RESULTS_MAX images without --out (results kept in Redis)")
     s.add_argument("--json", action="store_true", help="print the job (and with --wait its summary) as JSON")
-    from producer.joboptions import add_arguments as add_job_options
-
     add_job_options(s)   # --format, --top-k, --weights, --tag
 
     wt = add_command(sub, "wait", "show a job's progress until it ends; exit code as submit --wait", cmd_wait)

@@ -72,7 +72,7 @@ def _resolve_weights(model: str, weights: str | None) -> str:
 def run_demo(a) -> int:
     from producer.settings import ProducerSettings
     from hnq.console import EXIT_OK, EXIT_SOME_FAILED, print_human
-    from producer.commands import wait_for
+    from producer.progress import wait_for
     from hnq.sources import expand_sources
     from producer.submit import submit
     from hnq.jobs.store import JobStore
