@@ -13,8 +13,9 @@ latency39  hardnet39ds, `--chunk-size 16`, images in moto's S3 server behind the
            adding 80 ms to every request (a distant object store), both in child processes; a
            fresh worker per job, each --latency-variants setting (default: the worker's defaults
            against `fixed4`, 4 chunks in flight whatever their size) --repeat times, interleaved.
-           Baseline: the model limit as above, measured right before and after each job (this
-           VM's speed drifts by tens of percent within minutes). On 2 cores moto and the proxy
+           Baseline: the model limit as above, measured right before and after each job (a
+           shared VM's speed drifts within minutes; figures:
+           docs/performance.md#against-its-limits-benchmarksbench_enginepy). On 2 cores moto and the proxy
            burn CPU the worker then lacks: their CPU time during the job is read from /proc, and
            the limit is scaled down by their share of the machine (limit x (1 - share)).
 plumbing   the same engine in this process with a zero-cost stand-in for what the model limit

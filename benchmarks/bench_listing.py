@@ -6,11 +6,11 @@ page's round trip, not the server's CPU, is what a single stream waits for).
     python -m benchmarks.bench_listing [--keys 100000] [--prefixes 100] [--threads 8] [--delay 0.05]
 
 Setup: KEYS empty objects under PREFIXES folders (set/pNNN/img-NNNNNN.jpg), plus a flat prefix
-(no folders) of FLAT keys. PUTs over HTTP with 32 threads are timed on a sample and printed (about
-100/s measured here: 100,000 would take a quarter of an hour), then the keys are written into
-moto's store directly, in the moto server's process; the listings are all over HTTP. Every run
-lists every key under the prefix and checks the count; printed: keys/s, requests, moto's CPU
-seconds, and the parallel/single ratio.
+(no folders) of FLAT keys. PUTs over HTTP with 32 threads are timed on a sample and printed (too
+slow on moto to write them all; figures: docs/whole-bucket.md#measured-listing-rates), then the
+keys are written into moto's store directly, in the moto server's process; the listings are all
+over HTTP. Every run lists every key under the prefix and checks the count; printed: keys/s,
+requests, moto's CPU seconds, and the parallel/single ratio.
 
 Caveat printed with the numbers: moto answers each ListObjectsV2 by scanning (and sorting) every
 key of the bucket that matches the prefix, in Python, on this machine's 2 shared cores. A single
