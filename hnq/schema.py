@@ -9,11 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hnq.errors import ErrorCode
 from hnq.logs import redact
+from hnq.models import MODELS
 from hnq.options import JobOptions
 
-#: The HarDNet variants (worker.model.hardnet.ARCHS holds their configurations).
-MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
-ModelName = Literal["hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85"]
+#: A chunk's model: one of the registry's variants (``MODELS`` is hnq.models.MODELS; the CLI reads
+#: its ``--model`` choices from here).
+ModelName = Literal[MODELS]
 
 #: Bumped when a message or record changes incompatibly; workers refuse messages of another version.
 SCHEMA_VERSION = 2   # 2: the claim check (URIs stored with the job, not in the message)

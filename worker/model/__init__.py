@@ -5,10 +5,6 @@ from .hardnet import (
     HarDNetConfig,
     UnknownModelError,
     build_hardnet,
-    hardnet39ds,
-    hardnet68,
-    hardnet68ds,
-    hardnet85,
     list_models,
 )
 from .labels import IMAGENET_CATEGORIES
@@ -35,10 +31,6 @@ __all__ = [
     "Weights",
     "WeightsError",
     "build_hardnet",
-    "hardnet39ds",
-    "hardnet68",
-    "hardnet68ds",
-    "hardnet85",
     "list_models",
     "load_model",
     "load_state_dict",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from hnq.errors import ConfigError
+from hnq.models import MODELS
 
 __all__ = [
     "ARCHS",
@@ -30,11 +31,8 @@ __all__ = [
     "StageConfig",
     "UnknownModelError",
     "build_hardnet",
-    "hardnet39ds",
-    "hardnet68",
-    "hardnet68ds",
-    "hardnet85",
     "list_models",
+    *MODELS,
 ]
 
 
@@ -175,32 +173,33 @@ def _stages(growth, n_layers, out_channels, downsample) -> tuple[StageConfig, ..
     return tuple(StageConfig(g, n, c, bool(d)) for g, n, c, d in zip(*rows))
 
 
-ARCHS: dict[str, HarDNetConfig] = {
-    "hardnet39ds": HarDNetConfig(
+#: one configuration per variant, in hnq.models.MODELS order (the comment names each)
+ARCHS: dict[str, HarDNetConfig] = dict(zip(MODELS, (
+    HarDNetConfig(  # hardnet39ds
         stem_channels=(24, 48), stem_kernel=1, depthwise=True, downsample="dwconv", grmul=1.6,
         stages=_stages(growth=(16, 20, 64, 160), n_layers=(4, 16, 8, 4),
                        out_channels=(96, 320, 640, 1024), downsample=(1, 1, 1, 0)),
         dropout=0.05,
     ),
-    "hardnet68ds": HarDNetConfig(
+    HarDNetConfig(  # hardnet68ds
         stem_channels=(32, 64), stem_kernel=1, depthwise=True, downsample="dwconv", grmul=1.7,
         stages=_stages(growth=(14, 16, 20, 40, 160), n_layers=(8, 16, 16, 16, 4),
                        out_channels=(128, 256, 320, 640, 1024), downsample=(1, 0, 1, 1, 0)),
         dropout=0.05,
     ),
-    "hardnet68": HarDNetConfig(
+    HarDNetConfig(  # hardnet68
         stem_channels=(32, 64), stem_kernel=3, depthwise=False, downsample="maxpool", grmul=1.7,
         stages=_stages(growth=(14, 16, 20, 40, 160), n_layers=(8, 16, 16, 16, 4),
                        out_channels=(128, 256, 320, 640, 1024), downsample=(1, 0, 1, 1, 0)),
         dropout=0.1,
     ),
-    "hardnet85": HarDNetConfig(
+    HarDNetConfig(  # hardnet85
         stem_channels=(48, 96), stem_kernel=3, depthwise=False, downsample="maxpool", grmul=1.7,
         stages=_stages(growth=(24, 24, 28, 36, 48, 256), n_layers=(8, 16, 16, 16, 16, 4),
                        out_channels=(192, 256, 320, 480, 720, 1280), downsample=(1, 0, 1, 0, 1, 0)),
         dropout=0.2, last_stage_dropout=0.1,
     ),
-}
+), strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +296,15 @@ def build_hardnet(name: str, *, num_classes: int = 1000, **kwargs) -> HarDNet:
     return HarDNet(config, num_classes=num_classes)
 
 
-def hardnet39ds(**kwargs) -> HarDNet: return build_hardnet("hardnet39ds", **kwargs)  # noqa: E704
-def hardnet68ds(**kwargs) -> HarDNet: return build_hardnet("hardnet68ds", **kwargs)  # noqa: E704
-def hardnet68(**kwargs) -> HarDNet: return build_hardnet("hardnet68", **kwargs)  # noqa: E704
-def hardnet85(**kwargs) -> HarDNet: return build_hardnet("hardnet85", **kwargs)  # noqa: E704
+def _builder(name: str):
+    def build(**kwargs) -> HarDNet:
+        return build_hardnet(name, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"An untrained {name} (keyword: num_classes); see :func:`build_hardnet`."
+    return build
+
+
+# hardnet39ds(**kwargs), hardnet68(**kwargs), ...: one builder per registry name (not typed here,
+# so that a variant added to hnq.models and ARCHS gets one).
+globals().update({name: _builder(name) for name in MODELS})

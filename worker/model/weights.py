@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from hnq.errors import ConfigError
+from hnq.models import MODELS
 
 from .hardnet import ARCHS, UnknownModelError, build_hardnet
 from .labels import IMAGENET_CATEGORIES
@@ -125,16 +126,21 @@ class Weights:
 _OFFICIAL = "https://ping-chao.com/hardnet/"
 _MIRROR = "https://github.com/PingoLH/Pytorch-HarDNet/raw/master/"
 
-WEIGHTS: dict[str, Weights] = {
-    "hardnet39ds": Weights("hardnet39ds", _OFFICIAL + "hardnet39ds-0e6c6fa9.pth", _MIRROR + "hardnet39ds.pth",
-                           None, top1_error=27.92, top5_error=9.57),
-    "hardnet68ds": Weights("hardnet68ds", _OFFICIAL + "hardnet68ds-632474d2.pth", _MIRROR + "hardnet68ds.pth",
-                           None, top1_error=25.71, top5_error=8.13),
-    "hardnet68": Weights("hardnet68", _OFFICIAL + "hardnet68-5d684880.pth", _MIRROR + "hardnet68.pth",
-                         None, top1_error=23.52, top5_error=6.99),
-    "hardnet85": Weights("hardnet85", _OFFICIAL + "hardnet85-a28faa00.pth", None,
-                         None, top1_error=21.96, top5_error=6.11),
-}
+def _published(name: str, tag: str, top1_error: float, top5_error: float, mirrored: bool) -> Weights:
+    """The entry of a checkpoint published as ``{name}-{tag}.pth`` (and as ``{name}.pth`` on the
+    GitHub mirror when ``mirrored``)."""
+    return Weights(name, f"{_OFFICIAL}{name}-{tag}.pth", f"{_MIRROR}{name}.pth" if mirrored else None,
+                   None, top1_error=top1_error, top5_error=top5_error)
+
+
+#: one row per variant, in hnq.models.MODELS order (the comment names each): the official file's
+#: tag, its published top-1 and top-5 error, whether the GitHub mirror has it
+WEIGHTS: dict[str, Weights] = {name: _published(name, *row) for name, row in zip(MODELS, (
+    ("0e6c6fa9", 27.92, 9.57, True),  # hardnet39ds
+    ("632474d2", 25.71, 8.13, True),  # hardnet68ds
+    ("5d684880", 23.52, 6.99, True),  # hardnet68
+    ("a28faa00", 21.96, 6.11, False),  # hardnet85
+), strict=True)}
 
 
 def weights_from_env() -> str | None:
