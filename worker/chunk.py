@@ -18,7 +18,7 @@ from typing import Callable
 from hnq.errors import ConfigError, TransientError
 from hnq.jobs.finish import finalize, finalize_or_fail
 from hnq.jobs.inputs import load_chunk_entries
-from hnq.jobs.parts import require_pyarrow
+from hnq.jobs import parts
 from hnq.jobs.store import JobStore
 from hnq.objects import with_precoded
 from hnq.options import TOP_K_DEFAULT, JobOptions
@@ -28,7 +28,6 @@ from worker import metrics
 from worker.admission import BATCHES_IN_FLIGHT, Admission
 from worker.engine_pool import EnginePool, check_job_weights, resolve_job_weights
 from worker.settings import WorkerSettings
-from worker.write import dead_letter, write_part
 
 log = logging.getLogger("hardnet.worker")
 
@@ -141,10 +140,11 @@ class ChunkRunner:
         return self._plain_store
 
     def dead_letter(self, store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
-        """Give up on a chunk (worker.write.dead_letter): never over a part that an earlier
+        """Give up on a chunk (hnq.jobs.parts.dead_letter): never over a part that an earlier
         attempt completed; otherwise chunk_failed records, a dead letter for `hardnet redrive`, and
         the job finalised if this was its last chunk."""
-        if dead_letter(store, task, None, error, attempts, self.settings.output_policy()) == "dead":
+        if parts.dead_letter(store, task, None, error, attempts, self.settings.output_policy(),
+                             observe=metrics.part_written) == "dead":
             metrics.CHUNKS.labels("dead_lettered").inc()
 
     def finalize_job(self, job_id: str) -> None:
@@ -177,7 +177,7 @@ class ChunkRunner:
             if opts.format != "jsonl" and not task.dest:
                 raise ConfigError(f"{opts.format} parts need a destination; this message has none")
             if opts.format == "parquet":
-                require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
+                parts.require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
             with self.context().lease(task.model, opts.weights) as engine:
                 # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
                 records = with_precoded(entries, task.model, task.job_id, lambda uris: run_in_engine(
@@ -234,6 +234,14 @@ def run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
     finally:
         if not chunk.wait(0):
             chunk.cancel()   # an exception here (e.g. Redis down while polling): stop its images
+
+
+def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord],
+               options: JobOptions | None = None) -> None:
+    """Store the chunk's part (hnq.jobs.parts.write_part), then count its records
+    (hardnet_images_total counts what was written, the chunk_failed records of a dead letter
+    included) and the write's time."""
+    parts.write_part(store, dest, job_id, chunk, records, options, observe=metrics.part_written)
 
 
 # --- what a job's options (hnq.options) do to a chunk's records between the engine and the part --

@@ -9,9 +9,10 @@ Grafana dashboard in agreement.
 
 Where things are counted:
 
-* records: in :func:`count_records`, called by worker.write.write_part once a part is
-  stored, so ``hardnet_images_total`` equals the records written (a chunk written twice, after a
-  redelivery, is counted twice, as its part was written twice);
+* records: in :func:`count_records`, called by :func:`part_written` once a part is stored
+  (worker.chunk.write_part hands it to hnq.jobs.parts.write_part), so ``hardnet_images_total``
+  equals the records written (a chunk written twice, after a redelivery, is counted twice, as
+  its part was written twice);
 * engine stages: :func:`instrument` points the engine's StageStats/BatchStats observers at the
   histograms (fetch per attempt, decode per CPU image or per GPU batch, device per batch);
 * values that exist only at scrape time (images in flight, CUDA memory and utilisation) come from
@@ -101,6 +102,12 @@ def count_records(records: Iterable) -> None:
         tally[(r.model, r.status, code)] += 1
     for (model, status, code), n in tally.items():
         IMAGES.labels(model, status, code).inc(n)
+
+
+def part_written(seconds: float, records: list) -> None:
+    """A part was stored (hnq.jobs.parts.write_part's observer): its write time, then its records."""
+    STAGE_SECONDS.labels("write").observe(seconds)
+    count_records(records)
 
 
 def instrument(engine, model: str) -> None:

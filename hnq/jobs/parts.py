@@ -1,6 +1,10 @@
-"""Part files in each output format: encoding a chunk's records, and reading them back (`hardnet
+"""A chunk's part: encoding its records in each output format, writing it (:func:`write_part`),
+the chunk_failed part of a dead letter (:func:`dead_letter`), and reading parts back (`hardnet
 results`, `hardnet resume`, `hardnet report`). Torch-free; pyarrow is needed only for Parquet
 (the ``parquet`` extra) and imported only then.
+
+Part names are deterministic (part-<chunk>), so a retried or duplicated chunk overwrites its own
+part instead of adding records.
 
 JSON Lines (``part-NNNNN.jsonl``): one :class:`~hnq.schema.ResultRecord` per line, as always.
 
@@ -31,11 +35,23 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Iterable, Iterator
+import logging
+import time
+from typing import Callable, Iterable, Iterator
 
-from hnq.errors import ConfigError
-from hnq.options import TOP_K_DEFAULT
-from hnq.schema import ResultRecord
+from hnq.errors import ConfigError, ErrorCode
+from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
+from hnq.jobs.inputs import OutputPolicy, check_output, read_chunk_uris
+from hnq.jobs.store import JobStore
+from hnq.options import TOP_K_DEFAULT, JobOptions
+from hnq.schema import ChunkTask, ResultRecord
+from hnq.storage import open_destination
+
+log = logging.getLogger("hardnet.worker")
+
+#: Told (seconds the write took, the records written) once a part is stored: the worker's metrics
+#: (worker.metrics.part_written), which this torch-free core does not import.
+WriteObserver = Callable[[float, list[ResultRecord]], None]
 
 JSONL_TYPE = "application/x-ndjson"
 PARQUET_TYPE = "application/vnd.apache.parquet"
@@ -144,6 +160,71 @@ def encode_part(records: list[ResultRecord], fmt: str, *, top_k: int = TOP_K_DEF
     raise ConfigError(f"unknown output format {fmt!r}: jsonl or parquet")
 
 
+def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord],
+               options: JobOptions | None = None, *, observe: WriteObserver | None = None) -> None:
+    """Store the chunk's part in the job's format, at the destination or (no destination) in
+    Redis; then ``observe`` the write's time and its records (a failed write observes nothing).
+    Parquet only to a destination (submit refuses it without --out, and a worker refuses a message
+    that asks for it)."""
+    t0 = time.monotonic()
+    fmt = options.format if options else "jsonl"
+    top_k = options.top_k if options else 5
+    if fmt != "jsonl" and not dest:
+        raise ConfigError(f"{fmt} parts need a destination (--out); results kept in Redis are JSON Lines")
+    data, ctype = encode_part(records, fmt, top_k=top_k, job_id=job_id)
+    if dest:
+        d = open_destination(dest)
+        d.put(d.part_path(job_id, chunk, fmt), data, content_type=ctype)
+    else:
+        store.put_part(job_id, chunk, data)
+    if observe is not None:
+        observe(time.monotonic() - t0, records)
+
+
+def dead_letter(store: JobStore, task: ChunkTask, uris: list[str] | None, error: str, attempts: int,
+                policy: OutputPolicy | None = None, write: bool = True, *,
+                observe: WriteObserver | None = None) -> str:
+    """Give up on a chunk. Returns "kept" when an earlier attempt had completed it (its part and
+    counts are left alone: a dead letter never overwrites a completed part), else "dead": the chunk
+    is counted as failed, listed as a dead letter for `hardnet redrive`, and — when ``write`` and
+    its URIs are known — every URI gets a chunk_failed record in its part (``observe``: as for
+    :func:`write_part`). When this was the last chunk the job is finalised, and marked failed if
+    even that fails (never left running)."""
+    job, chunk = task.job_id, task.chunk
+    finished = store.complete_dead(job, chunk, task.count, error, attempts)
+    if finished is None:
+        log.warning("chunk %s/%d was completed by an earlier attempt: its part is kept (delivery %d "
+                    "after: %s)", job, chunk, attempts, error)
+        if is_complete_unfinished(store, job):
+            finalize_or_fail(store, job, policy)
+        return "kept"
+    log.error("chunk %s/%d dead-lettered after %d attempts: %s", job, chunk, attempts, error)
+    if write and task.dest:
+        try:
+            check_output(task.dest, policy)
+        except ConfigError:
+            write = False     # a destination this worker may not use gets nothing from it
+    if write and uris is None:
+        try:
+            got = read_chunk_uris(store, task.dest, job, chunk)
+            uris = got[0] if got and len(got[0]) == task.count else None
+        except Exception:  # noqa: BLE001 - the inputs may be what is failing
+            uris = None
+    if write and uris is not None:
+        msg = f"chunk failed after {attempts} attempts: {error}"
+        records = [ResultRecord.failure(u, ErrorCode.chunk_failed, msg, task.model, job_id=job) for u in uris]
+        try:
+            write_part(store, task.dest, job, chunk, records, task.options, observe=observe)
+        except Exception as e:  # noqa: BLE001 - the destination itself may be what is failing
+            log.error("could not write the failure records of %s/%d: %s", job, chunk, e)
+        if store.is_completed(job, chunk):
+            log.error("chunk %s/%d completed by another attempt while it was being dead-lettered: its "
+                      "part may hold chunk_failed records although the job counts it as labelled", job, chunk)
+    if finished:
+        finalize_or_fail(store, job, policy)
+    return "dead"
+
+
 def _record_from_row(row: dict, top_k: int | None) -> ResultRecord:
     labels = row.get("topk")
     d: dict = {"uri": row["uri"], "status": row["status"], "model": row.get("model") or ""}
@@ -202,4 +283,5 @@ def format_of_part(name: str) -> str:
 
 
 __all__ = ["PARQUET_COLUMNS", "arrow_schema", "require_pyarrow", "encode_part", "decode_part", "part_jsonl_lines",
-           "to_jsonl", "to_parquet", "iter_parquet_records", "parquet_available", "format_of_part"]
+           "to_jsonl", "to_parquet", "iter_parquet_records", "parquet_available", "format_of_part",
+           "write_part", "dead_letter", "WriteObserver"]

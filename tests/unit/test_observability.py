@@ -53,7 +53,7 @@ def test_count_records_by_model_status_and_code():
 
 
 def test_write_part_times_the_write_and_counts_what_it_wrote(tmp_path):
-    from worker.write import write_part
+    from worker.chunk import write_part
 
     n0 = sample("hardnet_stage_seconds_count", stage="write")
     c0 = sample("hardnet_images_total", model="hardnet68", status="error", code="timeout")
@@ -64,7 +64,7 @@ def test_write_part_times_the_write_and_counts_what_it_wrote(tmp_path):
 
 
 def test_a_failed_write_counts_nothing(tmp_path):
-    from worker.write import write_part
+    from worker.chunk import write_part
 
     c0 = sample("hardnet_images_total", model="hardnet68", status="error", code="too_large")
     blocker = tmp_path / "file"
