@@ -7,14 +7,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
-from hnq.console import (EXIT_ERROR, EXIT_USAGE, BrokerUnreachable, HelpFormatter, err)
+from hnq.console import EXIT_ERROR, EXIT_USAGE, BrokerUnreachable, HelpFormatter, err
 from hnq.errors import ConfigError, HardnetError
+from hnq.logs import setup_cli
+from hnq.settings import CommonSettings, redact_url
+from producer import commands, demo, exporter, report
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         v = version("hardnet-queue")
     except PackageNotFoundError:  # running from a source tree that was never installed
@@ -23,7 +25,10 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from producer import commands, demo, exporter, report
+    # The worker side's commands are imported here, when the parser is built, not at the top: it is
+    # the producer's one way into worker/, and `import producer.cli` stays free of it. What keeps
+    # torch out of every producer command is that worker/commands.py imports torch only inside its
+    # handlers (tests/unit/test_cli.py::test_producer_commands_never_import_torch).
     from worker import commands as worker_commands
 
     p = argparse.ArgumentParser(prog="hardnet", formatter_class=HelpFormatter,
@@ -58,13 +63,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _setup_logging(verbose: bool) -> None:
-    from hnq.logs import setup_cli
-    from hnq.settings import CommonSettings
-
     setup_cli(logging.INFO if verbose else logging.WARNING, CommonSettings().log_format)
 
 
 def _is_broker_error(e: BaseException) -> bool:
+    # kombu (Celery's) only when an error needs classifying: the job commands other than submit
+    # never load Celery.
     import kombu.exceptions
     import redis
 
@@ -73,6 +77,7 @@ def _is_broker_error(e: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
+        # worker/ reached only from here and build_parser (see there)
         from worker.commands import maybe_reexec_with_malloc_tuning
 
         maybe_reexec_with_malloc_tuning(sys.argv[1:])
@@ -87,16 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         err(f"{e.code.value}: {e}")
         return EXIT_ERROR
     except BrokerUnreachable as e:
-        from hnq.settings import CommonSettings, redact_url
-
         err(f"cannot reach Redis at {redact_url(CommonSettings().broker_url)} (gave up after about 8 s: {e}); "
             "is it running? is HARDNET_BROKER_URL right, password and TLS included?")
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001
         if not _is_broker_error(e):
             raise
-        from hnq.settings import CommonSettings, redact_url
-
         err(f"cannot use Redis at {redact_url(CommonSettings().broker_url)}: {type(e).__name__}: {e} "
             "(is it running? is HARDNET_BROKER_URL right, password and TLS included?)")
         return EXIT_ERROR
