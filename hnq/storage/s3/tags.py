@@ -77,10 +77,6 @@ def tag_value(text: str) -> str:
     return "".join(cut).strip()
 
 
-def is_valid_tag_text(text: str) -> bool:
-    return all(_allowed(ch) or unicodedata.category(ch)[0] == "Z" for ch in text)
-
-
 def tags_for(record: ResultRecord) -> dict[str, str]:
     top = record.labels[0]
     return {LABEL_KEY: tag_value(top.label) or str(top.index),
