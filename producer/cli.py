@@ -25,10 +25,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # The worker side's commands are imported here, when the parser is built, not at the top: it is
-    # the producer's one way into worker/, and `import producer.cli` stays free of it. What keeps
-    # torch out of every producer command is that worker/commands.py imports torch only inside its
-    # handlers (tests/unit/test_cli.py::test_producer_commands_never_import_torch).
+    # The worker side's commands are imported when the parser is built, not at the top: importing
+    # producer.cli (or any producer module) loads nothing of worker/, which is reached only here, in
+    # main's malloc re-exec and inside `hardnet demo`. What keeps torch out of every producer
+    # command is that worker/commands.py imports torch only inside its handlers
+    # (tests/unit/test_cli.py::test_producer_commands_never_import_torch).
     from worker import commands as worker_commands
 
     p = argparse.ArgumentParser(prog="hardnet", formatter_class=HelpFormatter,

@@ -1,6 +1,10 @@
 """`hardnet demo`: the whole system on one machine, for a first run. Uses the Redis at
 HARDNET_BROKER_URL if one answers there, else starts a throwaway redis-server; starts one worker;
-submits the bundled sample images; prints their top-5; stops what it started."""
+submits the bundled sample images; prints their top-5; stops what it started.
+
+The demo is the one producer command that runs a worker: worker/ (its settings, and the weights,
+which load torch) and producer.submit (Celery) are imported inside the command, so that building the
+`hardnet` parser, which imports this module, loads neither."""
 from __future__ import annotations
 
 import json
@@ -13,7 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from hnq.settings import redact_url
+from hnq.console import EXIT_OK, EXIT_SOME_FAILED, add_command, print_human
+from hnq.jobs.store import JobStore
+from hnq.schema import MODELS, ResultRecord
+from hnq.settings import CommonSettings, redact_url
+from hnq.sources import expand_sources
+from producer.progress import wait_for
+from producer.settings import ProducerSettings
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -70,21 +80,13 @@ def _resolve_weights(model: str, weights: str | None) -> str:
 
 
 def run_demo(a) -> int:
-    from producer.settings import ProducerSettings
-    from hnq.console import EXIT_OK, EXIT_SOME_FAILED, print_human
-    from producer.progress import wait_for
-    from hnq.sources import expand_sources
     from producer.submit import submit
-    from hnq.jobs.store import JobStore
-    from hnq.schema import ResultRecord
+    from worker.settings import WorkerSettings
 
     inputs = a.inputs or [str(SAMPLES)]
     roots = [str(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in inputs]
     workdir = Path(tempfile.mkdtemp(prefix="hardnet-demo-"))
     started_redis = None
-    from hnq.settings import CommonSettings
-    from worker.settings import WorkerSettings
-
     url = CommonSettings().broker_url
     if _reachable(url):
         _say(f"using the Redis at {redact_url(url)}")
@@ -128,9 +130,6 @@ def run_demo(a) -> int:
 
 
 def register(sub) -> None:
-    from hnq.console import add_command
-    from hnq.schema import MODELS
-
     d = add_command(sub, "demo", "set up a local Redis + worker and label the bundled samples", run_demo)
     d.add_argument("--model", default="hardnet68", choices=MODELS, help="HarDNet variant")
     d.add_argument("--weights", help="checkpoint or 'random'; unset: official, falling back to random if they "

@@ -12,8 +12,8 @@ get per-job series (so a job's final counts reach Prometheus even when it ended 
 Per-job series are labelled ``job_id``, not ``job``: Prometheus gives every scraped series a
 ``job`` label of its own (the scrape job) and would rename ours to ``exported_job``.
 
-Wiring into the CLI: ``exporter.register(sub)`` in producer.cli.build_parser; until then,
-``python -m producer.exporter --port 9808`` runs the same command."""
+`hardnet exporter` is registered by producer.cli; ``python -m producer.exporter --port 9808`` runs
+the same command without the rest of the CLI."""
 from __future__ import annotations
 
 import argparse
@@ -26,9 +26,12 @@ import time
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from hnq.console import add_command
 from hnq.errors import ConfigError
 from hnq.jobs.store import PREFIX, JobStore
 from hnq.jobs.sweep import UNACKED_KEY
+from hnq.settings import redact_url
+from producer.settings import ProducerSettings
 
 log = logging.getLogger("hardnet.exporter")
 
@@ -175,8 +178,6 @@ def build_registry(store: JobStore, queues: list[str], **kw) -> CollectorRegistr
 # -- the command ----------------------------------------------------------------------------------
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `exporter` to the `hardnet` CLI's subparsers."""
-    from hnq.console import add_command
-
     e = add_command(subparsers, "exporter", "serve queue depth and job progress from Redis as "
                     "Prometheus metrics", cmd_exporter)
     e.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port of /metrics")
@@ -193,9 +194,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 def cmd_exporter(a: argparse.Namespace, *, ready: threading.Event | None = None,
                  stop: threading.Event | None = None) -> int:
     from prometheus_client import start_http_server
-
-    from hnq.settings import redact_url
-    from producer.settings import ProducerSettings
 
     if not 1 <= a.port <= 65535:
         raise ConfigError(f"--port {a.port}: not a TCP port (1-65535)")

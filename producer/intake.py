@@ -8,6 +8,7 @@ from typing import Iterator
 
 from hnq.console import err
 from hnq.errors import ConfigError
+from hnq.storage import open_destination, validate_destination
 from producer.incremental import SkipLabelled, find_base
 from hnq.storage.s3.inventory import InventoryStats, iter_inventory, open_report
 from producer.settings import ProducerSettings
@@ -35,8 +36,6 @@ class Intake:
             if not a.out:
                 raise ConfigError("--skip-labelled / --since need --out DEST: the earlier jobs are "
                                   "looked for there")
-            from hnq.storage import open_destination, validate_destination
-
             d = open_destination(validate_destination(a.out))
             base = find_base(d, model=model, sources=self.sources, since=a.since, tmpdir=self.tmpdir)
             if base is None:

@@ -8,6 +8,7 @@ import sys
 from typing import Iterable, Iterator
 
 from hnq.errors import ConfigError
+from hnq.jobs.parts import parquet_available
 from hnq.options import FORMATS, TOP_K_DEFAULT, TOP_K_MAX, TOP_K_MIN, JobOptions, normalize_weights
 
 
@@ -50,8 +51,6 @@ def check_options(options: JobOptions, dest: str | None, sources: list[str] | No
     if options.format == "parquet":
         if not dest:
             raise ConfigError("--format parquet needs --out DEST (results kept in Redis are JSON Lines)")
-        from hnq.jobs.parts import parquet_available
-
         if not parquet_available():
             # The workers write the parts; this machine reads them (results, report).
             print("hardnet: note: pyarrow is not installed here: the workers can write the Parquet "

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hnq.errors import ConfigError
 from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.index import job_fields
+from hnq.jobs.parts import iter_parquet_records
 from hnq.jobs.store import JobStore
 from hnq.options import JobOptions
 from hnq.storage import open_destination, validate_destination
@@ -32,8 +33,6 @@ log = logging.getLogger("hardnet.resume")
 
 def _part_dicts(data: bytes, fmt: str):
     if fmt == "parquet":
-        from hnq.jobs.parts import iter_parquet_records
-
         for rec in iter_parquet_records(data):
             yield rec.model_dump(mode="json", exclude_none=True)
         return
