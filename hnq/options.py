@@ -24,6 +24,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hnq.errors import ConfigError
+from hnq.models import WEIGHTS_WORDS, weights_key
+
 #: output formats of the part files
 FORMATS = ("jsonl", "parquet")
 Format = Literal["jsonl", "parquet"]
@@ -34,25 +37,19 @@ TOP_K_DEFAULT = 5
 TOP_K_MIN = 1
 TOP_K_MAX = 20
 
-#: `--weights` values that name no file
-WEIGHTS_WORDS = ("official", "random")
-
 
 def normalize_weights(value: str | None) -> str | None:
     """None (the worker's own setting), 'official', 'random', an absolute path, or a
     file:// / http(s):// URL. ConfigError for anything a worker elsewhere could not load
-    (a relative path means nothing on another machine)."""
-    from hnq.errors import ConfigError
-
+    (a relative path means nothing on another machine). The spellings of 'official' and
+    'random' are hnq.models.weights_key's (the one rule); this adds what a *job* may name."""
     if value is None:
         return None
     v = str(value).strip()
     if not v:
         raise ConfigError("--weights is empty: give official, random, an absolute path or a URL")
-    if v.lower() in ("official", "default"):
-        return "official"
-    if v.lower() == "random":
-        return "random"
+    if (key := weights_key(v)) in WEIGHTS_WORDS:
+        return key
     if "\x00" in v or len(v) > 2048:
         raise ConfigError("--weights: not a path or URL (NUL byte or over 2048 characters)")
     low = v.lower()
@@ -90,8 +87,6 @@ class JobOptions(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights(cls, v):
-        from hnq.errors import ConfigError
-
         try:
             return normalize_weights(v)
         except ConfigError as e:

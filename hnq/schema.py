@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from hnq.errors import ErrorCode
 from hnq.logs import redact
 from hnq.models import MODELS
-from hnq.options import JobOptions
+from hnq.options import DEFAULT_OPTIONS, JobOptions
 
 #: A chunk's model: one of the registry's variants (``MODELS`` is hnq.models.MODELS; the CLI reads
 #: its ``--model`` choices from here).
@@ -116,8 +116,6 @@ class ChunkTask(BaseModel):
     @property
     def opts(self) -> JobOptions:
         """The job's options (the defaults when the message has none)."""
-        from hnq.options import DEFAULT_OPTIONS
-
         return self.options or DEFAULT_OPTIONS
 
 

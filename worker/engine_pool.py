@@ -25,27 +25,20 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from hnq.errors import ConfigError
+from hnq.models import OFFICIAL, RANDOM, weights_key
 
 log = logging.getLogger("hardnet.worker")
-
-
-def weights_key(weights: str | None) -> str:
-    """One spelling per checkpoint: None/''/'default'/'official' -> 'official'."""
-    if weights is None or str(weights).strip().lower() in ("", "default", "official"):
-        return "official"
-    if str(weights).strip().lower() == "random":
-        return "random"
-    return str(weights).strip()
 
 
 def resolve_job_weights(model: str, job_weights: str | None, worker_model: str,
                         worker_weights: str | None) -> str | None:
     """The weights a chunk is labelled with. A job without --weights gets the worker's own
     choice: HARDNET_WEIGHTS names a checkpoint of the worker's model; other variants get their
-    official weights, except that "random" (tests, demos) applies to all."""
+    official weights, except that "random" (tests, demos) applies to all. Spellings are read
+    with the one rule, hnq.models.weights_key (which also keys this pool's engines)."""
     if job_weights is not None:
-        return None if weights_key(job_weights) == "official" else job_weights
-    if model == worker_model or worker_weights == "random":
+        return None if weights_key(job_weights) == OFFICIAL else job_weights
+    if model == worker_model or (worker_weights is not None and weights_key(worker_weights) == RANDOM):
         return worker_weights
     return None
 

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import torch
 
 from hnq.errors import ConfigError, ErrorCode, HardnetError, ImageError
+from hnq.models import WEIGHTS_WORDS, weights_key
 from hnq.schema import Label, ResultRecord
 from worker.engine.device import default_batch_size
 from worker.model.labels import IMAGENET_CATEGORIES
@@ -38,12 +39,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def describe_weights(weights: str | None) -> str:
-    """What records say about the weights: 'official', 'random' or the checkpoint's file name."""
-    if weights in (None, "", "default", "official"):
-        return "official"
-    if weights == "random":
-        return "random"
-    return weights.rstrip("/").rsplit("/", 1)[-1]
+    """What records say about the weights: 'official', 'random' (spelled by the one rule,
+    hnq.models.weights_key) or the checkpoint's file name."""
+    key = weights_key(weights)
+    return key if key in WEIGHTS_WORDS else key.rstrip("/").rsplit("/", 1)[-1]
 
 
 class Classifier:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from hnq.errors import ConfigError
-from hnq.models import MODELS
+from hnq.models import MODELS, OFFICIAL, RANDOM, weights_key
 
 from .hardnet import ARCHS, UnknownModelError, build_hardnet
 from .labels import IMAGENET_CATEGORIES
@@ -66,9 +66,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "HARDNET_WEIGHTS"
-RANDOM = "random"
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for the whole file
-_OFFICIAL_ALIASES = ("default", "official")
 _CHUNK = 1 << 20
 
 
@@ -187,10 +185,10 @@ def resolve_source(name: str, weights: str | None) -> str:
     or ``file://`` URL as given, or the absolute path of an existing local file.
     """
     entry = _entry(name)
-    value = "" if weights is None else str(weights).strip()
-    if not value or value.lower() in _OFFICIAL_ALIASES:
+    value = weights_key(weights)  # the one spelling rule
+    if value == OFFICIAL:
         return entry.url
-    if value.lower() == RANDOM:
+    if value == RANDOM:
         return RANDOM
     scheme = _scheme(value)
     if scheme in ("http", "https"):
