@@ -13,7 +13,7 @@ import sys
 
 CHILD = r"""
 import sys, time, torch
-from worker.model.weights import load_model
+from worker.model import load_model
 m = load_model(sys.argv[1], "random")
 x = torch.randn(16, 3, 224, 224)
 with torch.inference_mode():

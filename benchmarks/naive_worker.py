@@ -29,7 +29,7 @@ def _model():
     if not _state:
         import torch
 
-        from worker.model.weights import load_model
+        from worker.model import load_model
 
         dev = torch.device(os.environ.get("NAIVE_DEVICE", "cuda"))
         _state["dev"] = dev

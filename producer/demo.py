@@ -68,7 +68,7 @@ def _resolve_weights(model: str, weights: str | None) -> str:
     """Official weights if they can be had; otherwise say so plainly and use random ones."""
     if weights:
         return weights
-    from worker.model.weights import WeightsError, load_state_dict, resolve_source
+    from worker.model import WeightsError, load_state_dict, resolve_source
 
     try:
         load_state_dict(model, resolve_source(model, None), progress=True)

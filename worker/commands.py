@@ -105,7 +105,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- weights
 def cmd_weights_download(a: argparse.Namespace) -> int:
-    from worker.model.weights import WEIGHTS, WeightsError, cache_dir, seed_cache
+    from worker.model import WEIGHTS, WeightsError, cache_dir, seed_cache
 
     names = list(WEIGHTS) if a.all else a.models
     if not names:
@@ -126,7 +126,7 @@ def cmd_weights_download(a: argparse.Namespace) -> int:
 
 
 def cmd_weights_list(a: argparse.Namespace) -> int:
-    from worker.model.weights import WEIGHTS, cache_path
+    from worker.model import WEIGHTS, cache_path
 
     for name, w in WEIGHTS.items():
         p = cache_path(w.url)

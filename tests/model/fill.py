@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 # The fill itself lives with the weights (it is what weights="random" loads); the tests use that one.
-from worker.model.weights import _fill_value as fill_value  # noqa: E402
-from worker.model.weights import deterministic_state_dict  # noqa: E402,F401
+from worker.model.checkpoint import fill_value  # noqa: E402
+from worker.model.checkpoint import deterministic_state_dict  # noqa: E402,F401
 
 
 def fill_(model: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 
 from hnq.errors import ConfigError
 from worker.model import ARCHS, build_hardnet
-from worker.model import weights as W
+from worker import model as W
 from worker.model.labels import IMAGENET_CATEGORIES
 from worker.model.weights import WEIGHTS, Preprocess, WeightsError
 
@@ -353,7 +353,7 @@ _CHILD = """
 import sys, hashlib
 print("ready", flush=True)
 sys.stdin.readline()
-from worker.model.weights import load_state_dict
+from worker.model import load_state_dict
 sd = load_state_dict("hardnet39ds", sys.argv[1])
 h = hashlib.sha256()
 for k, v in sd.items():

@@ -17,7 +17,7 @@ from hnq.models import WEIGHTS_WORDS, weights_key
 from hnq.schema import Label, ResultRecord
 from worker.engine.device import default_batch_size
 from worker.model.labels import IMAGENET_CATEGORIES
-from worker.model.weights import load_model, source_sha256, state_dict_sha256
+from worker.model import load_model, source_sha256, state_dict_sha256
 from worker.image.decode import decode_image
 from worker.image.normalize import normalize
 
