@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Callable
 
 from hnq.errors import ConfigError, ErrorCode
+from hnq.schema import ResultRecord
 
 #: storage classes whose objects must be restored before a GET (GLACIER_IR is not one of them)
 ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
@@ -113,8 +114,6 @@ def check_entry(entry) -> None:
 
 
 def precoded_record(entry: dict, model: str, job_id: str | None, weights: str | None = None):
-    from hnq.schema import ResultRecord
-
     return ResultRecord.failure(entry["uri"], entry["code"], entry["message"], model, job_id=job_id,
                                 weights=weights, etag=entry.get("etag"), size=entry.get("size"))
 

@@ -6,18 +6,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import deque
 
+from hnq.console import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, add_command, err, print_human
 from hnq.errors import ConfigError
 from hnq.schema import MODELS
-from hnq.console import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, add_command, err, print_human
+from hnq.sources import expand_sources
+from hnq.storage import FetchPolicy
+from worker.settings import WorkerSettings
 
 
 # ---------------------------------------------------------------------------------------- classify
 def cmd_classify(a: argparse.Namespace) -> int:
-    from collections import deque
-
-    from hnq.storage import FetchPolicy
-    from hnq.sources import expand_sources
+    # torch (the engine, the model): imported by the command that runs it, never by the parser
     from worker.engine import build_engine
     from worker.model.weights import weights_from_env
     from worker.engine.classifier import Classifier
@@ -105,7 +106,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- weights
 def cmd_weights_download(a: argparse.Namespace) -> int:
-    from worker.model import WEIGHTS, WeightsError, cache_dir, seed_cache
+    from worker.model import WEIGHTS, WeightsError, cache_dir, seed_cache  # torch: not in the parser
 
     names = list(WEIGHTS) if a.all else a.models
     if not names:
@@ -126,7 +127,7 @@ def cmd_weights_download(a: argparse.Namespace) -> int:
 
 
 def cmd_weights_list(a: argparse.Namespace) -> int:
-    from worker.model import WEIGHTS, cache_path
+    from worker.model import WEIGHTS, cache_path  # torch: not in the parser
 
     for name, w in WEIGHTS.items():
         p = cache_path(w.url)
@@ -198,9 +199,6 @@ def maybe_reexec_with_malloc_tuning(argv: list[str]) -> None:
     cmd = next((x for x in argv if not x.startswith("-")), None)
     if cmd not in TORCH_COMMANDS or all(k in os.environ for k in MALLOC_ENV):
         return
-    from hnq.errors import ConfigError
-    from worker.settings import WorkerSettings
-
     try:
         s = WorkerSettings()
     except ConfigError:

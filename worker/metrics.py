@@ -28,8 +28,10 @@ import threading
 from collections import Counter as _Tally
 from typing import Callable, Iterable
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+
+from hnq.errors import ConfigError
 
 log = logging.getLogger("hardnet.worker")
 
@@ -127,7 +129,7 @@ def instrument(engine, model: str) -> None:
 
 
 def engine_loaded(model: str, device, seconds: float) -> None:
-    import torch
+    import torch  # loaded by the engine just built; not at import (the exporter shares this module)
 
     MODEL_LOAD_SECONDS.labels(model).set(seconds)
     BUILD_INFO.labels(package_version(), model, str(device), torch.__version__).set(1)
@@ -251,10 +253,6 @@ def serve(port: int, addr: str = "0.0.0.0") -> bool:
     A port that cannot be bound raises ConfigError naming HARDNET_METRICS_PORT: an operator who
     asked for metrics must not get a worker that silently has none."""
     global _server
-    from prometheus_client import start_http_server
-
-    from hnq.errors import ConfigError
-
     with _server_lock:
         if _server is not None:
             return False

@@ -6,7 +6,10 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from hnq.jobs.inputs import OutputPolicy
 from hnq.settings import CommonSettings
+from hnq.storage import FetchPolicy
+from hnq.storage.s3.get import obstore_available
 
 
 class WorkerSettings(CommonSettings):
@@ -118,7 +121,7 @@ class WorkerSettings(CommonSettings):
         return max(self.chunks_in_flight, self.max_chunks_in_flight)
 
     def retry_policy(self):
-        from worker.engine.fetch import RetryPolicy
+        from worker.engine.fetch import RetryPolicy  # worker.engine imports torch: not on `hardnet`'s path
 
         return RetryPolicy(attempts=self.fetch_attempts, deadline_s=self.fetch_deadline,
                            backoff_s=min(0.5, self.fetch_backoff_max), backoff_max_s=self.fetch_backoff_max)
@@ -149,14 +152,10 @@ class WorkerSettings(CommonSettings):
         "PutObjectTagging) per chunk of a `submit --tag` job.")
 
     def output_policy(self):
-        from hnq.jobs.inputs import OutputPolicy
-
         return OutputPolicy(roots=tuple(self.output_roots) if self.output_roots is not None else (),
                             buckets=tuple(self.output_buckets) if self.output_buckets is not None else None)
 
     def fetch_policy(self):
-        from hnq.storage import FetchPolicy
-
         return FetchPolicy(
             max_bytes=self.max_image_bytes, timeout_s=self.fetch_timeout, allow_http=self.allow_http,
             http_allow_hosts=tuple(self.http_allow_hosts), allow_private_networks=self.allow_private_networks,
@@ -167,8 +166,6 @@ class WorkerSettings(CommonSettings):
     @classmethod
     def _obstore_installed(cls, v):
         if v == "obstore":
-            from hnq.storage.s3.get import obstore_available
-
             if not obstore_available():
                 raise ValueError("obstore is not installed (pip install 'obstore>=0.12,<0.13')")
         return v

@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
 
+from hnq.errors import ConfigError
+from hnq.storage import open_destination
 from hnq.storage.base import Destination
 
 log = logging.getLogger("hardnet.index")
@@ -137,8 +139,6 @@ class IndexReader:
             if s in self.present:
                 data = self.d.get(shard_path(self.job_id, s))
                 if data is None:
-                    from hnq.errors import ConfigError
-
                     raise ConfigError(f"{self.d.uri(shard_path(self.job_id, s))} is missing although "
                                       f"the index's meta.json lists it: delete {self.d.uri(meta_path(self.job_id))} "
                                       "and the next --skip-labelled run rebuilds the index from the parts")
@@ -167,7 +167,7 @@ def _bounded_map(fn: Callable, items: list, threads: int = READ_THREADS) -> Iter
 def _part_rows(job_id: str, name: str, data: bytes) -> list[Row]:
     rows = []
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # only for Parquet parts (the optional parquet extra)
 
         t = pq.read_table(io.BytesIO(data))
         cols = set(t.column_names)
@@ -298,8 +298,6 @@ def index_for_finalize(store, job_id: str) -> dict | None:
     if raw.get("index") != "1" or not raw.get("dest"):
         return None
     try:
-        from hnq.storage import open_destination
-
         estimate = int(raw.get("succeeded") or 0) + int(raw.get("skipped") or 0)
         return build_index(open_destination(raw["dest"]), job_id, estimate=estimate)
     except Exception as e:  # noqa: BLE001 - the job stays finished; the index can be built later

@@ -1,4 +1,5 @@
 """Job state in Redis: counters and pointers only, never the results themselves (those go to DEST).
+(Over 400 lines for one reason: JobStore and the Lua scripts it runs change together.)
 
 Every update is idempotent, because at-least-once delivery means a chunk can finish twice (a
 redelivered chunk, or two workers racing past the visibility timeout): per-chunk outcomes live in a
@@ -34,6 +35,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from hnq.options import DEFAULT_OPTIONS
 from hnq.schema import JobInfo
 
 PREFIX = "hnq"
@@ -162,8 +164,6 @@ def _options(raw: str | None) -> dict | None:
         d = json.loads(raw)
     except ValueError:
         return None
-    from hnq.options import DEFAULT_OPTIONS
-
     out = {k: v for k, v in d.items() if getattr(DEFAULT_OPTIONS, k, object()) != v}
     return out or None
 
