@@ -4,9 +4,8 @@ The engine keeps the device busy only when enough images are in flight: those be
 store's latency x the device's rate), decoded, and a few batches ready (Little's law). A fixed
 number of chunks gives that with the default chunk size, but not with small chunks: 4 chunks of 16
 are 64 images, less than two CPU batches, and the device waited for every chunk's turnover
-(hardnet39ds behind 80 ms of storage latency, the engine in-process fed from moto + the fault
-proxy, ad hoc: 0.70-0.72x the scaled model limit with 4 chunks of 16 in flight, 0.90-0.98x with
-16; through the queue, benchmarks/bench_engine.py latency39: docs/performance.md).
+(figures, in-process and through the queue with benchmarks/bench_engine.py latency39:
+docs/performance.md#against-its-limits-benchmarksbench_enginepy, "Chunks admitted by images").
 
 So a worker always takes ``HARDNET_CHUNKS_IN_FLIGHT`` chunks, and keeps taking more, up to
 ``HARDNET_MAX_CHUNKS_IN_FLIGHT`` (its threads pool), while the chunks it holds have fewer than

@@ -180,8 +180,8 @@ def register(sub) -> None:
 
 #: glibc returns the model's large activation buffers to the kernel after every batch by default
 #: (thousands of page faults per image on the CPU). Raising these thresholds keeps them in the
-#: process: measured 1.3-1.6x more images/s for hardnet39ds on the CPU (docs/performance.md), same
-#: RSS. glibc reads them only at process start, hence the re-exec.
+#: process, with the same RSS (figures: docs/performance.md#1-cpu-workers-keep-glibc-from-returning-activation-buffers-to-the-kernel-after-every-batch).
+#: glibc reads them only at process start, hence the re-exec.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
 TORCH_COMMANDS = {"classify", "worker", "demo"}
 
