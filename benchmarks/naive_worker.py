@@ -2,20 +2,15 @@
 preprocessing as on the Hub page, batch 1, fp32, top-5). Used by benchmarks/bench_gpu.py only.
 
     HARDNET_BROKER_URL=redis://... NAIVE_MODEL=hardnet68 NAIVE_DEVICE=cuda \\
-        celery -A naive_worker worker --pool=solo -Q naive     (run from benchmarks/)
+        celery -A benchmarks.naive_worker worker --pool=solo -Q naive   (from the repository root)
 
 Each finished image increments the Redis counter ``naive:done``."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import redis  # noqa: E402
-from celery import Celery  # noqa: E402
+import redis
+from celery import Celery
 
 app = Celery("naive", broker=os.environ["HARDNET_BROKER_URL"])
 app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
@@ -32,9 +27,9 @@ def _model():
         from worker.model import load_model
 
         dev = torch.device(os.environ.get("NAIVE_DEVICE", "cuda"))
-        _state["dev"] = dev
-        _state["net"] = load_model(os.environ.get("NAIVE_MODEL", "hardnet68"), "random", device=str(dev)).eval()
-        _state["r"] = redis.Redis.from_url(os.environ["HARDNET_BROKER_URL"])
+        net = load_model(os.environ.get("NAIVE_MODEL", "hardnet68"), "random", device=str(dev)).eval()
+        # all or nothing: a failed load is raised again by the next task, not a KeyError
+        _state.update(dev=dev, net=net, r=redis.Redis.from_url(os.environ["HARDNET_BROKER_URL"]))
     return _state
 
 
