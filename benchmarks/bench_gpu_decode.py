@@ -1,46 +1,27 @@
 """img/s of JPEG decode + resize + crop: decode_image on all allowed CPU cores vs GpuDecoder.decode_batch.
 
-    python benchmarks/bench_gpu_decode.py [--n 2000] [--repeat 3]
+    python -m benchmarks.bench_gpu_decode [--n 2000] [--repeat 3]
 
 Images: --n photo-like 500x375 quality-90 JPEGs in memory (64 distinct ones, repeated). CPU: one
 decode_image per image on a thread pool of len(os.sched_getaffinity(0)) threads, torch intra-op
 threads 1 (the worker's decode threads do the same). GPU: decode_batch over the same list in
 batches of 64 and 256, results on the device, timed to a device synchronize. Best of --repeat
-passes each, after one warm-up pass. Needs CUDA; meant for scripts/gpu_check.sh (well under 60 s).
+passes each, after one warm-up pass. Needs CUDA; meant for scripts/gpu_check.sh (well under 30 s). A GPU rate is printed only when
+every timed image was decoded by nvJPEG (the decoder's counters): a CPU fallback makes it fail, rc 1.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from worker.image.decode import DEFAULT_MAX_PIXELS, decode_image  # noqa: E402
-from worker.image.gpu_decode import GpuDecoder, resolve_decode_mode  # noqa: E402
-
-
-def photo_jpeg(w: int, h: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([120 + 100 * np.sin(x / w * 3.1 + y / h * 1.3 + seed),
-                    60 + 150 * (x / w) * (y / h),
-                    200 - 120 * np.cos(y / h * 4.0 + seed)], axis=-1)
-    cell = max(8, w // 20)
-    img[(x // cell + y // cell) % 2 == 0] *= 0.7
-    img += rng.normal(0, 5, img.shape).astype(np.float32)
-    b = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
-    return b.getvalue()
+from benchmarks._common import photo_like_jpeg
+from worker.image.decode import DEFAULT_MAX_PIXELS, decode_image
+from worker.image.gpu_decode import GpuDecoder, resolve_decode_mode
 
 
 def best_rate(fn, n: int, repeat: int) -> float:
@@ -71,7 +52,7 @@ def main() -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        distinct = list(pool.map(lambda s: photo_jpeg(500, 375, s), range(64)))
+        distinct = list(pool.map(lambda s: photo_like_jpeg(500, 375, s), range(64)))
     blobs = [distinct[i % len(distinct)] for i in range(args.n)]
     mib = sum(map(len, blobs)) / 2**20
     print(f"bench_gpu_decode  torch {torch.__version__}  {torch.cuda.get_device_name(dev)}  "
@@ -90,8 +71,14 @@ def main() -> int:
                 out = dec.decode_batch(blobs[i:i + bs])
                 assert all(isinstance(t, torch.Tensor) for t in out)
             torch.cuda.synchronize(dev)
+        before = dict(dec.stats)
         rates[f"GPU decode_batch, batch {bs}"] = best_rate(gpu, args.n, args.repeat)
-    print(f"decoder stats {dec.stats}")
+        on_cpu = dec.stats["cpu"] - before["cpu"]
+        if on_cpu:
+            print(f"GPU decode_batch, batch {bs}: failed: {on_cpu} of {(args.repeat + 1) * args.n} images "
+                  f"went to the CPU fallback (decoder stats {dec.stats}): no GPU rate")
+            return 1
+    print(f"decoder stats {dec.stats} (every image on the GPU)")
     base = next(iter(rates.values()))
     for name, r in rates.items():
         print(f"  {name:34s} {r:9.1f} img/s  {r / base:5.2f}x")
