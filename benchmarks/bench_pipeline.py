@@ -58,6 +58,7 @@ import torch
 
 from benchmarks._common import (Meter, Queue, moto_child, quiet_random_weights, s3_bucket, write_jpegs,
                                 zero_cost_engine)
+from hnq.models import MODELS
 from hnq.storage import FetchPolicy
 from hnq.uris import path_to_file_uri
 from worker.engine import build_engine
@@ -65,7 +66,6 @@ from worker.engine.classifier import Classifier
 from worker.image.decode import decode_image
 from worker.image.reference import reference_preprocess
 
-MODELS = ("hardnet39ds", "hardnet68ds", "hardnet68", "hardnet85")
 BUCKET = "bench"
 
 
