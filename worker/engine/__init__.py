@@ -2,11 +2,16 @@
 to a :class:`~worker.engine.classifier.Classifier` and a fetch policy."""
 from __future__ import annotations
 
+import torch
+
+from hnq.options import TOP_K_MAX
+from hnq.storage import fetch as fetch_uri  # not `fetch`: the package has a submodule of that name
 from worker.engine.cpus import allowed_cpus, intra_op_threads
-from worker.image.decode import DEFAULT_MAX_PIXELS
 from worker.engine.device import DeviceRunner, default_batch_size
 from worker.engine.engine import Chunk, ChunkCancelled, Engine, EngineConfig, StorageDown
 from worker.engine.fetch import RetryPolicy
+from worker.image.decode import DEFAULT_MAX_PIXELS
+from worker.image.gpu_decode import GpuDecoder, resolve_decode_mode
 
 __all__ = ["Engine", "EngineConfig", "Chunk", "ChunkCancelled", "StorageDown", "RetryPolicy",
            "DeviceRunner", "build_engine", "allowed_cpus", "default_batch_size"]
@@ -27,13 +32,6 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
     device (worker.image.gpu_decode), CPU threads for everything else. ``torch_threads``
     (HARDNET_TORCH_THREADS): see :func:`~worker.engine.cpus.intra_op_threads`; it is set for the
     whole process, as torch has one count."""
-    import torch
-
-    from hnq.storage import fetch
-    from worker.image.gpu_decode import GpuDecoder, resolve_decode_mode
-
-    from hnq.options import TOP_K_MAX
-
     n = intra_op_threads(clf.device.type, torch_threads)
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
@@ -57,7 +55,7 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
         gpu_eligible=eligible,
         gc_threshold=gc_threshold,
     )
-    engine = Engine(fetch=lambda uri: fetch(uri, policy), decode=clf.decode, runner=runner,
-                    record=clf.record, cfg=cfg)
+    engine = Engine(fetch=lambda uri: fetch_uri(uri, policy), decode=clf.decode, runner=runner,
+                    record=clf.record, cfg=cfg, categories=clf.categories)
     engine.classifier = clf
     return engine

@@ -3,23 +3,25 @@ its weights, preprocess encoded images into a uint8 batch, run it, get top-k rec
 
     clf = Classifier("hardnet68", weights=None, device="auto")
     records = clf.classify([("dog.jpg", open("dog.jpg", "rb").read())])
+
+A thin synchronous facade: the forward pass is the engine's :class:`~worker.engine.device.DeviceRunner`
+(``run`` instead of the engine's pipelined ``launch``/``finish``), and labels come from
+:func:`~worker.engine.device.top_labels`, as in the engine's records.
 """
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Iterable, Sequence
 
 import torch
 
-from hnq.errors import ConfigError, ErrorCode, HardnetError, ImageError
+from hnq.errors import ConfigError, HardnetError, ImageError
 from hnq.models import WEIGHTS_WORDS, weights_key
 from hnq.schema import Label, ResultRecord
-from worker.engine.device import default_batch_size
+from worker.engine.device import DeviceRunner, default_batch_size, top_labels
+from worker.image.decode import decode_image
 from worker.model.labels import IMAGENET_CATEGORIES
 from worker.model import load_model, source_sha256, state_dict_sha256
-from worker.image.decode import decode_image
-from worker.image.normalize import normalize
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +69,24 @@ class Classifier:
         if self.device.type == "cuda" or self.amp:
             net = net.to(memory_format=torch.channels_last)
         self.net = net.eval()
+        #: the category names of the records' labels, by class index
+        self.categories = IMAGENET_CATEGORIES
+        self.runner = self._runner()
         self.amp_check: dict | None = None
         if self.amp and self.device.type == "cuda":
             self.amp_check = self.check_amp()
             if self.amp_check["top1_agreement"] < 0.75:
                 log.warning("fp16 autocast disagrees with fp32 on %s: running in fp32", self.amp_check)
                 self.amp = False
+                self.runner = self._runner()
             else:
                 log.info("fp16 autocast checked against fp32: %s", self.amp_check)
 
-    def _autocast(self):
-        if not self.amp:
-            return nullcontext()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+    def _runner(self) -> DeviceRunner:
+        """The synchronous runner behind predict and check_amp: the eager model (on the CPU the
+        exact fp32 reference), without the engine's pinned buffers and side streams."""
+        return DeviceRunner(self.net, self.device, self.batch_size, amp=self.amp, torchscript="off",
+                            pipelined=False)
 
     # -- preprocessing --
     def decode(self, data: bytes) -> torch.Tensor:
@@ -102,44 +108,19 @@ class Classifier:
         return (torch.stack(good) if good else None), errors
 
     # -- inference --
-    @torch.inference_mode()
     def predict(self, batch: torch.Tensor, k: int = 5) -> list[list[Label]]:
         """uint8 [B,3,224,224] (any device) -> per image the top-k labels with softmax scores."""
         out: list[list[Label]] = []
         for i in range(0, batch.shape[0], self.batch_size):
-            x = batch[i:i + self.batch_size].to(self.device, non_blocking=True)
-            if self.device.type == "cuda" or self.amp:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = normalize(x)
-            with self._autocast():
-                logits = self.net(x)
-            probs = torch.softmax(logits.float(), dim=1)
-            scores, idx = probs.topk(k, dim=1)
-            for srow, irow in zip(scores.cpu().tolist(), idx.cpu().tolist()):
-                out.append([Label(index=j, label=IMAGENET_CATEGORIES[j], score=round(s, 6))
-                            for s, j in zip(srow, irow)])
+            scores, idx = self.runner.run(batch[i:i + self.batch_size], k)
+            out += [[Label(**d) for d in top_labels(srow, irow, self.categories)]
+                    for srow, irow in zip(scores, idx)]
         return out
 
-    @torch.inference_mode()
     def check_amp(self, n: int = 16) -> dict:
         """Run a fixed synthetic batch in fp32 and under autocast and compare: the fraction of equal
         top-1 labels, of equal top-5 sets, and the largest softmax difference."""
-        h = torch.arange(224, dtype=torch.float32)
-        x = torch.stack([
-            (127.5 + 127.5 * torch.sin(0.02 * (i + 1) * h[None, :, None] + 0.03 * h[None, None, :] + c))
-            .expand(1, 224, 224) for i in range(n) for c in range(3)]).reshape(n, 3, 224, 224)
-        x = normalize(x.round().to(torch.uint8).to(self.device))
-        if self.device.type == "cuda" or self.amp:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ref = torch.softmax(self.net(x).float(), 1)
-        with self._autocast():
-            low = torch.softmax(self.net(x).float(), 1)
-        t5r, t5l = ref.topk(5, 1).indices, low.topk(5, 1).indices
-        return {
-            "top1_agreement": (t5r[:, 0] == t5l[:, 0]).float().mean().item(),
-            "top5_set_agreement": sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(t5r, t5l)) / n,
-            "max_prob_diff": (ref - low).abs().max().item(),
-        }
+        return self.runner.check_amp(n)
 
     def record(self, uri: str, top: list[Label] | list[dict] | None = None,
                error: HardnetError | None = None, **extra) -> ResultRecord:
@@ -158,9 +139,3 @@ class Classifier:
         return [self.record(uri, error=err) if err else self.record(uri, next(tops))
                 for (uri, _), err in zip(items, errors)]
 
-
-def error_from_exception(exc: BaseException) -> HardnetError:
-    """Anything unexpected while handling one image still becomes a record, never a crash."""
-    if isinstance(exc, HardnetError):
-        return exc
-    return ImageError(f"{type(exc).__name__}: {exc}", ErrorCode.internal_error)

@@ -1,4 +1,7 @@
-"""Device stage: uint8 batches in, top-k (scores, indices) out.
+"""Device stage: uint8 batches in, top-k (scores, indices) out. THE forward path: the engine's
+device thread and the synchronous :class:`~worker.engine.classifier.Classifier` both run the model
+through :class:`DeviceRunner` (one normalisation, one autocast, one softmax/top-k), and
+:func:`top_labels` is the one place where (scores, indices) become labels.
 
 On CUDA (the case it is built for):
 * each batch is stacked straight into one of two **pinned** host buffers and copied to the GPU
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -61,8 +66,6 @@ def use_torchscript(mode: str, device: torch.device, *, amp: bool, compile: bool
 def trace(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model traced to TorchScript (its ops recorded once; the batch size stays free), or the
     eager model where tracing fails (logged: the worker still labels, at the eager speed)."""
-    import warnings
-
     t0 = time.monotonic()
     try:
         with torch.inference_mode(), warnings.catch_warnings():
@@ -79,6 +82,13 @@ def trace(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return traced
 
 
+def top_labels(scores: Sequence[float], indices: Sequence[int], categories: Sequence[str]) -> list[dict]:
+    """One image's top-k from the device as label dicts (index, category name, score rounded to 6
+    places), best first. Plain dicts: a record validates them into Labels in pydantic-core, cheaper
+    than a Label() call each (every image of every batch passes here, with the GIL held)."""
+    return [{"index": j, "label": categories[j], "score": round(s, 6)} for s, j in zip(scores, indices)]
+
+
 def default_batch_size(device: torch.device) -> int:
     """256 on a GPU (a few ms of HarDNet68 fp16 on an H100; ~40 MB of uint8 input), 32 on the CPU
     (larger batches are no faster there and make the last chunk's tail longer)."""
@@ -86,19 +96,25 @@ def default_batch_size(device: torch.device) -> int:
 
 
 class DeviceRunner:
+    """A model on a device. ``launch``/``finish``: the engine's two-batches-in-flight calls;
+    ``run``: one batch now, synchronously (the Classifier's). ``pipelined=False`` (the Classifier):
+    no pinned buffers, side streams or CUDA graphs on CUDA; ``launch`` then runs synchronously."""
+
     def __init__(self, net: torch.nn.Module, device: torch.device, batch_size: int, *,
                  amp: bool, k: int = 5, compile: bool = False, cuda_graphs: bool = False,
-                 torchscript: str = "off"):
+                 torchscript: str = "off", pipelined: bool = True):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.pipelined = pipelined and self.cuda
         self.B = batch_size
         self.k = k
         self.amp = amp
         self.channels_last = self.cuda or amp
         self.compiled = compile
-        self.graphs = cuda_graphs and self.cuda
-        if cuda_graphs and not self.cuda:
-            log.warning("CUDA graphs asked for on %s: ignored", device)
+        self.graphs = cuda_graphs and self.pipelined
+        if cuda_graphs and not self.pipelined:
+            log.warning("CUDA graphs asked for on %s%s: ignored", device,
+                        "" if self.cuda else " without pipelining")
         self.torchscript = use_torchscript(torchscript, device, amp=amp, compile=compile)
         self.net = trace(net, device) if self.torchscript else net
         if compile:
@@ -108,7 +124,7 @@ class DeviceRunner:
         # Fixed shapes (padding) whenever something specialises on the shape.
         self.pad = compile or self.graphs
         self._graph = None
-        if self.cuda:
+        if self.pipelined:
             torch.backends.cudnn.benchmark = True
             self.copy_stream = torch.cuda.Stream(device)
             self.stream = torch.cuda.Stream(device)
@@ -126,19 +142,24 @@ class DeviceRunner:
                 self._capture()
 
     # -- the computation, on whatever stream is current --
-    def _autocast(self):
-        if not self.amp:
+    def _autocast(self, amp: bool):
+        """fp16 autocast on CUDA, bf16 on the CPU (where fp32 is the exact reference)."""
+        if not amp:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.float16 if self.cuda else torch.bfloat16)
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, x: torch.Tensor, *, amp: bool | None = None) -> torch.Tensor:
+        """uint8 [B,3,H,W] on the device -> softmax [B, classes] in fp32: memory format,
+        normalisation, the model (under autocast when ``amp``, by default the runner's)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = normalize(x)
-        with self._autocast():
+        with self._autocast(self.amp if amp is None else amp):
             logits = self.net(x)
-        probs = torch.softmax(logits.float(), dim=1)
-        return probs.topk(self.k, dim=1)
+        return torch.softmax(logits.float(), dim=1)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.probabilities(x).topk(self.k, dim=1)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -156,14 +177,44 @@ class DeviceRunner:
         torch.cuda.synchronize(self.device)
         log.info("CUDA graph captured for batch %d in %.1fs", self.B, time.monotonic() - t0)
 
+    # -- the Classifier's calls --
+    @torch.inference_mode()
+    def run(self, batch: torch.Tensor, k: int | None = None) -> tuple[list[list[float]], list[list[int]]]:
+        """uint8 [n,3,H,W] (any device, any n) through the forward path now, on the current
+        stream: per image its top ``k`` (default the runner's) scores and class indices."""
+        scores, idx = self.probabilities(batch.to(self.device, non_blocking=True)).topk(
+            self.k if k is None else k, dim=1)
+        return scores.cpu().tolist(), idx.cpu().tolist()
+
+    @torch.inference_mode()
+    def check_amp(self, n: int = 16) -> dict:
+        """Run a fixed synthetic batch in fp32 and as the runner runs it (under autocast when
+        ``amp``) and compare: the fraction of equal top-1 labels, of equal top-5 sets, and the
+        largest softmax difference."""
+        h = torch.arange(CROP, dtype=torch.float32)
+        x = torch.stack([
+            (127.5 + 127.5 * torch.sin(0.02 * (i + 1) * h[None, :, None] + 0.03 * h[None, None, :] + c))
+            .expand(1, CROP, CROP) for i in range(n) for c in range(3)]).reshape(n, 3, CROP, CROP)
+        x = x.round().to(torch.uint8).to(self.device)
+        ref = self.probabilities(x, amp=False)
+        low = self.probabilities(x)
+        t5r, t5l = ref.topk(5, 1).indices, low.topk(5, 1).indices
+        return {
+            "top1_agreement": (t5r[:, 0] == t5l[:, 0]).float().mean().item(),
+            "top5_set_agreement": sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(t5r, t5l)) / n,
+            "max_prob_diff": (ref - low).abs().max().item(),
+        }
+
     # -- the engine's calls --
     @torch.inference_mode()
     def launch(self, images: list[torch.Tensor]) -> Pending:
         n = len(images)
         if n > self.B:
             raise ValueError(f"batch of {n} > batch size {self.B}")
-        if not self.cuda:
+        if not self.pipelined:
             x = torch.stack(images)
+            if self.cuda:
+                x = x.to(self.device, non_blocking=True)
             if self.pad and n < self.B:
                 x = torch.cat([x, x[:1].expand(self.B - n, -1, -1, -1)])
             scores, idx = self._forward(x)
@@ -215,7 +266,7 @@ class DeviceRunner:
         """One padded batch through the whole path (compilation, cuDNN autotuning) before work."""
         t0 = time.monotonic()
         img = torch.zeros((3, CROP, CROP), dtype=torch.uint8)
-        if self.cuda and not self.pad:
+        if self.pipelined and not self.pad:
             imgs = [img] * self.B
         else:
             imgs = [img]

@@ -20,12 +20,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from hnq.errors import ErrorCode, HardnetError, ImageError, TransientError
 from hnq.schema import ResultRecord
 from worker.engine.batch import Batcher
 from worker.engine.decode import DecodeStage
-from worker.engine.device import DeviceRunner
+from worker.engine.device import DeviceRunner, top_labels
 from worker.engine.fetch import FIRST_THREADS, FetchStage, RetryPolicy
 from worker.engine.stats import BatchStats, Clock, StageStats
 from worker.model.labels import IMAGENET_CATEGORIES
@@ -179,13 +180,16 @@ class Chunk:
 
 class Engine:
     """Owns the stages and their threads. ``fetch(uri) -> Fetched`` and ``decode(bytes) -> uint8
-    tensor`` are passed in; ``record(uri, top | error, **extra)`` builds the records."""
+    tensor`` are passed in; ``record(uri, top | error, **extra)`` builds the records, whose labels
+    name ``categories`` (by class index; the model's weights entry's)."""
 
-    def __init__(self, *, fetch, decode, runner: DeviceRunner, record, cfg: EngineConfig):
+    def __init__(self, *, fetch, decode, runner: DeviceRunner, record, cfg: EngineConfig,
+                 categories: Sequence[str] = IMAGENET_CATEGORIES):
         self.cfg = cfg
         raise_gc_threshold(cfg.gc_threshold)
         self.runner = runner
         self.record = record
+        self.categories = categories
         #: the Classifier behind ``decode``/``record`` when built by :func:`build_engine`
         self.classifier = None
         self.clock = Clock()
@@ -339,12 +343,10 @@ class Engine:
             return
         self.batches.add(len(items), ms / 1000 if ms is not None else time.monotonic() - t0)
         t1 = time.monotonic()
+        categories = self.categories
         for it, srow, irow in zip(items, scores, idx):
             k = it.chunk.top_k
-            # plain dicts: the record validates them into Labels in pydantic-core, cheaper than a
-            # Label() call each (every image of every batch passes here, with the GIL held)
-            top = [{"index": j, "label": IMAGENET_CATEGORIES[j], "score": round(s, 6)}
-                   for s, j in zip(srow[:k], irow[:k])]
+            top = top_labels(srow[:k], irow[:k], categories)
             it.chunk.put(it.index, self.record(it.uri, top, job_id=it.chunk.job_id, etag=it.etag,
                                                size=it.size))
         self.records_stats.add(time.monotonic() - t1, len(items))

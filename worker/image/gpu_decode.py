@@ -72,6 +72,7 @@ from typing import Callable
 import torch
 import torchvision.io
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
 from hnq.errors import ConfigError, ErrorCode, ImageError
 from worker.image.decode import jpeg_info, sniff_format
@@ -110,8 +111,6 @@ def _nvjpeg_op(tensors: list[torch.Tensor], device: torch.device) -> list[torch.
 
 
 def _probe_jpeg() -> tuple[bytes, torch.Tensor]:
-    from PIL import Image
-
     g = torch.arange(48 * 40, dtype=torch.int64).reshape(40, 48)
     rgb = torch.stack([(g * 5) % 256, (g // 48) * 6, 255 - (g % 48) * 5], dim=-1).to(torch.uint8)
     b = io.BytesIO()
