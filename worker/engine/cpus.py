@@ -42,8 +42,9 @@ def intra_op_threads(device_type: str, setting: int = 0, environ=None) -> int | 
     the CPU work left is decoding, which the engine already spreads over one thread per CPU, and
     each of those threads gets an OpenMP team of its own from torch's resize kernels, so torch's
     default (one per core) puts cores x cores threads on the cores
-    (benchmarks/bench_decode_threads.py: 0.84x the images/s at 16 threads per core, as torch's
-    default gives a 16-core host, emulated on 2 cores). ``OMP_NUM_THREADS`` in the environment
+    (fewer images/s at 16 threads per core, as torch's default gives a 16-core host, emulated on 2
+    cores; figures: docs/performance.md#torchs-intra-op-threads-on-a-gpu-worker-benchmarksbench_decode_threadspy-2026-12-06-third-session).
+    ``OMP_NUM_THREADS`` in the environment
     is the operator's choice and is kept. On the CPU the model's forward pass uses them: torch's
     own."""
     if setting:

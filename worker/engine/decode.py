@@ -17,13 +17,14 @@ class BoundedQueue:
     """FIFO bounded by item count and by the sum of the items' sizes (an item larger than the
     byte bound alone still passes when the queue is empty, so nothing can wedge it).
 
-    Producers and consumers are notified only when one of them waits (a notify per item cost
-    about 17% of the stage threads' GIL-held samples with a zero-cost model, py-spy --gil).
+    Producers and consumers are notified only when one of them waits (a notify per item was a
+    large share of the stage threads' GIL-held samples with a zero-cost model, py-spy --gil:
+    docs/performance.md#against-its-limits-benchmarksbench_enginepy).
     Blocked producers are woken one per item taken, not in a burst once the queue has drained to
-    half (hysteresis): measured both ways (``bench_engine.py`` ``plumbing`` and ``ceiling``,
-    docs/performance.md), hysteresis saved context switches where decoding is the limit (9.7
-    against 13.6 per image) at the same images/s, but cost the engine's own ceiling about 15% of
-    its images/s (median of 6 interleaved runs each: 16.7k against 19.6k)."""
+    half (hysteresis): measured both ways (``bench_engine.py`` ``plumbing`` and ``ceiling``),
+    hysteresis saved context switches where decoding is the limit at the same images/s, but cost
+    the engine's own ceiling images/s (figures:
+    docs/performance.md#the-decode-queues-wake-up-rule-2026-12-06-third-session)."""
 
     def __init__(self, max_items: int, max_bytes: int):
         self.max_items = max_items

@@ -19,9 +19,9 @@ On the CPU the same calls run synchronously (fp32, or bf16 autocast when asked),
 traced to TorchScript (``HARDNET_TORCHSCRIPT``, on by default there): an eager forward releases and
 re-takes the GIL around each of its hundreds of ops, and in a worker, whose fetch, decode and Celery
 threads take the GIL thousands of times a second, every re-take can wait. The traced forward is
-one call that holds the GIL only at its ends. Measured (benchmarks/bench_engine.py latency39,
-hardnet39ds through the queue, docs/performance.md): 0.74-0.78x the scaled model limit traced
-against 0.67-0.71x eager; the same ops, so the same numbers (tests/unit/test_engine.py)."""
+one call that holds the GIL only at its ends: closer to the model's own rate through the queue
+(figures: docs/performance.md#against-its-limits-benchmarksbench_enginepy, ``latency39``); the
+same ops, so the same numbers (tests/unit/test_engine.py)."""
 from __future__ import annotations
 
 import logging

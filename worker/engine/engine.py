@@ -75,8 +75,8 @@ def raise_gc_threshold(threshold: int) -> None:
     never lowered). Every image leaves a record of a dozen GC-tracked objects (pydantic model, its
     dict, labels) alive until its chunk is written; with the default, the collector rescans the
     records in flight (and, at each older collection, the worker's whole heap: torch, Celery) so
-    often that it cost more than building them: 42 us against 11 us per record kept alive in one
-    thread, and 1.3-1.5x the engine's own images/s at 10,000 (benchmarks/bench_engine.py ceiling). The
+    often that it cost more than building them (figures, ``bench_engine.py ceiling``:
+    docs/performance.md#the-engines-own-ceiling-bench_enginepy-ceiling-2026-12-06-later). The
     objects are acyclic and freed by reference counting; only genuine cycles wait longer."""
     if threshold > gc.get_threshold()[0]:
         gc.set_threshold(threshold, *gc.get_threshold()[1:])

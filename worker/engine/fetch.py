@@ -102,8 +102,8 @@ class FetchStage:
     pipeline back. Against a distant store it grows to the maximum within about one round trip,
     since every fetch that starts can add a fetcher. Against a store that answers at once the
     fetchers are rarely all inside a fetch and it stays small: there, 256 runnable fetchers mostly
-    hand the GIL to each other, at 1.4x the engine's CPU per image and 4x its context switches
-    against 8 (in one run also 1.4x its rate against 16; benchmarks/bench_engine.py ``ceiling``).
+    hand the GIL to each other, costing CPU and context switches per image (figures,
+    ``bench_engine.py ceiling``: docs/performance.md#the-engines-own-ceiling-bench_enginepy-ceiling-2026-12-06-later).
     Threads are never stopped: a worker's store does not change."""
 
     def __init__(self, fetch: Callable[[str], Fetched], threads: int, retry: RetryPolicy,
