@@ -402,7 +402,7 @@ HOSTILE = 's3://bkt/"><script>alert(1)</script><img src=x onerror=alert(2)>.jpg'
 
 
 def test_report_aggregates_are_bounded_and_exact():
-    from producer.report import EXAMPLES_PER_CLASS, ReportStats
+    from producer.report.stats import EXAMPLES_PER_CLASS, ReportStats
 
     st = ReportStats(low_n=10)
     n = 20_000
@@ -422,7 +422,9 @@ def test_report_aggregates_are_bounded_and_exact():
 
 
 def test_report_page_escapes_everything_and_says_when_pillow_is_missing():
-    from producer.report import JobView, ReportStats, render
+    from producer.report.html import render
+    from producer.report.job import JobView
+    from producer.report.stats import ReportStats
 
     st = ReportStats()
     st.add(ResultRecord(uri=HOSTILE, status="ok", model="m", top5=[Label(index=1, label='<b>"x"</b>', score=0.2)]))
