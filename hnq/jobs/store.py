@@ -1,5 +1,5 @@
 """Job state in Redis: counters and pointers only, never the results themselves (those go to DEST).
-(Over 400 lines for one reason: JobStore and the Lua scripts it runs change together.)
+Long: JobStore and the Lua scripts it runs change together, so they stay in one module.
 
 Every update is idempotent, because at-least-once delivery means a chunk can finish twice (a
 redelivered chunk, or two workers racing past the visibility timeout): per-chunk outcomes live in a
