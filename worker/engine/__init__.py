@@ -38,7 +38,8 @@ def build_engine(clf, policy, *, fetch_threads: int = 0, decode_threads: int = 0
     # Top TOP_K_MAX on the device for every batch (20 of 1000 classes: the same kernel, 320 B per
     # image back to the host); each chunk keeps its job's own top_k of them.
     runner = DeviceRunner(clf.net, clf.device, clf.batch_size, amp=clf.amp, k=TOP_K_MAX,
-                          compile=compile, cuda_graphs=cuda_graphs, torchscript=torchscript)
+                          compile=compile, cuda_graphs=cuda_graphs, torchscript=torchscript,
+                          mean=clf.preprocessing.mean, std=clf.preprocessing.std)
     if warm_up:
         runner.warm_up()
     batch_decode = eligible = None

@@ -20,8 +20,8 @@ from hnq.models import WEIGHTS_WORDS, weights_key
 from hnq.schema import Label, ResultRecord
 from worker.engine.device import DeviceRunner, default_batch_size, top_labels
 from worker.image.decode import decode_image
-from worker.model.labels import IMAGENET_CATEGORIES
 from worker.model import load_model, source_sha256, state_dict_sha256
+from worker.model.weights import weights_entry
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,11 @@ class Classifier:
         if self.device.type == "cuda" or self.amp:
             net = net.to(memory_format=torch.channels_last)
         self.net = net.eval()
-        #: the category names of the records' labels, by class index
-        self.categories = IMAGENET_CATEGORIES
+        entry = weights_entry(model)
+        #: how images are prepared for this model (resize, crop, mean, std) and the category
+        #: names of its labels by class index: its weights entry's, whatever file the weights are
+        self.preprocessing = entry.preprocess
+        self.categories = entry.categories
         self.runner = self._runner()
         self.amp_check: dict | None = None
         if self.amp and self.device.type == "cuda":
@@ -86,7 +89,7 @@ class Classifier:
         """The synchronous runner behind predict and check_amp: the eager model (on the CPU the
         exact fp32 reference), without the engine's pinned buffers and side streams."""
         return DeviceRunner(self.net, self.device, self.batch_size, amp=self.amp, torchscript="off",
-                            pipelined=False)
+                            pipelined=False, mean=self.preprocessing.mean, std=self.preprocessing.std)
 
     # -- preprocessing --
     def decode(self, data: bytes) -> torch.Tensor:

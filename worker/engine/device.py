@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from worker.image.normalize import normalize
+from worker.image.normalize import MEAN, STD, normalize
 
 log = logging.getLogger("hardnet.worker")
 
@@ -98,12 +98,16 @@ def default_batch_size(device: torch.device) -> int:
 class DeviceRunner:
     """A model on a device. ``launch``/``finish``: the engine's two-batches-in-flight calls;
     ``run``: one batch now, synchronously (the Classifier's). ``pipelined=False`` (the Classifier):
-    no pinned buffers, side streams or CUDA graphs on CUDA; ``launch`` then runs synchronously."""
+    no pinned buffers, side streams or CUDA graphs on CUDA; ``launch`` then runs synchronously.
+    ``mean``/``std``: the normalisation of the model's weights entry (its ``preprocess``)."""
 
     def __init__(self, net: torch.nn.Module, device: torch.device, batch_size: int, *,
                  amp: bool, k: int = 5, compile: bool = False, cuda_graphs: bool = False,
-                 torchscript: str = "off", pipelined: bool = True):
+                 torchscript: str = "off", pipelined: bool = True,
+                 mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
         self.device = device
+        self.mean = tuple(mean)
+        self.std = tuple(std)
         self.cuda = device.type == "cuda"
         self.pipelined = pipelined and self.cuda
         self.B = batch_size
@@ -153,7 +157,7 @@ class DeviceRunner:
         normalisation, the model (under autocast when ``amp``, by default the runner's)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = normalize(x)
+        x = normalize(x, mean=self.mean, std=self.std)
         with self._autocast(self.amp if amp is None else amp):
             logits = self.net(x)
         return torch.softmax(logits.float(), dim=1)

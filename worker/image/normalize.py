@@ -1,7 +1,11 @@
 """Normalisation of uint8 image batches, on the device: ``(x/255 - mean)/std``, the last step of the
 standard transform (after ToTensor). Decoding stops at uint8 on purpose: uint8 is 4x smaller than
 fp32 through process pipes and host-to-device copies, so the whole batch is normalised where the
-model runs (worker.engine.device)."""
+model runs (worker.engine.device).
+
+``mean`` and ``std`` belong to the model's weights entry (``worker.model.weights.preprocess_for``);
+the runner passes them. :data:`MEAN` / :data:`STD`, the defaults, are the registry's own default
+preprocessing (every published HarDNet checkpoint's: ImageNet's), not a copy of it."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -9,10 +13,12 @@ from typing import Sequence
 
 import torch
 
+from worker.model.weights import Preprocess
+
 __all__ = ["MEAN", "STD", "normalize"]
 
-MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+MEAN: tuple[float, float, float] = Preprocess().mean
+STD: tuple[float, float, float] = Preprocess().std
 
 
 @lru_cache(maxsize=64)
