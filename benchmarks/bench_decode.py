@@ -66,10 +66,10 @@ def main() -> None:
     # decode with torchvision's resize_image + center_crop_image (the path before 2026-12-06).
     import torchvision.transforms.v2.functional as TF
 
-    from worker.image.decode import _torchvision_decode
+    from worker.image.decode import torchvision_decode
 
     def via_torchvision(data: bytes) -> torch.Tensor:
-        t = _torchvision_decode("jpeg", data)
+        t = torchvision_decode("jpeg", data)
         t = TF.resize_image(t, [10, 12], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         return TF.center_crop_image(t, [8, 8]).contiguous()
 

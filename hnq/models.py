@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_MODEL",
     "MODELS",
     "OFFICIAL",
     "RANDOM",
@@ -46,6 +47,9 @@ REGISTRY: dict[str, ModelInfo] = {m.name: m for m in (
 
 #: the names alone, for ``choices=`` and ``Literal[...]``
 MODELS: tuple[str, ...] = tuple(REGISTRY)
+
+#: the variant used when nothing names one (settings, `--model` defaults, jobs stored without one)
+DEFAULT_MODEL = "hardnet68"
 
 
 # -- the weights spelling rule -------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from hnq.console import EXIT_OK, EXIT_SOME_FAILED, add_command, print_human
 from hnq.jobs.store import JobStore
-from hnq.schema import MODELS, ResultRecord
+from hnq.models import DEFAULT_MODEL, MODELS
+from hnq.schema import ResultRecord
 from hnq.settings import CommonSettings, redact_url
 from hnq.sources import expand_sources
 from producer.progress import wait_for
@@ -131,7 +132,7 @@ def run_demo(a) -> int:
 
 def register(sub) -> None:
     d = add_command(sub, "demo", "set up a local Redis + worker and label the bundled samples", run_demo)
-    d.add_argument("--model", default="hardnet68", choices=MODELS, help="HarDNet variant")
+    d.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS, help="HarDNet variant")
     d.add_argument("--weights", help="checkpoint or 'random'; unset: official, falling back to random if they "
                    "cannot be downloaded")
     d.add_argument("inputs", nargs="*", help="images or directories; unset: the bundled samples")

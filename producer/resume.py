@@ -22,6 +22,7 @@ from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.index import job_fields
 from hnq.jobs.parts import iter_parquet_records
 from hnq.jobs.store import JobStore
+from hnq.models import DEFAULT_MODEL
 from hnq.options import JobOptions
 from hnq.storage import open_destination, validate_destination
 from hnq.jobs.sweep import in_flight, resend_chunk
@@ -143,5 +144,5 @@ def _resume_known(s, store: JobStore, app, job_id: str, info, dest: str | None) 
     flying = in_flight(store)
     queue = store.raw(job_id).get("queue") or s.queue
     todo = [c for c in range(info.chunks) if c not in done and (job_id, c) not in flying]
-    sent = [c for c in todo if resend_chunk(app, store, queue, job_id, c, info.model or "hardnet68", info.dest)]
+    sent = [c for c in todo if resend_chunk(app, store, queue, job_id, c, info.model or DEFAULT_MODEL, info.dest)]
     return {"rebuilt": False, "complete": len(done), "sent": sent}

@@ -5,11 +5,12 @@ from pathlib import Path
 
 from pydantic import Field
 
+from hnq.models import DEFAULT_MODEL
 from hnq.settings import CommonSettings
 
 
 class ProducerSettings(CommonSettings):
-    model: str = Field("hardnet68", description="Default model for `hardnet submit` (--model overrides).")
+    model: str = Field(DEFAULT_MODEL, description="Default model for `hardnet submit` (--model overrides).")
     chunk_size: int = Field(
         512, ge=1, le=10_000,
         description="URIs per Celery task. Larger chunks = bigger batches and fewer messages (each "

@@ -21,7 +21,8 @@ from hnq.jobs.inputs import store_chunk_uris
 from hnq.jobs.store import JobStore, new_job_id
 from hnq.options import DEFAULT_OPTIONS, JobOptions
 from hnq.objects import to_entry
-from hnq.schema import MODELS, ChunkTask
+from hnq.models import DEFAULT_MODEL, MODELS
+from hnq.schema import ChunkTask
 from hnq.settings import TASK_FINALIZE, celery_config, lean_messages, redact_url
 from hnq.jobs.sweep import resend_chunk, send_chunk
 from hnq.storage import check_writable, open_destination, validate_destination
@@ -213,6 +214,6 @@ def requeue_dead(s: ProducerSettings, store: JobStore, job_id: str, chunk: int |
         if chunk is not None and d.chunk != chunk:
             continue
         store.reset_attempts(job_id, d.chunk)
-        if resend_chunk(app, store, queue, job_id, d.chunk, info.model or "hardnet68", info.dest):
+        if resend_chunk(app, store, queue, job_id, d.chunk, info.model or DEFAULT_MODEL, info.dest):
             n += 1
     return n

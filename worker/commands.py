@@ -10,7 +10,7 @@ from collections import deque
 
 from hnq.console import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, add_command, err, print_human
 from hnq.errors import ConfigError
-from hnq.schema import MODELS
+from hnq.models import DEFAULT_MODEL, MODELS
 from hnq.sources import expand_sources
 from hnq.storage import FetchPolicy
 from worker.settings import WorkerSettings
@@ -140,7 +140,7 @@ def cmd_weights_list(a: argparse.Namespace) -> int:
 def register(sub) -> None:
     c = add_command(sub, "classify", "label local files, directories or URIs right here", cmd_classify)
     c.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="images, directories, or URIs to label")
-    c.add_argument("--model", default="hardnet68", choices=MODELS, help="HarDNet variant")
+    c.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS, help="HarDNet variant")
     c.add_argument("--weights", help="path, file:// or http(s):// checkpoint, or 'random'; unset: HARDNET_WEIGHTS, "
                    "else the official weights")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from hnq.errors import ConfigError
-from hnq.models import OFFICIAL, RANDOM, weights_key
+from hnq.models import OFFICIAL, RANDOM, WEIGHTS_WORDS, weights_key
 
 log = logging.getLogger("hardnet.worker")
 
@@ -46,7 +46,7 @@ def resolve_job_weights(model: str, job_weights: str | None, worker_model: str,
 def check_job_weights(weights: str | None, allow: tuple[str, ...] | None, own: str | None) -> None:
     """ConfigError unless this worker may load ``weights`` for a job (see the module docstring)."""
     key = weights_key(weights)
-    if key in ("official", "random"):
+    if key in WEIGHTS_WORDS:
         return
     if own is not None and key == weights_key(own):
         return

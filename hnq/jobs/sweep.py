@@ -32,6 +32,7 @@ from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.inputs import read_chunk_uris
 from hnq.jobs.store import JobStore
 from hnq.options import JobOptions
+from hnq.models import DEFAULT_MODEL
 from hnq.schema import ChunkTask
 from hnq.settings import TASK_CLASSIFY
 
@@ -123,7 +124,7 @@ def sweep(store: JobStore, app, visibility_timeout: float, jobs: list[str] | Non
             if not stalled:
                 continue
             h = store.raw(job)
-            queue, model, dest = h.get("queue") or "hardnet", h.get("model") or "hardnet68", h.get("dest") or None
+            queue, model, dest = h.get("queue") or "hardnet", h.get("model") or DEFAULT_MODEL, h.get("dest") or None
             for c in stalled:
                 if (send or resend_chunk)(app, store, queue, job, c, model, dest):
                     sent.setdefault(job, []).append(c)

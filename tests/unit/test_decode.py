@@ -315,7 +315,7 @@ def test_bomb_checked_before_decoding(monkeypatch):
     """The header check comes first: no decoder runs on a declared bomb."""
     def boom(*a, **k):
         raise AssertionError("decoder called")
-    monkeypatch.setattr(dec, "_torchvision_decode", boom)
+    monkeypatch.setattr(dec, "torchvision_decode", boom)
     monkeypatch.setattr(dec, "_pil_load_rgb", boom)
     for make in (_bomb_png, _bomb_gif, _bomb_jpeg, _bomb_webp):
         assert dec._parse_header(make()).width in (30000, 16000)  # our own header parse saw it

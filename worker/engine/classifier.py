@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 
 from hnq.errors import ConfigError, HardnetError, ImageError
-from hnq.models import WEIGHTS_WORDS, weights_key
+from hnq.models import DEFAULT_MODEL, WEIGHTS_WORDS, weights_key
 from hnq.schema import Label, ResultRecord
 from worker.engine.device import DeviceRunner, default_batch_size, top_labels
 from worker.image.decode import decode_image
@@ -50,7 +50,7 @@ def describe_weights(weights: str | None) -> str:
 class Classifier:
     """A HarDNet model on a device, ready for uint8 batches. One per process: loading is slow."""
 
-    def __init__(self, model: str = "hardnet68", weights: str | None = None, *, device: str = "auto",
+    def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None, *, device: str = "auto",
                  batch_size: int | None = None, amp: bool | None = None, fast_jpeg: bool = False,
                  max_pixels: int | None = None):
         self.model_name = model

@@ -240,7 +240,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _torchvision_decode(kind: str, data: bytes) -> torch.Tensor:
+def torchvision_decode(kind: str, data: bytes) -> torch.Tensor:
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     ops = torch.ops.image
     if kind == "jpeg":
@@ -337,7 +337,7 @@ def _decode(data: bytes, resize: int, crop: int, max_pixels: int, fast_jpeg: boo
                      and min(hdr.width, hdr.height) >= 4 * resize)
         if not use_draft:
             try:
-                t = _torchvision_decode(hdr.fast, data)
+                t = torchvision_decode(hdr.fast, data)
             except Exception:  # RuntimeError from libjpeg/libwebp; or the ops are gone
                 t = None  # let PIL decide (and word the error)
             if t is not None:

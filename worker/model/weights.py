@@ -63,7 +63,7 @@ class Preprocess:
     """Eval transform of the published models: Resize(resize) -> CenterCrop(crop) -> Normalize.
 
     ``mean`` and ``std`` are per RGB channel on the 0..1 scale (torchvision's ``Normalize``);
-    worker.image.decode.normalize takes them as its ``mean=`` / ``std=``."""
+    worker.image.normalize.normalize takes them as its ``mean=`` / ``std=``."""
 
     resize: int = 256
     crop: int = 224
