@@ -1,7 +1,7 @@
 """`hardnet resume JOB [--out DEST]`: finish a job from what storage holds.
 
-When Redis still knows the job, the chunks without an outcome that are not in flight are sent
-again. When Redis lost it (FLUSHALL, a restart without persistence), the job's state is rebuilt from
+When Redis still knows the job, the chunks that are neither done, in flight nor still queued are
+sent again (hnq.jobs.sweep.lost_chunks, the sweeper's rule, with a short quiet period). When Redis lost it (FLUSHALL, a restart without persistence), the job's state is rebuilt from
 DEST/JOB_ID/: job.json (written by `submit`: model, chunk size, totals), the stored inputs
 (inputs/chunk-N.jsonl.gz) and the parts. A part counts as complete when it holds one record per URI
 of its chunk and no chunk_failed record; its counts (ok, failed, per error code) are read back from
@@ -25,7 +25,7 @@ from hnq.jobs.store import JobStore
 from hnq.models import DEFAULT_MODEL
 from hnq.options import JobOptions
 from hnq.storage import open_destination, validate_destination
-from hnq.jobs.sweep import in_flight, resend_chunk
+from hnq.jobs.sweep import RESUME_QUIET_S, lost_chunks, resend_chunk
 from producer.settings import ProducerSettings
 from producer.submit import LocalJobs, read_descriptor, sender
 
@@ -141,8 +141,9 @@ def _resume_known(s, store: JobStore, app, job_id: str, info, dest: str | None) 
     if is_complete_unfinished(store, job_id):
         finalize_or_fail(store, job_id)
         return {"rebuilt": False, "complete": len(done), "sent": [], "note": "finalised"}
-    flying = in_flight(store)
-    queue = store.raw(job_id).get("queue") or s.queue
-    todo = [c for c in range(info.chunks) if c not in done and (job_id, c) not in flying]
+    # the sweeper's rule (hnq.jobs.sweep.lost_chunks): nothing done, in flight or still queued
+    h = store.raw(job_id)
+    queue = h.get("queue") or s.queue
+    todo = lost_chunks(store, job_id, RESUME_QUIET_S, h=h)
     sent = [c for c in todo if resend_chunk(app, store, queue, job_id, c, info.model or DEFAULT_MODEL, info.dest)]
     return {"rebuilt": False, "complete": len(done), "sent": sent}

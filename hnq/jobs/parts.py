@@ -3,8 +3,11 @@ the chunk_failed part of a dead letter (:func:`dead_letter`), and reading parts 
 results`, `hardnet resume`, `hardnet report`). Torch-free; pyarrow is needed only for Parquet
 (the ``parquet`` extra) and imported only then.
 
-Part names are deterministic (part-<chunk>), so a retried or duplicated chunk overwrites its own
-part instead of adding records.
+Part names are deterministic (part-<chunk>), so a retried or duplicated chunk never adds records;
+parts are written conditionally (:func:`write_part`), so a complete part is never overwritten by a
+later, worse attempt (a dead letter's chunk_failed records, a late duplicate).
+Long: the part's formats, its conditional write, the records kept across attempts and the dead
+letter are one rule about what a chunk's part may hold.
 
 JSON Lines (``part-NNNNN.jsonl``): one :class:`~hnq.schema.ResultRecord` per line, as always.
 
@@ -37,9 +40,10 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from typing import Callable, Iterable, Iterator
 
-from hnq.errors import ConfigError, ErrorCode
+from hnq.errors import ConfigError, ErrorCode, TransientError
 from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.inputs import OutputPolicy, check_output, read_chunk_uris
 from hnq.jobs.store import JobStore
@@ -160,12 +164,74 @@ def encode_part(records: list[ResultRecord], fmt: str, *, top_k: int = TOP_K_DEF
     raise ConfigError(f"unknown output format {fmt!r}: jsonl or parquet")
 
 
-def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord],
-               options: JobOptions | None = None, *, observe: WriteObserver | None = None) -> None:
+#: codes of images that gave up on a transient failure: never kept across attempts (fetched again)
+TRANSIENT_CODES = frozenset({ErrorCode.throttled.value, ErrorCode.timeout.value, ErrorCode.fetch_error.value})
+
+
+# --- records kept across attempts ------------------------------------------------------------
+# The API for anything that stops a chunk half-way (a storage-down retry, a part write that
+# failed, a worker asked to stop): keep_records() what is finished, by position in the chunk's
+# inputs; the chunk's next attempt reads kept_records() and fetches only the other positions; the
+# records are dropped once the chunk's part is written and counted (drop_kept).
+def keep_records(store: JobStore | None, job_id: str, chunk: int, records: dict[int, ResultRecord]) -> int:
+    """Keep ``records`` (position in the chunk -> record) for the chunk's next attempt, in Redis
+    (hnq:job:ID:kept:N, the job's TTL). Records of transient give-ups (throttled, timeout,
+    fetch_error) are not kept: the next attempt fetches them again. Returns how many were kept."""
+    keep = {i: r.to_json() for i, r in records.items()
+            if r is not None and not (r.error is not None and _code(r.error.code) in TRANSIENT_CODES)}
+    if store is not None and keep:
+        store.keep_records(job_id, chunk, keep)
+    return len(keep)
+
+
+def kept_records(store: JobStore | None, job_id: str, chunk: int, uris: list[str]) -> dict[int, ResultRecord]:
+    """The records an earlier attempt kept, by position; only those whose URI is still the one at
+    that position of ``uris`` (the stored inputs)."""
+    if store is None:
+        return {}
+    out = {}
+    for i, raw in store.kept_records(job_id, chunk).items():
+        try:
+            r = ResultRecord.model_validate_json(raw)
+        except ValueError:
+            continue
+        if 0 <= i < len(uris) and r.uri == uris[i]:
+            out[i] = r
+    return out
+
+
+def drop_kept(store: JobStore | None, job_id: str, chunk: int) -> None:
+    if store is not None:
+        store.drop_kept(job_id, chunk)
+
+
+# --- writing a part that cannot regress ------------------------------------------------------
+def complete_part(data: bytes, fmt: str, uris: list[str]) -> list[ResultRecord] | None:
+    """The records of a stored part when it is complete — one record for each of ``uris`` and no
+    chunk_failed record — else None (unreadable, partial, or a dead letter's part)."""
+    try:
+        recs = list(decode_part(data, fmt))
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable: not complete
+        return None
+    if len(recs) != len(uris) or sorted(r.uri for r in recs) != sorted(uris):
+        return None
+    if any(r.error is not None and _code(r.error.code) == ErrorCode.chunk_failed.value for r in recs):
+        return None
+    return recs
+
+
+def write_part(store: JobStore | None, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord],
+               options: JobOptions | None = None, *, observe: WriteObserver | None = None) -> list[ResultRecord]:
     """Store the chunk's part in the job's format, at the destination or (no destination) in
-    Redis; then ``observe`` the write's time and its records (a failed write observes nothing).
-    Parquet only to a destination (submit refuses it without --out, and a worker refuses a message
-    that asks for it)."""
+    Redis, with conditional writes so that a complete part never regresses: the part is created
+    only if absent (S3 ``If-None-Match: *``, a file linked in O_EXCL-style, Redis only-if-absent);
+    an existing part that is complete (:func:`complete_part`) stands and its records are returned
+    instead of ``records``; any other (a dead letter's chunk_failed part, an unreadable one) is
+    replaced only if it is still the version that was read (``If-Match: ETag``). Then ``observe``
+    the write's time and its records (nothing observed when the part was not ours). Returns the
+    records the part holds. Parquet only to a destination."""
     t0 = time.monotonic()
     fmt = options.format if options else "jsonl"
     top_k = options.top_k if options else 5
@@ -174,31 +240,63 @@ def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, recor
     data, ctype = encode_part(records, fmt, top_k=top_k, job_id=job_id)
     if dest:
         d = open_destination(dest)
-        d.put(d.part_path(job_id, chunk, fmt), data, content_type=ctype)
+        path = d.part_path(job_id, chunk, fmt)
+
+        def put(expect: str | None) -> bool:
+            return d.put_if(path, data, ctype, expect=expect)
+
+        def get() -> tuple[bytes, str] | None:
+            return d.get_versioned(path)
     else:
-        store.put_part(job_id, chunk, data)
+        def put(expect: str | None) -> bool:
+            return store.put_part_if(job_id, chunk, data, expect)
+
+        def get() -> tuple[bytes, str] | None:
+            return store.get_part_versioned(job_id, chunk)
+    uris = [r.uri for r in records]
+    for _ in range(8):
+        if put(None):
+            break
+        got = get()
+        if got is None:
+            continue          # deleted between the two calls: create it
+        old, version = got
+        stands = complete_part(old, fmt, uris)
+        if stands is not None:
+            log.info("part %s/%d: a complete part written by another attempt stands", job_id, chunk)
+            return stands
+        if put(version):
+            break
+    else:
+        raise TransientError(f"part {job_id}/{chunk} kept changing while this attempt wrote it")
     if observe is not None:
         observe(time.monotonic() - t0, records)
+    return records
+
+
+def _counts(records: list[ResultRecord]) -> tuple[int, dict[str, int]]:
+    codes: Counter = Counter(_code(r.error.code) for r in records if r.error is not None)
+    codes.update(_code(r.tag_error.code) for r in records if r.tag_error is not None)
+    return sum(r.status == "ok" for r in records), dict(codes)
 
 
 def dead_letter(store: JobStore, task: ChunkTask, uris: list[str] | None, error: str, attempts: int,
                 policy: OutputPolicy | None = None, write: bool = True, *,
                 observe: WriteObserver | None = None) -> str:
-    """Give up on a chunk. Returns "kept" when an earlier attempt had completed it (its part and
-    counts are left alone: a dead letter never overwrites a completed part), else "dead": the chunk
-    is counted as failed, listed as a dead letter for `hardnet redrive`, and — when ``write`` and
-    its URIs are known — every URI gets a chunk_failed record in its part (``observe``: as for
-    :func:`write_part`). When this was the last chunk the job is finalised, and marked failed if
-    even that fails (never left running)."""
+    """Give up on a chunk. Returns "kept" when another attempt completed it (its part and counts
+    stand: a dead letter never overwrites a complete part), else "dead": the chunk is listed as a
+    dead letter for `hardnet redrive` and — when ``write`` and its URIs are known — its part holds
+    the records earlier attempts kept (:func:`keep_records`) and a chunk_failed record for every
+    other URI, counted as such (all chunk_failed when the part could not be written). When this was
+    the last chunk the job is finalised, and marked failed if even that fails (never left running).
+
+    The race with a late attempt that completes meanwhile is closed, not logged: the failure part
+    is only created where no part is, or replaces a part that is not complete; a good attempt's
+    part replaces a failure part; whoever finds a complete part counts it (Lua, once); and
+    recording the dead letter is refused once the chunk is counted complete."""
     job, chunk = task.job_id, task.chunk
-    finished = store.complete_dead(job, chunk, task.count, error, attempts)
-    if finished is None:
-        log.warning("chunk %s/%d was completed by an earlier attempt: its part is kept (delivery %d "
-                    "after: %s)", job, chunk, attempts, error)
-        if is_complete_unfinished(store, job):
-            finalize_or_fail(store, job, policy)
-        return "kept"
-    log.error("chunk %s/%d dead-lettered after %d attempts: %s", job, chunk, attempts, error)
+    if store.is_completed(job, chunk):
+        return _kept(store, task, attempts, error, policy)
     if write and task.dest:
         try:
             check_output(task.dest, policy)
@@ -210,19 +308,45 @@ def dead_letter(store: JobStore, task: ChunkTask, uris: list[str] | None, error:
             uris = got[0] if got and len(got[0]) == task.count else None
         except Exception:  # noqa: BLE001 - the inputs may be what is failing
             uris = None
+    ok, codes = 0, None
     if write and uris is not None:
+        kept = kept_records(store, job, chunk, uris)
         msg = f"chunk failed after {attempts} attempts: {error}"
-        records = [ResultRecord.failure(u, ErrorCode.chunk_failed, msg, task.model, job_id=job) for u in uris]
+        records = [kept.get(i) or ResultRecord.failure(u, ErrorCode.chunk_failed, msg, task.model, job_id=job)
+                   for i, u in enumerate(uris)]
         try:
-            write_part(store, task.dest, job, chunk, records, task.options, observe=observe)
+            held = write_part(store, task.dest, job, chunk, records, task.options, observe=observe)
         except Exception as e:  # noqa: BLE001 - the destination itself may be what is failing
             log.error("could not write the failure records of %s/%d: %s", job, chunk, e)
-        if store.is_completed(job, chunk):
-            log.error("chunk %s/%d completed by another attempt while it was being dead-lettered: its "
-                      "part may hold chunk_failed records although the job counts it as labelled", job, chunk)
+        else:
+            if held is not records:
+                # another attempt completed the chunk meanwhile: its part stands; count it (once)
+                ok, codes = _counts(held)
+                finished = store.complete_chunk(job, chunk, ok, len(held) - ok, codes=codes,
+                                                weights=next((r.weights for r in held if r.weights), None))
+                log.warning("chunk %s/%d was completed by another attempt while it was being "
+                            "dead-lettered: its part stands and is counted", job, chunk)
+                drop_kept(store, job, chunk)
+                if finished:
+                    finalize_or_fail(store, job, policy)
+                return "kept"
+            ok, codes = _counts(records)
+    finished = store.complete_dead(job, chunk, task.count, error, attempts, ok=ok, codes=codes)
+    if finished is None:
+        return _kept(store, task, attempts, error, policy)
+    log.error("chunk %s/%d dead-lettered after %d attempts: %s", job, chunk, attempts, error)
     if finished:
         finalize_or_fail(store, job, policy)
     return "dead"
+
+
+def _kept(store: JobStore, task: ChunkTask, attempts: int, error: str, policy: OutputPolicy | None) -> str:
+    job, chunk = task.job_id, task.chunk
+    log.warning("chunk %s/%d was completed by an earlier attempt: its part is kept (delivery %d "
+                "after: %s)", job, chunk, attempts, error)
+    if is_complete_unfinished(store, job):
+        finalize_or_fail(store, job, policy)
+    return "kept"
 
 
 def _record_from_row(row: dict, top_k: int | None) -> ResultRecord:
@@ -284,4 +408,5 @@ def format_of_part(name: str) -> str:
 
 __all__ = ["PARQUET_COLUMNS", "arrow_schema", "require_pyarrow", "encode_part", "decode_part", "part_jsonl_lines",
            "to_jsonl", "to_parquet", "iter_parquet_records", "parquet_available", "format_of_part",
-           "write_part", "dead_letter", "WriteObserver"]
+           "write_part", "dead_letter", "WriteObserver", "complete_part", "keep_records", "kept_records",
+           "drop_kept", "TRANSIENT_CODES"]

@@ -17,13 +17,19 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
   hnq:job:ID:errcodes         HASH code -> error records of the job (adjusted by difference)
   hnq:job:ID:weights          SET  weights the records were made with
   hnq:job:ID:wsha             HASH weights -> sha256 of their checkpoint (provenance)
-  hnq:job:ID:seen             HASH chunk -> "q TIME" (sent) or "s TIME" (started), for the sweeper
+  hnq:job:ID:seen             HASH chunk -> "q TIME" (sent), "s TIME" (started) or "r TIME" (a
+                                   retry due then), for the sweeper
+  hnq:job:ID:lease            HASH chunk -> "EXPIRY TOKEN": the attempt running it (renewed while
+                                   it runs; hnq.jobs.sweep: a chunk with a live lease is in flight)
+  hnq:job:ID:kept:N           HASH position -> record JSON: records of chunk N an attempt finished
+                                   before it failed (the next attempt fetches only the others)
   hnq:wm:QUEUE                STRING latest send time of a chunk taken from QUEUE (FIFO watermark)
   hnq:job:ID:in:N             STRING the chunk's stored URIs (gzip JSONL) when DEST is Redis
   hnq:job:ID:part:N           STRING the chunk's JSONL records when DEST is Redis
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -49,6 +55,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- Redis lost the job: 
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local dead_now = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1
 if ARGV[8] == 'dead' and prev and not dead_now then return -1 end
+-- counted once: a later completion of a completed chunk changes nothing (its part stands too)
+if ARGV[8] == 'ok' and prev and not dead_now then return 2 end
 if prev then
   local pok, pf = string.match(prev, '(%d+) (%d+)')
   redis.call('HINCRBY', KEYS[1], 'succeeded', 0 - tonumber(pok))
@@ -140,6 +148,49 @@ return state
 """
 
 
+# KEYS: job, done, dead, lease ; ARGV: chunk, now, expiry, token, ttl.  Returns {verdict, time}:
+# 'missing' (Redis lost the job), 'cancelled', 'done' (completed, not dead-lettered: nothing to do),
+# 'busy' + the other attempt's lease expiry, or 'ok' + ours (the lease is taken).
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', '0'} end
+if state == 'cancelled' then return {'cancelled', '0'} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
+  return {'done', '0'}
+end
+local cur = redis.call('HGET', KEYS[4], ARGV[1])
+if cur then
+  local exp, tok = string.match(cur, '^(%S+) (%S+)$')
+  if tok ~= ARGV[4] and tonumber(exp) and tonumber(exp) > tonumber(ARGV[2]) then return {'busy', exp} end
+end
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+return {'ok', ARGV[3]}
+"""
+
+# KEYS: lease ; ARGV: chunk, token, 'renew'|'release', expiry.  Only the holder renews or releases.
+_CHUNK_LEASE = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local _, tok = string.match(cur, '^(%S+) (%S+)$')
+if tok ~= ARGV[2] then return 0 end
+if ARGV[3] == 'renew' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[4] .. ' ' .. ARGV[2]) return 1 end
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+# KEYS: part ; ARGV: data, expected sha1 ('' = only if absent), ttl.  1 written, 0 condition failed.
+_PUT_PART_IF = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[2] == '' then
+  if cur then return 0 end
+elseif not cur or redis.sha1hex(cur) ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
+
 class _Retry(Retry):
     """Backoff on connection trouble, but a wrong password is not trouble that passes."""
 
@@ -203,6 +254,9 @@ class JobStore:
         self._start = self.r.register_script(_START)
         self._finish = self.r.register_script(_FINISH)
         self._cancel = self.r.register_script(_CANCEL)
+        self._claim = self.r.register_script(_CLAIM)
+        self._chunk_lease = self.r.register_script(_CHUNK_LEASE)
+        self._put_part_if = self.r.register_script(_PUT_PART_IF)
 
     def ping_fast(self, within_s: float = 8.0) -> None:
         """Raise redis.ConnectionError (or AuthenticationError) unless Redis answers within about
@@ -380,12 +434,15 @@ class JobStore:
         args = [chunk, ok, failed, time.time(), self.ttl, json.dumps(codes or {}), weights or "", "ok", ""]
         return self._complete(keys=self._outcome_keys(job_id), args=args) == 1
 
-    def complete_dead(self, job_id: str, chunk: int, count: int, error: str, attempts: int) -> int | None:
-        """Record a dead-lettered chunk (all ``count`` URIs failed), atomically, unless an earlier
-        attempt completed it: then nothing changes and None is returned (its part must be kept).
-        Else 1 if the job is now complete, 0 if not."""
+    def complete_dead(self, job_id: str, chunk: int, count: int, error: str, attempts: int, *,
+                      ok: int = 0, codes: dict[str, int] | None = None) -> int | None:
+        """Record a dead-lettered chunk (``count`` URIs; ``ok`` of them labelled by earlier
+        attempts and in its part, ``codes`` its error records, default all chunk_failed),
+        atomically, unless an earlier attempt completed it: then nothing changes and None is
+        returned (its part must be kept). Else 1 if the job is now complete, 0 if not."""
         entry = json.dumps({"count": count, "error": error[:2000], "attempts": attempts, "at": time.time()})
-        args = [chunk, 0, count, time.time(), self.ttl, json.dumps({"chunk_failed": count}), "", "dead", entry]
+        codes = codes if codes is not None else {"chunk_failed": count - ok}
+        args = [chunk, ok, count - ok, time.time(), self.ttl, json.dumps(codes), "", "dead", entry]
         res = self._complete(keys=self._outcome_keys(job_id), args=args)
         return None if res == -1 else int(res)
 
@@ -430,3 +487,70 @@ class JobStore:
     def iter_parts(self, job_id: str, chunks: int) -> Iterator[tuple[int, str | None]]:
         for c in range(chunks):
             yield c, self.get_part(job_id, c)
+
+    # -- per-chunk leases (worker.chunk takes them, hnq.jobs.sweep reads them) --
+    def claim_chunk(self, job_id: str, chunk: int, token: str, lease_s: float) -> tuple[str, float]:
+        """Before any work on a delivery: ('done', 0) when the chunk is completed (not
+        dead-lettered); ('busy', expiry) when another attempt holds a live lease; ('ok', expiry)
+        when this attempt now holds it; ('missing', 0) / ('cancelled', 0) as the job's state says."""
+        now = time.time()
+        keys = [self.key(job_id), self.key(job_id, "done"), self.key(job_id, "dead"), self.key(job_id, "lease")]
+        verdict, at = self._claim(keys=keys, args=[chunk, f"{now:.3f}", f"{now + lease_s:.3f}", token, self.ttl])
+        return verdict, float(at)
+
+    def renew_chunk_lease(self, job_id: str, chunk: int, token: str, lease_s: float) -> bool:
+        """Push the lease's expiry on; False when it is no longer ours."""
+        return bool(self._chunk_lease(keys=[self.key(job_id, "lease")],
+                                      args=[chunk, token, "renew", f"{time.time() + lease_s:.3f}"]))
+
+    def release_chunk_lease(self, job_id: str, chunk: int, token: str) -> None:
+        self._chunk_lease(keys=[self.key(job_id, "lease")], args=[chunk, token, "release", "0"])
+
+    def chunk_leases(self, job_id: str) -> dict[int, float]:
+        """chunk -> expiry of the lease of the attempt running it (expired ones included)."""
+        out = {}
+        for c, v in self.r.hscan_iter(self.key(job_id, "lease"), count=1000):
+            out[int(c)] = float(v.split(" ", 1)[0])
+        return out
+
+    def mark_retry(self, job_id: str, chunk: int, at: float) -> None:
+        """Sweeper bookkeeping: the chunk's failed attempt is retried at ``at`` (seen "r AT"; the
+        retry is held by a worker, not in the list, so it moves no watermark)."""
+        k = self.key(job_id, "seen")
+        with self.r.pipeline(transaction=False) as p:
+            p.hset(k, chunk, f"r {at:.3f}")
+            p.expire(k, self.ttl)
+            p.execute()
+
+    def forget_attempts(self, job_id: str, chunks: list[int]) -> None:
+        """A re-send (sweeper, resume): these chunks get a fresh allowance of attempts."""
+        if chunks:
+            self.r.hdel(self.key(job_id, "attempts"), *chunks)
+
+    # -- records kept across attempts (hnq.jobs.parts.keep_records) --
+    def keep_records(self, job_id: str, chunk: int, records: dict[int, str]) -> None:
+        if not records:
+            return
+        k = self.key(job_id, "kept", str(chunk))
+        with self.r.pipeline(transaction=False) as p:
+            p.hset(k, mapping={str(i): v for i, v in records.items()})
+            p.expire(k, self.ttl)
+            p.execute()
+
+    def kept_records(self, job_id: str, chunk: int) -> dict[int, str]:
+        return {int(i): v for i, v in self.r.hgetall(self.key(job_id, "kept", str(chunk))).items()}
+
+    def drop_kept(self, job_id: str, chunk: int) -> None:
+        self.r.delete(self.key(job_id, "kept", str(chunk)))
+
+    # -- conditional part writes when DEST is Redis --
+    def get_part_versioned(self, job_id: str, chunk: int) -> tuple[bytes, str] | None:
+        """(bytes, version) of the part, or None; the version is what :meth:`put_part_if` expects."""
+        v = self._binary().get(self.key(job_id, "part", str(chunk)))
+        return None if v is None else (v, hashlib.sha1(v).hexdigest())
+
+    def put_part_if(self, job_id: str, chunk: int, jsonl: bytes, expect: str | None) -> bool:
+        """Write the part only if it does not exist (``expect`` None) or still has version
+        ``expect``; False when that condition failed (nothing written)."""
+        return bool(self._put_part_if(keys=[self.key(job_id, "part", str(chunk))],
+                                      args=[jsonl, expect or "", self.ttl]))

@@ -1,29 +1,29 @@
-"""Healing lost messages without a person: the sweeper.
+"""Healing lost messages without a person: the sweeper, and the one rule for re-sending a chunk.
 
 A chunk message can vanish (the queue list deleted, an AOF `everysec` window, an operator's
 FLUSH of the wrong DB). Its URIs are safe in storage (the claim check), so a chunk can always be
-sent again; the question is only *when* a chunk is lost rather than waiting. A chunk of a live,
-sealed job is **stalled** when it is
+sent again; the question is only *when* a chunk is lost rather than waiting. The rule, judged
+from our own Redis state only (:func:`lost_chunks`; kombu's private ``unacked`` hash is not read):
+a chunk of a live, sealed job may be sent again when it is
 
-  * not done (no outcome in hnq:job:ID:done),
-  * not in flight (not in kombu's ``unacked`` hash, which holds every message a worker has taken
-    and not yet acknowledged; it is small: workers x prefetch),
-  * not possibly still queued: the queue list is empty, or a chunk sent later than this one's last
-    event has already been taken from it (the list is FIFO; hnq:wm:QUEUE is the latest send time
-    of a taken chunk, kept by the workers at start),
-  * and its last event (sent or started, hnq:job:ID:seen) is older than the visibility timeout
-    (twice that plus the restore scan after a start, so kombu's own redelivery of a dead worker's
-    chunk comes first).
+  * not done: no outcome in hnq:job:ID:done (a dead letter is an outcome: `hardnet redrive`),
+  * not in flight: no live lease in hnq:job:ID:lease (the attempt running a chunk holds one and
+    renews it while it runs; worker.chunk),
+  * not possibly queued: its last send (hnq:job:ID:seen "q TIME") is not newer than the queue's
+    watermark (hnq:wm:QUEUE, the latest send time of a chunk taken from that list, which is FIFO),
+    or the list is empty,
+  * and quiet for ``quiet_s``: that long since it was sent, or since its lease expired (the
+    sweeper uses the visibility timeout, so kombu's own redelivery of a dead worker's chunk comes
+    first; `hardnet resume`, an operator's order, a few seconds).
 
-Stalled chunks are re-sent from their stored inputs. A false positive costs a duplicate run (the
-part name is deterministic and counters are per chunk, so the result is the same), never data.
-Workers sweep every ``HARDNET_SWEEP_INTERVAL`` s (one at a time, under a Redis lock); ``hardnet
-sweep`` runs one pass by hand, and ``hardnet status JOB`` shows the stalled chunks.
+The sweeper and `hardnet resume` both re-send by this rule and reset the chunk's attempt budget
+(:func:`resend_chunk`). A false positive costs one message: a delivery of a done chunk is
+acknowledged without fetching anything, and one of a chunk whose lease is live waits for it
+(worker.chunk). Workers sweep every ``HARDNET_SWEEP_INTERVAL`` s (one at a time, under a Redis
+lock); ``hardnet sweep`` runs one pass by hand, and ``hardnet status JOB`` shows the stalled chunks.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import time
 from typing import Callable
@@ -40,8 +40,12 @@ log = logging.getLogger("hardnet.sweep")
 
 #: seconds of clock skew tolerated between producers and workers
 SKEW_S = 5.0
-UNACKED_KEY = "unacked"   # kombu's Redis transport default
+#: `hardnet resume`'s quiet period: seconds since a chunk was sent (or its lease expired)
+RESUME_QUIET_S = 10.0
 LOCK_KEY = "hnq:sweep:lock"
+#: kombu's Redis transport's hash of taken messages: only its length is read (producer.exporter's
+#: metric); what is in flight is judged from our own leases
+UNACKED_KEY = "unacked"
 
 
 def send_chunk(app, store: JobStore, queue: str, task: ChunkTask, producer=None) -> None:
@@ -52,7 +56,8 @@ def send_chunk(app, store: JobStore, queue: str, task: ChunkTask, producer=None)
 
 def resend_chunk(app, store: JobStore, queue: str, job_id: str, chunk: int, model: str,
                  dest: str | None) -> bool:
-    """Send a chunk again from its stored inputs (redrive, sweep, resume). False if they are gone."""
+    """Send a chunk again from its stored inputs (redrive, sweep, resume), with a fresh attempt
+    budget. False if the inputs are gone."""
     got = read_chunk_uris(store, dest, job_id, chunk)
     if got is None:
         log.error("chunk %s/%d cannot be sent again: its stored inputs are missing", job_id, chunk)
@@ -60,59 +65,61 @@ def resend_chunk(app, store: JobStore, queue: str, job_id: str, chunk: int, mode
     uris, digest = got
     # The job's options travel with every send (a re-sent Parquet chunk stays Parquet).
     opts = JobOptions.from_json(store.r.hget(store.key(job_id), "options")).for_message()
+    store.forget_attempts(job_id, [chunk])
     send_chunk(app, store, queue, ChunkTask(job_id=job_id, chunk=chunk, count=len(uris), digest=digest,
                                             model=model, dest=dest, options=opts))
     return True
 
 
-def in_flight(store: JobStore) -> set[tuple[str, int]]:
-    """(job, chunk) of every chunk message taken by a worker and not yet acknowledged."""
-    out = set()
-    for raw in store.r.hvals(UNACKED_KEY):
-        try:
-            msg = json.loads(raw)[0]
-            if msg.get("headers", {}).get("task") != TASK_CLASSIFY:
-                continue
-            body = json.loads(base64.b64decode(msg["body"]))
-            p = body[0][0]
-            out.add((p["job_id"], int(p["chunk"])))
-        except (ValueError, KeyError, IndexError, TypeError):
-            continue
-    return out
-
-
-def stalled_chunks(store: JobStore, job_id: str, visibility_timeout: float, *,
-                   flying: set[tuple[str, int]] | None = None, now: float | None = None) -> list[int]:
-    h = store.raw(job_id)
+def lost_chunks(store: JobStore, job_id: str, quiet_s: float, *, now: float | None = None,
+                h: dict | None = None) -> list[int]:
+    """The chunks of ``job_id`` that may be sent again (the rule in this module's docstring):
+    neither done, in flight (a live lease) nor possibly queued, and quiet for ``quiet_s``."""
+    h = store.raw(job_id) if h is None else h
     if not h or h.get("state") not in ("queued", "running") or h.get("sealed") != "1":
         return []
     now = now or time.time()
     queue = h.get("queue") or "hardnet"
     qlen = store.r.llen(queue)
     wm = store.watermark(queue)
-    flying = in_flight(store) if flying is None else flying
     done = store.done_chunks(job_id)
     seen = store.seen(job_id)
+    leases = store.chunk_leases(job_id)
     submitted = float(h.get("submitted_at") or now)
     out = []
     for c in range(int(h.get("chunks") or 0)):
-        if c in done or (job_id, c) in flying:
+        if c in done:
             continue
         kind, at = seen.get(c, ("q", submitted))
-        quiet = visibility_timeout if kind == "q" else 2 * visibility_timeout + 30
-        if now - at <= quiet:
-            continue
-        if qlen > 0 and wm <= at + SKEW_S:
-            continue      # it may still be waiting in the list
+        lease = leases.get(c)
+        if lease is not None and lease + SKEW_S > now:
+            continue                              # in flight: its attempt renews the lease
+        if kind == "q":
+            if now - at <= quiet_s or (qlen > 0 and wm <= at + SKEW_S):
+                continue                          # just sent, or may still be waiting in the list
+        elif kind == "r":
+            if now - at <= quiet_s:
+                continue                          # a failed attempt's retry, due at `at`
+        else:
+            # started: quiet since its lease expired (a worker without leases: since the start,
+            # for twice the quiet period)
+            since = lease if lease is not None else at
+            if now - since <= (quiet_s if lease is not None else 2 * quiet_s + 30):
+                continue
         out.append(c)
     return out
+
+
+def stalled_chunks(store: JobStore, job_id: str, visibility_timeout: float, *,
+                   now: float | None = None) -> list[int]:
+    """What the sweeper would re-send now (`hardnet status JOB` lists them as stalled)."""
+    return lost_chunks(store, job_id, visibility_timeout, now=now)
 
 
 def sweep(store: JobStore, app, visibility_timeout: float, jobs: list[str] | None = None,
           send: Callable | None = None) -> dict[str, list[int]]:
     """One pass over the recent live jobs: re-send stalled chunks, finalise jobs whose every chunk
     is done but which have no final state. Returns {job: chunks re-sent}."""
-    flying = in_flight(store)
     sent: dict[str, list[int]] = {}
     for job in jobs if jobs is not None else store.recent(500):
         try:
@@ -120,7 +127,7 @@ def sweep(store: JobStore, app, visibility_timeout: float, jobs: list[str] | Non
                 log.warning("job %s: every chunk is done but it was not finalised; finalising", job)
                 finalize_or_fail(store, job)
                 continue
-            stalled = stalled_chunks(store, job, visibility_timeout, flying=flying)
+            stalled = stalled_chunks(store, job, visibility_timeout)
             if not stalled:
                 continue
             h = store.raw(job)

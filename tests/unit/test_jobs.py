@@ -16,9 +16,11 @@ def test_duplicate_completion_does_not_double_count(store):
     assert store.start_chunk("j1", 0) == ("queued", 1)
     assert store.start_chunk("j1", 0) == ("running", 2)   # redelivered: second attempt
     assert not store.complete_chunk("j1", 0, 30, 2)
-    assert not store.complete_chunk("j1", 0, 31, 1)      # the duplicate run replaces, not adds
+    assert not store.complete_chunk("j1", 0, 31, 1)      # the duplicate run neither adds nor replaces
     info = store.info("j1")
-    assert (info.succeeded, info.failed, info.chunks_done, info.state) == (31, 1, 1, "running")
+    # issue 19: counters move only on a chunk's first completion (was (31, 1): the last write won,
+    # which let a later, worse attempt change a completed chunk's counts)
+    assert (info.succeeded, info.failed, info.chunks_done, info.state) == (30, 2, 1, "running")
     assert info.started_at is not None
 
 
