@@ -4,8 +4,15 @@ for log pipelines (one JSON object per line: time, level, logger, message, worke
 A chunk's task sets the job and chunk for its thread (:func:`chunk_context`); lines logged there
 carry them. The engine's stage threads serve several chunks at once and log without them.
 
-:func:`redact` is also what records pass their URI through (``ResultRecord.uri``): a presigned
-URL keeps its path but loses its signature, a ``user:password@`` loses the password.
+:func:`redact` is for text (log lines, error messages): every ``user:password@`` of a URL and every
+credential query parameter (``X-Amz-Signature=``, ``sig=``, ``token=``...) anywhere in it becomes ``***``.
+
+:func:`redact_uri` is what a record's URI passes through (``ResultRecord.uri``): a URI must stay
+the object's exact name, so only what is a credential *in that kind of URI* goes. An ``http(s)://``
+URL loses the password of its userinfo and the values of credential parameters in its query (and
+fragment), nothing in its path; an ``s3://`` URI and a local path or ``file://`` URI are returned
+as they are (``s3://b/x&token=5/a.jpg`` is a key, not a token); a URI of any other scheme is
+redacted like text.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ _PARAM_RE = re.compile(
 # scheme://user:password@host -> scheme://user:***@host (user alone is kept: it names no secret)
 _USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"'<>]*):[^/\s@\"'<>]*@")
 _REDACTED = "***"
+_SECRET_NAMES = frozenset(p.lower() for p in _SECRET_PARAMS)
+_URI_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 def redact(text: str) -> str:
@@ -38,6 +47,62 @@ def redact(text: str) -> str:
         return text
     text = _USERINFO_RE.sub(lambda m: f"{m.group(1)}:{_REDACTED}@", text)
     return _PARAM_RE.sub(lambda m: m.group(1) + _REDACTED, text)
+
+
+def _redact_params(part: str) -> str:
+    """``a=1&sig=x`` -> ``a=1&sig=***`` (the names in _SECRET_PARAMS, any case)."""
+    items = part.split("&")
+    for i, item in enumerate(items):
+        name, eq, _ = item.partition("=")
+        if eq and name.lower() in _SECRET_NAMES:
+            items[i] = f"{name}={_REDACTED}"
+    return "&".join(items)
+
+
+def _redact_http(uri: str) -> str:
+    scheme_end = uri.index("://") + 3
+    rest = uri[scheme_end:]
+    cut = len(rest)
+    for ch in "/?#":
+        j = rest.find(ch)
+        if j != -1:
+            cut = min(cut, j)
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        userinfo, _, hostport = authority.rpartition("@")
+        if ":" in userinfo:
+            authority = f"{userinfo.split(':', 1)[0]}:{_REDACTED}@{hostport}"
+    if "=" in tail:
+        before, hash_, fragment = tail.partition("#")
+        path, qmark, query = before.partition("?")
+        tail = (path + qmark + (_redact_params(query) if qmark else "")
+                + hash_ + (_redact_params(fragment) if hash_ else ""))
+    return uri[:scheme_end] + authority + tail
+
+
+def redact_uri(uri: str) -> str:
+    """A record's URI with only its credentials replaced by ***: the password of an http(s) URL's
+    userinfo and credential parameters of its query or fragment. ``s3://`` URIs (the raw key,
+    hnq.uris), local paths and ``file://`` URIs come back unchanged; other schemes as :func:`redact`."""
+    m = _URI_SCHEME_RE.match(uri)
+    if m is None:
+        return uri                                  # a plain local path
+    scheme = m.group(1).lower()
+    if scheme in ("s3", "file"):
+        return uri
+    if scheme in ("http", "https") and uri[m.end():m.end() + 2] == "//":
+        if "=" not in uri and "@" not in uri:
+            return uri
+        return _redact_http(uri)
+    if len(scheme) == 1:
+        return uri                                  # a Windows-style drive letter: a path
+    return redact(uri)
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether a record of ``uri`` would hide part of it (:func:`redact_uri`): a password or a
+    credential parameter in an http(s) URL."""
+    return ("=" in uri or "@" in uri) and redact_uri(uri) != uri
 
 
 _job: contextvars.ContextVar[str | None] = contextvars.ContextVar("hardnet_job", default=None)
@@ -124,5 +189,5 @@ def setup_cli(level: int, fmt: str) -> None:
     install(logging.getLogger(), fmt)
 
 
-__all__ = ["redact", "chunk_context", "set_worker", "install", "setup_cli", "JsonFormatter",
+__all__ = ["redact", "redact_uri", "has_credentials", "chunk_context", "set_worker", "install", "setup_cli", "JsonFormatter",
            "RedactingFilter"]

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hnq.errors import ErrorCode
-from hnq.logs import redact
+from hnq.logs import redact, redact_uri
 from hnq.models import MODELS
 from hnq.options import DEFAULT_OPTIONS, JobOptions
 
@@ -66,8 +66,10 @@ class ResultRecord(BaseModel):
     @classmethod
     def _no_credentials(cls, v: str) -> str:
         # Results are shared more widely than credentials: a presigned URL keeps its path, not its
-        # signature; a user:password@ keeps the user.
-        return redact(v)
+        # signature; a user:password@ keeps the user. Nothing else changes: the URI is the object's
+        # exact name (an S3 key or a file path with "token=" in it is a name, not a credential), so
+        # that --tag, --skip-labelled and readers find the object it names.
+        return redact_uri(v)
 
     @classmethod
     def failure(cls, uri: str, code: ErrorCode | str, message: str, model: str, **kw) -> "ResultRecord":

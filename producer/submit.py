@@ -27,7 +27,7 @@ from hnq.settings import TASK_FINALIZE, celery_config, lean_messages, redact_url
 from hnq.jobs.sweep import resend_chunk, send_chunk
 from hnq.storage import check_writable, open_destination, validate_destination
 from producer.settings import ProducerSettings
-from hnq.logs import redact
+from hnq.logs import redact_uri
 from hnq.sources import chunked
 from producer.joboptions import check_options, only_s3
 
@@ -127,7 +127,7 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         raise ConfigError("--skip-labelled / --since need --out DEST (the earlier jobs' results)")
     size = chunk_size or s.chunk_size
     # What the job records about its sources is for display (status, manifest): no credentials.
-    sources = [redact(x) for x in sources or []]
+    sources = [redact_uri(x) for x in sources or []]   # an S3 prefix stays exact; URL credentials go
     store = store or JobStore(s.broker_url, s.results_ttl_days)
     app = app or sender(s)
     job_id = new_job_id()

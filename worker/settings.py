@@ -134,11 +134,11 @@ class WorkerSettings(CommonSettings):
     output_buckets: Annotated[list[str] | None, NoDecode] = Field(
         None, description="Comma-separated S3 buckets that results may be written to. Unset = any "
         "bucket the worker's credentials can write.")
-    chunk_lease_s: int = Field(
-        30, ge=2, description="Seconds a running chunk's lease lasts without renewal (renewed every "
-        "third of it while the chunk runs; capped at the visibility timeout). Another delivery of "
-        "a chunk whose lease is live waits instead of running it twice; the sweeper and `hardnet "
-        "resume` treat a chunk as in flight while its lease is live.")
+    source_buckets: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Comma-separated S3 buckets that s3:// sources may be read from, and the "
+        "only buckets whose objects `submit --tag` may tag. Any other s3:// URI gets a `forbidden` "
+        "record and is not fetched (a refused tag: a tag_error). Unset = any bucket the worker's "
+        "credentials can read. `hardnet report` fetches thumbnails under the same rule.")
     sweep_interval: int = Field(
         120, ge=0, description="Seconds between the workers' sweeps for lost chunks (chunks of a live "
         "job neither queued, in flight nor done for longer than the visibility timeout are sent "
@@ -166,7 +166,8 @@ class WorkerSettings(CommonSettings):
             max_bytes=self.max_image_bytes, timeout_s=self.fetch_timeout, allow_http=self.allow_http,
             http_allow_hosts=tuple(self.http_allow_hosts), allow_private_networks=self.allow_private_networks,
             file_roots=tuple(self.file_roots) if self.file_roots is not None else (),
-            s3_client=self.s3_get_client)
+            s3_client=self.s3_get_client,
+            source_buckets=tuple(self.source_buckets) if self.source_buckets is not None else None)
 
     @field_validator("s3_get_client")
     @classmethod
@@ -182,7 +183,7 @@ class WorkerSettings(CommonSettings):
         return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("http_allow_hosts", "file_roots", "output_roots", "output_buckets", "job_weights_allow",
-                     mode="before")
+                     "source_buckets", mode="before")
     @classmethod
     def _split_commas(cls, v):
         if isinstance(v, str):

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 from hnq.jobs.index import index_for_finalize, manifest_fields
 from hnq.jobs.inputs import OutputPolicy, check_output
+from hnq.jobs.purge import purge_after_end
 from hnq.jobs.store import JobStore
 from hnq.options import JobOptions
 from hnq.schema import DeadChunk, Manifest
@@ -88,6 +89,10 @@ def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -
         d.put(d.manifest_path(job_id), m.model_dump_json(indent=2).encode(), content_type="application/json")
     state = store.finish(job_id, m.state, m.error)
     log.info("job %s %s", job_id, state)
+    if state in ("done", "done_with_errors", "failed", "cancelled"):
+        # the stored inputs may hold credentials: only those redrive/resume still need stay (hnq.jobs.purge)
+        keep = set() if state == "cancelled" else {x.chunk for x in m.dead_chunks} | set(m.missing_parts)
+        purge_after_end(store, job_id, dest, len(m.parts) + len(m.missing_parts), keep)
     return state
 
 

@@ -13,6 +13,10 @@ too_large, unsupported_scheme, invalid_uri, forbidden, timeout, fetch_error);
 retries later; the image must not get a permanent error record before it gives up), with a code:
 ``throttled`` (SlowDown / 503 / 429), ``timeout`` or ``fetch_error``.
 
+The policy's confinement is checked before any request: http(s) hosts and addresses, file roots,
+and for ``s3://`` the source buckets (``FetchPolicy.source_buckets``, HARDNET_SOURCE_BUCKETS): an
+object of another bucket is ``forbidden`` without a request.
+
 ``s3://`` GETs use obstore or boto3 (``FetchPolicy.s3_client``, see :mod:`hnq.storage.s3.get` and
 :mod:`hnq.storage.s3.get_obstore`), with the same semantics; listing and writes use boto3.
 
@@ -24,18 +28,18 @@ from __future__ import annotations
 import os
 
 from hnq.errors import ConfigError, ErrorCode, ImageError
-from hnq.storage.base import Destination, Fetched, FetchPolicy
+from hnq.storage.base import Destination, Fetched, FetchPolicy, check_source_bucket
 from hnq.storage.file import FileDestination, check_writable_dir, fetch_file
 from hnq.storage.http import fetch_http
 from hnq.storage.s3.client import reset_s3_client, s3_client
 from hnq.storage.s3.destination import S3Destination, check_bucket, parse_destination
 from hnq.storage.s3.get import fetch_s3
-from hnq.uris import InvalidURI, check_basic, file_uri_to_path, path_to_file_uri, scheme_of
+from hnq.uris import InvalidURI, check_basic, file_uri_to_path, parse_s3, path_to_file_uri, scheme_of
 
 __all__ = [
     "FetchPolicy", "Fetched", "fetch", "s3_client", "reset_s3_client", "Destination",
     "S3Destination", "FileDestination", "open_destination", "validate_destination",
-    "check_writable",
+    "check_writable", "check_source_bucket",
 ]
 
 _SUPPORTED = ("s3://BUCKET/KEY, file:///path or a local path, and http(s):// when enabled "
@@ -48,6 +52,8 @@ def fetch(uri: str, policy: FetchPolicy | None = None) -> Fetched:
     check_basic(uri)
     scheme = scheme_of(uri)
     if scheme == "s3":
+        if policy.source_buckets is not None:   # before any request: nothing is fetched outside
+            check_source_bucket(parse_s3(uri)[0], uri, policy.source_buckets)
         return fetch_s3(uri, policy)
     if scheme == "file":
         return fetch_file(uri, policy)

@@ -24,6 +24,9 @@ class FetchPolicy:
       unspecified, multicast... addresses is refused unless True.
     * ``file_roots``: None = local files anywhere; a tuple = only under those directories (after
       resolving symlinks and ``..``); ``()`` = local files refused.
+    * ``source_buckets``: None = ``s3://`` objects of any bucket (what the credentials can read);
+      a tuple = only objects of those buckets, anything else is ``forbidden`` before any request
+      (``HARDNET_SOURCE_BUCKETS``); ``()`` = no ``s3://`` source at all.
     * ``s3_client``: what GETs ``s3://`` objects: ``auto`` (obstore when it is installed, else
       boto3), ``obstore`` or ``boto3`` (see :func:`hnq.storage.s3.get.get_client_for`).
     """
@@ -35,6 +38,14 @@ class FetchPolicy:
     allow_private_networks: bool = False
     file_roots: tuple[str, ...] | None = field(default=None)
     s3_client: str = "auto"
+    source_buckets: tuple[str, ...] | None = None
+
+
+def check_source_bucket(bucket: str, uri: str, buckets: tuple[str, ...] | None) -> None:
+    """ImageError ``forbidden`` unless ``bucket`` is one of ``buckets`` (None = any bucket)."""
+    if buckets is not None and bucket not in buckets:
+        raise ImageError(f"{uri[:300]}: bucket {bucket!r} is not in HARDNET_SOURCE_BUCKETS "
+                         "(the buckets this process may read images from)", ErrorCode.forbidden)
 
 
 @dataclass
@@ -120,17 +131,10 @@ class Destination(abc.ABC):
     def exists(self, relpath: str) -> bool:
         ...
 
-    def get_versioned(self, relpath: str) -> tuple[bytes, str] | None:
-        """(contents, version) of ``relpath``, or None when it does not exist; the version is
-        what :meth:`put_if` compares (S3: the ETag)."""
-        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
-
-    def put_if(self, relpath: str, data: bytes, content_type: str = "application/json", *,
-               expect: str | None = None) -> bool:
-        """Write ``relpath`` only if it does not exist (``expect`` None) or still has the version
-        ``expect`` (from :meth:`get_versioned`); False, nothing written, when that condition
-        failed. Used for parts, which must never regress (hnq.jobs.parts.write_part)."""
-        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+    @abc.abstractmethod
+    def delete(self, relpaths: list[str]) -> int:
+        """Delete these objects (one that does not exist is no error); returns how many were
+        asked for. TransientError / ConfigError as for :meth:`put`."""
 
     @abc.abstractmethod
     def uri(self, relpath: str = "") -> str:

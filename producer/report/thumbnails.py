@@ -1,6 +1,13 @@
-"""Thumbnails for the report's contact sheets: fetched from the sources with this machine's
-credentials (the producer's: S3, local files; http(s) with the usual SSRF guard) and downscaled
-with Pillow into JPEG data URIs, so that the page stays one self-contained file.
+"""Thumbnails for the report's contact sheets: fetched from the sources and downscaled with
+Pillow into JPEG data URIs, so that the page stays one self-contained file.
+
+They are fetched under a worker's confinement, read from the same settings in the environment of
+whoever runs `hardnet report` (:meth:`worker.settings.WorkerSettings.fetch_policy`): local files
+only under HARDNET_FILE_ROOTS (unset: none), http(s) only with HARDNET_ALLOW_HTTP and a host of
+HARDNET_HTTP_ALLOW_HOSTS, never to private networks unless HARDNET_ALLOW_PRIVATE_NETWORKS, S3 only
+from HARDNET_SOURCE_BUCKETS (unset: any), HARDNET_MAX_IMAGE_BYTES at most. A record's URI is not
+trusted to pick what the operator's credentials read. A refused thumbnail shows the reason in its
+place. S3 GETs use boto3 (this machine's credentials, within those buckets).
 
 Pillow is a worker dependency, not the producer's: it is imported only when thumbnails are made,
 and without it the page says so where the thumbnails would be.
@@ -8,6 +15,7 @@ and without it the page says so where the thumbnails would be.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,10 +35,19 @@ def pillow():
     return Image
 
 
-def thumbnail(uri: str, Image, px: int = THUMB_PX) -> tuple[str | None, str | None]:
-    """(data URI of a JPEG thumbnail, None) or (None, why not)."""
-    policy = FetchPolicy(max_bytes=50 * 2**20, timeout_s=20, allow_http=True, http_allow_hosts=("*",),
-                         allow_private_networks=False, file_roots=None, s3_client="boto3")
+def thumb_policy() -> FetchPolicy:
+    """A worker's fetch policy from this environment's HARDNET_* settings (ConfigError for a bad
+    one), with boto3 for S3."""
+    from worker.settings import WorkerSettings   # torch-free; imported here as the demo does
+
+    return dataclasses.replace(WorkerSettings().fetch_policy(), s3_client="boto3")
+
+
+def thumbnail(uri: str, Image, px: int = THUMB_PX,
+              policy: FetchPolicy | None = None) -> tuple[str | None, str | None]:
+    """(data URI of a JPEG thumbnail, None) or (None, why not). ``policy``: :func:`thumb_policy`
+    when None."""
+    policy = policy or thumb_policy()
     try:
         data = fetch(uri, policy).data
     except Exception as e:  # noqa: BLE001 - a missing thumbnail is a note, not a failure
@@ -52,9 +69,10 @@ def fetch_thumbnails(uris: list[str], threads: int = 8) -> dict[str, tuple[str |
     Image = pillow()
     if Image is None or not uris:
         return {}
+    policy = thumb_policy()
     uniq = list(dict.fromkeys(uris))
     with ThreadPoolExecutor(threads, thread_name_prefix="hnq-thumb") as ex:
-        return dict(zip(uniq, ex.map(lambda u: thumbnail(u, Image), uniq)))
+        return dict(zip(uniq, ex.map(lambda u: thumbnail(u, Image, policy=policy), uniq)))
 
 
 def thumb_uris(st: ReportStats, sheet_classes: int) -> list[str]:

@@ -37,41 +37,6 @@ class S3Destination(Destination):
         except Exception as e:  # noqa: BLE001
             raise destination_error(e, self.uri(relpath)) from None
 
-    def get_versioned(self, relpath: str) -> tuple[bytes, str] | None:
-        key = self._key(relpath)
-        try:
-            resp = s3_client().get_object(Bucket=self.bucket, Key=key)
-            try:
-                return resp["Body"].read(), resp["ETag"]
-            finally:
-                resp["Body"].close()
-        except bex.ClientError as e:
-            code, status = code_and_status(e)
-            if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
-                return None
-            raise destination_error(e, self.uri(relpath)) from None
-        except Exception as e:  # noqa: BLE001
-            raise destination_error(e, self.uri(relpath)) from None
-
-    def put_if(self, relpath: str, data: bytes, content_type: str = "application/json", *,
-               expect: str | None = None) -> bool:
-        """S3's conditional PUT: ``If-None-Match: *`` (create only) or ``If-Match: ETag``; a 412
-        (or a 409 from a concurrent conditional write) is False."""
-        cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
-        try:
-            s3_client().put_object(Bucket=self.bucket, Key=self._key(relpath), Body=data,
-                                   ContentType=content_type, **cond)
-            return True
-        except bex.ClientError as e:
-            code, status = code_and_status(e)
-            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            if expect is not None and (code == "NoSuchKey" or status == 404):
-                return False       # the version we checked is gone
-            raise destination_error(e, self.uri(relpath)) from None
-        except Exception as e:  # noqa: BLE001
-            raise destination_error(e, self.uri(relpath)) from None
-
     def get(self, relpath: str) -> bytes | None:
         key = self._key(relpath)
         try:
@@ -100,6 +65,22 @@ class S3Destination(Destination):
             raise destination_error(e, self.uri(relpath)) from None
         except Exception as e:  # noqa: BLE001
             raise destination_error(e, self.uri(relpath)) from None
+
+    def delete(self, relpaths: list[str]) -> int:
+        keys = [self._key(r) for r in relpaths]
+        for i in range(0, len(keys), 1000):      # DeleteObjects takes up to 1,000 keys
+            batch = keys[i:i + 1000]
+            try:
+                resp = s3_client().delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in batch], "Quiet": True})
+            except Exception as e:  # noqa: BLE001
+                raise destination_error(e, self.uri(relpaths[i])) from None
+            errors = [x for x in resp.get("Errors", []) if x.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise ConfigError(f"could not delete {len(errors)} object(s) under {self.dest}, e.g. "
+                                  f"{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}".rstrip())
+        return len(keys)
 
     def list(self, relprefix: str = "") -> list[str]:
         n = len(self.prefix)

@@ -20,6 +20,11 @@ apostrophes ("potter's wheel", "jack-o'-lantern"): apostrophes are dropped ("pot
 other character outside the pattern becomes a space (runs collapsed), and the value is cut to 256
 UTF-16 units. The record keeps the exact label; the tag is its S3-safe spelling.
 
+Only objects of buckets this worker may read images from are tagged (``HARDNET_SOURCE_BUCKETS``,
+unset = any): tagging writes to the object itself, so it is held to the same allow-list as reading
+it. A record whose object lies outside gets ``tag_error`` with a message that begins
+``forbidden:`` and names the bucket; no request is made for it.
+
 A tag failure never fails the chunk or the record's labels: the record keeps ``status: ok`` and
 gets ``tag_error: {code: tag_error, message}`` (and the job ends ``done_with_errors``). Calls use
 the worker's shared boto3 client, so its retry rules apply (HARDNET_S3_RETRY_MODE /
@@ -131,9 +136,12 @@ def tag_object(uri: str, ours: dict[str, str], client=None) -> str:
     return "tagged"
 
 
-def tag_records(records: list[ResultRecord], threads: int = 16, client=None) -> tuple[list[ResultRecord], dict]:
+def tag_records(records: list[ResultRecord], threads: int = 16, client=None,
+                buckets: tuple[str, ...] | None = None) -> tuple[list[ResultRecord], dict]:
     """Tag every labelled record's S3 object; returns the records (a failed one with its
-    ``tag_error`` set) and counts {'tagged', 'unchanged', 'failed'}."""
+    ``tag_error`` set) and counts {'tagged', 'unchanged', 'failed'}. ``buckets``: the buckets
+    whose objects may be tagged (HARDNET_SOURCE_BUCKETS; None = any); another bucket's object
+    gets a ``forbidden:`` tag_error and no request."""
     out = list(records)
     counts = {"tagged": 0, "unchanged": 0, "failed": 0}
     todo = [i for i, r in enumerate(records) if r.status == "ok" and r.labels]
@@ -142,6 +150,11 @@ def tag_records(records: list[ResultRecord], threads: int = 16, client=None) -> 
         r = records[i]
         if not r.uri.startswith("s3://"):
             return i, None, "not tagged: only s3:// objects have object tags"
+        if buckets is not None:
+            bucket = r.uri[5:].split("/", 1)[0]
+            if bucket not in buckets:
+                return i, None, (f"forbidden: not tagged: bucket {bucket!r} is not in this worker's "
+                                 "HARDNET_SOURCE_BUCKETS (the only buckets it may tag)")
         try:
             return i, tag_object(r.uri, tags_for(r), client), None
         except TagFailed as e:
