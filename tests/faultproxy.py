@@ -140,6 +140,8 @@ class FaultProxy:
     def _decide(self, method: str, path: str) -> _Fault | None:
         with self._lock:
             self._stats["requests"] += 1
+            key = f"{method.upper()} {path}"      # requests per method and path (count GETs of an object)
+            self._stats.setdefault("paths", {})[key] = self._stats.get("paths", {}).get(key, 0) + 1
             f = self._fault
             if f is not None and f.take(method, path):
                 self._stats["faults"] += 1
