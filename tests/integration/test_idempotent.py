@@ -113,3 +113,28 @@ def test_resume_of_a_running_and_of_a_done_job_does_nothing_twice(redis_url, s3,
     assert len(gets) == n and set(gets.values()) == {1}, gets
     starts = re.findall(rf"chunk {job}/(\d+) attempt (\d+) started", log)
     assert sorted(int(c) for c, _ in starts) == list(range(n // size)) and {a for _, a in starts} == {"1"}, starts
+
+
+def test_a_failed_part_write_retries_the_write_not_the_labelling(redis_url, s3, proxy, tmp_path):
+    """The part's PUT fails once (500, no client retry): the chunk's records were kept, so its
+    retry fetches no image again and only writes."""
+    _fill(s3, 8)
+    env = base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"), HARDNET_SWEEP_INTERVAL="0",
+                   HARDNET_S3_MAX_ATTEMPTS="1", HARDNET_RETRY_BACKOFF_MAX="1", **s3_env(proxy.url))
+    proxy.set_fault("500", count=1, method="PUT", path="part-00000")
+    w = Worker(env, "rewrite", tmp_path)
+    try:
+        w.wait_ready()
+        rc, sub = cli_json(["submit", "s3://src-in/p/", "--out", "s3://dst-out/r/", "--chunk-size", "8",
+                            "--wait", "--json"], env, timeout=240)
+        log = w.log()
+        gets = _gets(proxy, "/src-in/")
+        stats = proxy.stats()
+    finally:
+        w.stop()
+    assert rc == 0 and sub["state"] == "done" and sub["succeeded"] == 8, sub
+    assert stats["by_mode"].get("500") == 1
+    job = sub["job_id"]
+    assert f"chunk {job}/0 attempt 2 started" in log, log[-3000:]
+    assert "8 records kept from an earlier attempt, nothing fetched" in log, log[-3000:]
+    assert len(gets) == 8 and set(gets.values()) == {1}, gets      # each image fetched once in all
