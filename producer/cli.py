@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -24,6 +25,19 @@ def _version() -> str:
     return f"hardnet-queue {v} (python {sys.version.split()[0]})"
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr that names it, and exit 2 (argparse prints the whole
+    usage first; `COMMAND --help` shows it). The subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        # "argument --top-k: --top-k 0: out of range…" (producer.args' messages name their option
+        # themselves) -> "--top-k 0: out of range…"; argparse's own messages keep their prefix
+        m = re.match(r"argument (\S+): (.*)", message, re.S)
+        if m and any(m.group(2).startswith(n + " ") for n in m.group(1).split("/")):
+            message = m.group(2)
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The worker side's commands are imported when the parser is built, not at the top: importing
     # producer.cli (or any producer module) loads nothing of worker/, which is reached only here, in
@@ -32,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     # (tests/unit/test_cli.py::test_producer_commands_never_import_torch).
     from worker import commands as worker_commands
 
-    p = argparse.ArgumentParser(prog="hardnet", formatter_class=HelpFormatter,
-                                description="Label images with HarDNet, locally or on a worker fleet.")
+    p = Parser(prog="hardnet", formatter_class=HelpFormatter,
+               description="Label images with HarDNet, locally or on a worker fleet.")
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")

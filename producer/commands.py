@@ -10,17 +10,20 @@ import argparse
 import json
 import sys
 
-from hnq.console import EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, add_command, err
+from hnq.console import (EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TIMEOUT, STATE_EXIT, add_command,
+                         err)
 from hnq.errors import ConfigError
 from hnq.jobs.parts import part_jsonl_lines
 from hnq.jobs.sweep import stalled_chunks, sweep
 from hnq.options import JobOptions
 from hnq.schema import MODELS
-from hnq.storage import open_destination
+from hnq.storage import check_writable, open_destination, validate_destination
+from producer.args import check_output_file, int_range, job_id, job_id_type, setting_range, timeout_seconds
 from producer.connect import job_store, settings
+from producer.settings import ProducerSettings
 from producer.intake import intake
 from producer.joboptions import add_arguments as add_job_options
-from producer.joboptions import options_from_args
+from producer.joboptions import check_options, options_from_args, pyarrow_note
 from producer.progress import wait_for
 
 
@@ -54,9 +57,16 @@ def cmd_submit(a: argparse.Namespace) -> int:
     s = settings()
     if not a.sources and not a.from_file and not a.inventory:
         raise ConfigError("nothing to submit: give SOURCE arguments, --from-file or --inventory")
+    # Everything that can be checked is, before a job, a key or an object exists (the argument
+    # types of `register`, then these): a bad one is exit 2 and leaves nothing behind.
     options = options_from_args(a)
+    check_options(options, a.out, list(a.sources) + (["@"] if a.from_file else [])
+                  + [f"inventory:{m}" for m in a.inventory or ()])
+    if a.out and (a.skip_labelled or a.since):
+        check_writable(validate_destination(a.out))   # before --skip-labelled reads (or indexes) it
+    pyarrow_note(options)
     # the sources as a stream (listings, inventory reports), and the --skip-labelled filter
-    it = intake(s, a, model=a.model or s.model)
+    it = intake(s, a, model=a.model or s.model, tag=options.tag)
     job = submit(s, it.items(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size,
                  store=job_store(s), force=a.force, sources=it.sources, skip=it.skip, index=it.index,
                  options=options)
@@ -122,20 +132,34 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- results
+#: the states in which a job's results are all there (`results` without --partial)
+FINISHED = ("done", "done_with_errors")
+
+
 def cmd_results(a: argparse.Namespace) -> int:
     s = settings()
     store = job_store(s)
     info = store.info(a.job)
     if info is None:
         return lost(s, store, a.job, False)
-    if info.chunks is None:
-        raise ConfigError(f"job {a.job} is still being listed; try again shortly")
+    if info.state not in FINISHED and not a.partial:
+        # Nothing printed: a pipeline must not take part of a job for all of it.
+        ended = info.state in STATE_EXIT        # failed, cancelled, ...: exit 4; not ended: 5
+        err(f"job {a.job} is {info.state if info.chunks is not None else 'still being listed'} "
+            f"({info.chunks_done}/{info.chunks if info.chunks is not None else '?'} chunks done): its "
+            "results are incomplete; " + ("" if ended else f"wait for the end (hardnet wait {a.job}), or ")
+            + "give --partial for the records that exist")
+        return STATE_EXIT[info.state] if ended else EXIT_TIMEOUT
+    if a.output:
+        check_output_file(a.output)
     fmt = JobOptions.from_json(store.raw(a.job).get("options")).format
     dest = open_destination(info.dest) if info.dest else None
+    # still listing (--partial): the chunks done so far; else every chunk the job has
+    chunks = range(info.chunks) if info.chunks is not None else sorted(store.done_chunks(a.job))
     out = open(a.output, "w") if a.output else sys.stdout
     missing = 0
     try:
-        for c in range(info.chunks):
+        for c in chunks:
             if dest:
                 data = dest.get(dest.part_path(a.job, c, fmt))
                 lines = part_jsonl_lines(data, fmt) if data is not None else None  # parquet: read back
@@ -152,9 +176,11 @@ def cmd_results(a: argparse.Namespace) -> int:
     finally:
         if a.output:
             out.close()
-    if missing:
+    if info.chunks is None:
+        err(f"job {a.job} is still being listed: the records of its {len(chunks)} chunks done so far")
+    elif missing:
         err(f"{missing} of {info.chunks} chunks have no results yet (job {info.state})")
-        return EXIT_SOME_FAILED if info.state == "done" else EXIT_OK
+        return EXIT_OK if a.partial else EXIT_SOME_FAILED
     return EXIT_OK
 
 
@@ -215,16 +241,16 @@ def register(sub) -> None:
                    help="an S3 Inventory report (CSV, or Parquet with hardnet-queue[parquet]): its "
                    "s3://…/manifest.json, or the configuration's folder s3://…/SOURCE-BUCKET/CONFIG-ID/ "
                    "for its latest report; repeatable")
-    s.add_argument("--list-threads", type=int, metavar="N",
+    s.add_argument("--list-threads", type=setting_range("--list-threads", ProducerSettings, "list_threads"), metavar="N",
                    help="concurrent listing requests for an s3:// prefix, fanned out over its folders "
                    "(no fixed key order); 1 = one sorted stream; unset: HARDNET_LIST_THREADS (8)")
-    s.add_argument("--list-depth", type=int, metavar="N",
+    s.add_argument("--list-depth", type=setting_range("--list-depth", ProducerSettings, "list_depth"), metavar="N",
                    help="levels of folders below the prefix the listing fans out over; unset: "
                    "HARDNET_LIST_DEPTH (2)")
     s.add_argument("--skip-labelled", action="store_true",
                    help="do not fetch objects that the latest earlier job under --out with the same "
                    "model and sources labelled (same key and ETag); they count as skipped")
-    s.add_argument("--since", metavar="JOB",
+    s.add_argument("--since", type=job_id_type("--since"), metavar="JOB",
                    help="like --skip-labelled, with JOB (under --out) as the earlier job")
     s.add_argument("--index", action="store_true",
                    help="index this job's labelled objects when it ends, for later --skip-labelled "
@@ -232,44 +258,50 @@ def register(sub) -> None:
     s.add_argument("--out", metavar="DEST",
                    help="s3://bucket/prefix/, file:///dir/ or a directory; unset: results kept in Redis")
     s.add_argument("--model", choices=MODELS, help="the model the workers run; unset: HARDNET_MODEL")
-    s.add_argument("--chunk-size", type=int, metavar="N",
-                   help="URIs per chunk (one queue message); unset: HARDNET_CHUNK_SIZE")
+    s.add_argument("--chunk-size", type=setting_range("--chunk-size", ProducerSettings, "chunk_size"), metavar="N",
+                   help="URIs per chunk (one queue message), 1..10000 as HARDNET_CHUNK_SIZE; unset: "
+                   "HARDNET_CHUNK_SIZE")
     s.add_argument("--wait", action="store_true", help="show progress and wait for the end")
-    s.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up waiting after S seconds (exit 5)")
+    s.add_argument("--timeout", type=timeout_seconds, metavar="S", help="with --wait: give up waiting after S seconds (exit 5)")
     s.add_argument("--force", action="store_true",
                    help="allow a job above HARDNET_REDIS_RESULTS_MAX images without --out (results kept in Redis)")
     s.add_argument("--json", action="store_true", help="print the job (and with --wait its summary) as JSON")
     add_job_options(s)   # --format, --top-k, --weights, --tag
 
     wt = add_command(sub, "wait", "show a job's progress until it ends; exit code as submit --wait", cmd_wait)
-    wt.add_argument("job", help="job id")
-    wt.add_argument("--timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 5)")
+    wt.add_argument("job", type=job_id, metavar="JOB", help="job id")
+    wt.add_argument("--timeout", type=timeout_seconds, metavar="S", help="give up waiting after S seconds (exit 5)")
     wt.add_argument("--json", action="store_true", help="print the final summary as JSON")
 
     rs = add_command(sub, "resume", "finish a job from its stored inputs and parts (e.g. after Redis lost it)",
                      cmd_resume)
-    rs.add_argument("job", help="job id")
+    rs.add_argument("job", type=job_id, metavar="JOB", help="job id")
     rs.add_argument("--out", metavar="DEST", help="the job's destination (needed when Redis no longer knows the job)")
     rs.add_argument("--wait", action="store_true", help="then wait for the end, as submit --wait")
-    rs.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S seconds (exit 5)")
+    rs.add_argument("--timeout", type=timeout_seconds, metavar="S", help="with --wait: give up after S seconds (exit 5)")
 
     sw = add_command(sub, "sweep", "re-send chunks of live jobs that are neither queued, in flight nor done",
                      cmd_sweep)
-    sw.add_argument("job", nargs="?", help="only this job; unset: the recent live jobs")
+    sw.add_argument("job", nargs="?", type=job_id, metavar="JOB", help="only this job; unset: the recent live jobs")
 
     st = add_command(sub, "status", "a job's state, or the recent jobs", cmd_status)
-    st.add_argument("job", nargs="?", help="job id; unset: list the recent jobs")
-    st.add_argument("--limit", type=int, default=20, help="how many recent jobs to list")
+    st.add_argument("job", nargs="?", type=job_id, metavar="JOB", help="job id; unset: list the recent jobs")
+    st.add_argument("--limit", type=int_range("--limit", 1), default=20, help="how many recent jobs to list")
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
-    r = add_command(sub, "results", "a job's records as JSON Lines", cmd_results)
-    r.add_argument("job", help="job id")
+    r = add_command(sub, "results", "a finished job's records as JSON Lines (--partial: what a job "
+                    "not finished has so far)", cmd_results)
+    r.add_argument("job", type=job_id, metavar="JOB", help="job id")
     r.add_argument("-o", "--output", metavar="FILE", help="write to FILE; unset: standard output")
     r.add_argument("--failed-only", action="store_true", help="only the records of images that failed")
+    r.add_argument("--partial", action="store_true",
+                   help="print the records that exist of a job that has not finished (queued, running, "
+                   "failed, cancelled) and exit 0; without it such a job prints nothing and exits 5 "
+                   "(not ended yet) or 4 (failed, cancelled)")
 
     k = add_command(sub, "cancel", "drop a job's chunks that have not started", cmd_cancel)
-    k.add_argument("job", help="job id")
+    k.add_argument("job", type=job_id, metavar="JOB", help="job id")
 
     rd = add_command(sub, "redrive", "send a job's dead-lettered chunks again", cmd_redrive)
-    rd.add_argument("job", help="job id")
-    rd.add_argument("--chunk", type=int, help="only this chunk; unset: all of the job's dead letters")
+    rd.add_argument("job", type=job_id, metavar="JOB", help="job id")
+    rd.add_argument("--chunk", type=int_range("--chunk", 0), help="only this chunk; unset: all of the job's dead letters")

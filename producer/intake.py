@@ -12,11 +12,16 @@ from hnq.storage import open_destination, validate_destination
 from producer.incremental import SkipLabelled, find_base
 from hnq.storage.s3.inventory import InventoryStats, iter_inventory, open_report
 from producer.settings import ProducerSettings
-from hnq.sources import expand_sources, read_uri_list
+from hnq.sources import check_sources, check_uri_list, expand_sources, read_uri_list
 
 
 class Intake:
-    def __init__(self, s: ProducerSettings, a: argparse.Namespace, model: str):
+    """The sources, checked on creation before anything exists: the SOURCE arguments' form and
+    local paths (:func:`hnq.sources.check_sources`), the whole --from-file (UTF-8; s3:// only with
+    ``tag``: :func:`hnq.sources.check_uri_list`), then the inventory reports (read) and the
+    --skip-labelled base (which may write an earlier job's index)."""
+
+    def __init__(self, s: ProducerSettings, a: argparse.Namespace, model: str, tag: bool = False):
         self.a = a
         self.threads = a.list_threads if a.list_threads is not None else s.list_threads
         self.depth = a.list_depth if a.list_depth is not None else s.list_depth
@@ -25,6 +30,10 @@ class Intake:
         if self.depth < 0:
             raise ConfigError(f"--list-depth must be at least 0, not {self.depth}")
         self.tmpdir = str(s.spool_dir) if s.spool_dir else None
+        check_sources(a.sources)
+        # read whole now: a non-UTF-8 byte on its last line stops the submit before the job exists
+        self.uri_list = (check_uri_list(a.from_file, tmpdir=self.tmpdir, require_s3=tag)
+                         if a.from_file else None)
         # resolved now: a missing report fails before a job exists, and the job records which one
         self.reports = [open_report(m) for m in (a.inventory or [])]
         self.sources = (list(a.sources) + ([f"@{a.from_file}"] if a.from_file else [])
@@ -52,8 +61,8 @@ class Intake:
         a = self.a
         if a.sources:
             yield from expand_sources(a.sources, list_threads=self.threads, list_depth=self.depth)
-        if a.from_file:
-            yield from read_uri_list(a.from_file)
+        if self.uri_list is not None:
+            yield from read_uri_list(self.uri_list)
         for r in self.reports:
             st = InventoryStats()
             self.inventory_stats.append(st)
@@ -67,5 +76,5 @@ class Intake:
                 f"{job.total} to label")
 
 
-def intake(s: ProducerSettings, a: argparse.Namespace, *, model: str) -> Intake:
-    return Intake(s, a, model)
+def intake(s: ProducerSettings, a: argparse.Namespace, *, model: str, tag: bool = False) -> Intake:
+    return Intake(s, a, model, tag)

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 from hnq.errors import ConfigError
 from hnq.jobs.parts import parquet_available
 from hnq.options import FORMATS, TOP_K_DEFAULT, TOP_K_MAX, TOP_K_MIN, JobOptions, normalize_weights
+from producer.args import int_range
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
@@ -17,7 +18,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--format", choices=FORMATS, default="jsonl",
                    help="part files: jsonl (DEST/JOB/part-NNNNN.jsonl) or parquet (part-NNNNN.parquet; "
                    "needs --out, and pyarrow on the workers; schema: docs/output.md)")
-    s.add_argument("--top-k", type=int, default=TOP_K_DEFAULT, metavar="N",
+    s.add_argument("--top-k", type=int_range("--top-k", TOP_K_MIN, TOP_K_MAX), default=TOP_K_DEFAULT, metavar="N",
                    help=f"labels per record, {TOP_K_MIN}..{TOP_K_MAX}; records carry them as `top5` "
                    "when N is 5, as `topk` otherwise")
     s.add_argument("--weights", metavar="W",
@@ -41,26 +42,33 @@ def options_from_args(a: argparse.Namespace) -> JobOptions:
 
 
 def check_options(options: JobOptions, dest: str | None, sources: list[str] | None = None) -> None:
-    """What can be refused before the job exists (``sources``: the SOURCE arguments, and
-    ``@FILE`` for --from-file, whose URIs are checked as they are read: :func:`only_s3`)."""
+    """What can be refused before the job exists (``sources``: the SOURCE arguments, ``@FILE`` for
+    --from-file, whose lines `hardnet submit` checks before the job too
+    (:func:`hnq.sources.check_uri_list`), and ``inventory:URI`` for an inventory report, which
+    lists S3 objects)."""
     if options.tag:
         for src in sources or ():
-            if not src.startswith("@") and not src.startswith("s3://"):
+            if not src.startswith(("@", "s3://", "inventory:")):
                 raise ConfigError(f"--tag writes S3 object tags, but the source {src[:300]!r} is not "
                                   "s3://; submit the S3 sources alone, or without --tag")
-    if options.format == "parquet":
-        if not dest:
-            raise ConfigError("--format parquet needs --out DEST (results kept in Redis are JSON Lines)")
-        if not parquet_available():
-            # The workers write the parts; this machine reads them (results, report).
-            print("hardnet: note: pyarrow is not installed here: the workers can write the Parquet "
-                  "parts, but `hardnet results` and `hardnet report` need it on this machine too "
-                  "(pip install 'hardnet-queue[parquet]')", file=sys.stderr)
+    if options.format == "parquet" and not dest:
+        raise ConfigError("--format parquet needs --out DEST (results kept in Redis are JSON Lines)")
+
+
+def pyarrow_note(options: JobOptions) -> None:
+    """With --format parquet: say so when this machine cannot read the parts back."""
+    if options.format == "parquet" and not parquet_available():
+        # The workers write the parts; this machine reads them (results, report).
+        print("hardnet: note: pyarrow is not installed here: the workers can write the Parquet "
+              "parts, but `hardnet results` and `hardnet report` need it on this machine too "
+              "(pip install 'hardnet-queue[parquet]')", file=sys.stderr)
 
 
 def only_s3(uris: Iterable[str]) -> Iterator[str]:
     """`--tag` writes S3 object tags: every source must be an S3 object. The first other URI stops
-    the submit (the job is cancelled, exit 2) instead of giving half the job tag errors."""
+    the submit (the job is cancelled, exit 2) instead of giving half the job tag errors. (`hardnet
+    submit` checks its SOURCE arguments and --from-file before the job exists; this is what is
+    left for a caller of :func:`producer.submit.submit` and a file changed in between.)"""
     for u in uris:
         if not str(u).startswith("s3://"):   # str: listings and inventories give SourceObjects
             raise ConfigError(f"--tag writes S3 object tags, but {str(u)[:300]!r} is not an s3:// object; "

@@ -4,6 +4,7 @@ million-key prefix is never held in memory and Redis holds about a kilobyte per 
 "sealed" with its totals at the end, and DEST/JOB_ID/job.json describes it for `hardnet resume`."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from hnq.storage import check_writable, open_destination, validate_destination
 from producer.settings import ProducerSettings
 from hnq.logs import redact_uri
 from hnq.sources import chunked
+from producer.args import field_bounds
 from producer.joboptions import check_options, only_s3
 
 if TYPE_CHECKING:
@@ -97,6 +99,10 @@ class LocalJobs:
         return None
 
 
+NO_IMAGES = ("no images found in the given sources (looked for .jpg .jpeg .png .webp .gif .tif .tiff "
+             ".bmp)")
+
+
 def _too_big_for_redis(limit: int) -> ConfigError:
     return ConfigError(
         f"this job has more than {limit} images and no --out: its results would be kept in Redis and "
@@ -116,6 +122,10 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     options = options or DEFAULT_OPTIONS
     check_options(options, dest, sources)
+    size = s.chunk_size if chunk_size is None else chunk_size
+    lo, hi = field_bounds(ProducerSettings, "chunk_size")
+    if not lo <= size <= hi:   # 0 is not "the default": a caller that means it passes None
+        raise ConfigError(f"--chunk-size {size}: give {lo} to {hi} (the bounds of HARDNET_CHUNK_SIZE)")
     if options.tag:
         uris = only_s3(uris)
     d = None
@@ -125,7 +135,13 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         d = open_destination(dest)
     if skip is not None and d is None:
         raise ConfigError("--skip-labelled / --since need --out DEST (the earlier jobs' results)")
-    size = chunk_size or s.chunk_size
+    # The first URI before the job exists: sources that hold no image (or whose first listing
+    # fails) are refused with nothing created.
+    uris = iter(uris)
+    first = next(uris, None)
+    if first is None:
+        raise ConfigError(NO_IMAGES)
+    uris = itertools.chain([first], uris)
     # What the job records about its sources is for display (status, manifest): no credentials.
     sources = [redact_uri(x) for x in sources or []]   # an S3 prefix stays exact; URL credentials go
     store = store or JobStore(s.broker_url, s.results_ttl_days)
@@ -182,8 +198,7 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     skipped = skip.finish()["skipped"] if skip is not None else 0
     if total == 0 and not skipped:
         store.cancel(job_id)
-        raise ConfigError("no images found in the given sources (looked for .jpg .jpeg .png .webp .gif "
-                          ".tif .tiff .bmp)")
+        raise ConfigError(NO_IMAGES)
     extra = job_fields(skipped, index and d is not None)    # for finalize and resume
     if extra:
         store.r.hset(store.key(job_id), mapping=extra)

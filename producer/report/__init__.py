@@ -19,6 +19,7 @@ import os
 
 from hnq.console import EXIT_OK, add_command, err
 from hnq.storage import open_destination
+from producer.args import check_output_file, int_range, job_id
 from producer.connect import settings
 from producer.report.html import render
 from producer.report.job import JobView, open_job
@@ -40,6 +41,8 @@ def build_report(s, job_id: str, *, dest: str | None = None, top_classes: int = 
 
 def cmd_report(a: argparse.Namespace) -> int:
     s = settings()
+    if a.output:
+        check_output_file(a.output)   # before the parts are read, not after
     page, view, st = build_report(s, a.job, dest=a.out, top_classes=a.classes, sheet_classes=a.sheets,
                                   low_n=a.low, thumbnails=not a.no_thumbnails)
     data = page.encode("utf-8")
@@ -66,14 +69,14 @@ def cmd_report(a: argparse.Namespace) -> int:
 def register(sub) -> None:
     r = add_command(sub, "report", "write a self-contained HTML report of a job (DEST/JOB/report.html) "
                     "and print where", cmd_report)
-    r.add_argument("job", help="job id")
+    r.add_argument("job", type=job_id, metavar="JOB", help="job id")
     r.add_argument("--out", metavar="DEST", help="the job's destination (needed when Redis no longer knows the job)")
     r.add_argument("-o", "--output", metavar="FILE",
                    help="write the page to this local file instead; unset: DEST/JOB/report.html, or "
                    "./hardnet-report-JOB.html for a job whose results are kept in Redis")
-    r.add_argument("--classes", type=int, default=25, metavar="N", help="bars in the label chart")
-    r.add_argument("--sheets", type=int, default=6, metavar="N",
+    r.add_argument("--classes", type=int_range("--classes", 1, 1000), default=25, metavar="N", help="bars in the label chart")
+    r.add_argument("--sheets", type=int_range("--sheets", 0, 1000), default=6, metavar="N",
                    help="contact sheets for the N most frequent classes")
-    r.add_argument("--low", type=int, default=24, metavar="N", help="least confident images shown")
+    r.add_argument("--low", type=int_range("--low", 1, 10_000), default=24, metavar="N", help="least confident images shown")
     r.add_argument("--no-thumbnails", action="store_true",
                    help="fetch no images (the sheets show URIs only)")
