@@ -16,10 +16,11 @@ EXIT_USAGE = 2            # bad arguments or configuration
 EXIT_SOME_FAILED = 3      # the job/command finished, but some images could not be labelled
 EXIT_JOB_FAILED = 4       # the job itself failed, was cancelled, or its state was lost
 EXIT_TIMEOUT = 5          # `wait`/`submit --wait --timeout`: gave up waiting; the job goes on
+EXIT_ABANDONED = 6        # the job's submit died while listing: `hardnet resume JOB` seals and finishes it
 
 #: exit code of a job that ended in this state
 STATE_EXIT = {"done": EXIT_OK, "done_with_errors": EXIT_SOME_FAILED, "failed": EXIT_JOB_FAILED,
-              "cancelled": EXIT_JOB_FAILED, "lost": EXIT_JOB_FAILED}
+              "cancelled": EXIT_JOB_FAILED, "lost": EXIT_JOB_FAILED, "abandoned": EXIT_ABANDONED}
 
 
 class BrokerUnreachable(Exception):

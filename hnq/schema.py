@@ -122,9 +122,11 @@ class ChunkTask(BaseModel):
 
 
 #: done: every image labelled; done_with_errors: some images have error records; failed: chunks
-#: dead-lettered or the output could not be written; cancelled; lost: Redis no longer knows the job.
-JobStateName = Literal["queued", "running", "done", "done_with_errors", "failed", "cancelled", "lost"]
-FINAL_STATES = ("done", "done_with_errors", "failed", "cancelled")
+#: dead-lettered or the output could not be written; cancelled; lost: Redis no longer knows the job;
+#: abandoned: its submit died while listing (ended until `hardnet resume` seals it: hnq.jobs.liveness).
+JobStateName = Literal["queued", "running", "done", "done_with_errors", "failed", "cancelled", "lost",
+                       "abandoned"]
+FINAL_STATES = ("done", "done_with_errors", "failed", "cancelled", "abandoned")
 
 
 class JobInfo(BaseModel):

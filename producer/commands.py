@@ -13,6 +13,7 @@ import sys
 from hnq.console import (EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TIMEOUT, STATE_EXIT, add_command,
                          err)
 from hnq.errors import ConfigError
+from hnq.jobs.liveness import abandon_zombies
 from hnq.jobs.parts import part_jsonl_lines
 from hnq.jobs.sweep import stalled_chunks, sweep
 from hnq.options import JobOptions
@@ -128,6 +129,9 @@ def cmd_status(a: argparse.Namespace) -> int:
             print(f"stalled chunks ({len(stalled)}: neither queued, in flight nor done for over "
                   f"{s.visibility_timeout}s): {stalled[:50]}; the workers' sweeper re-sends them, or "
                   "run: hardnet sweep")
+    if info.state == "abandoned":   # its submit died while listing: its own exit code
+        err(f"job {a.job} is abandoned (its submit stopped listing): hardnet resume {a.job} seals and finishes it")
+        return STATE_EXIT["abandoned"]
     return EXIT_OK
 
 
@@ -215,6 +219,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
     s = settings()
     store = job_store(s)
+    abandon_zombies(store, jobs=[a.job] if a.job else None)
     sent = sweep(store, sender(s), s.visibility_timeout, jobs=[a.job] if a.job else None)
     for job, chunks in sent.items():
         print(f"{job}: re-sent {len(chunks)} stalled chunk(s) {chunks[:50]}")

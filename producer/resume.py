@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hnq.errors import ConfigError
 from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.index import job_fields
+from hnq.jobs.liveness import seal_abandoned
 from hnq.jobs.parts import iter_parquet_records
 from hnq.jobs.store import JobStore
 from hnq.models import DEFAULT_MODEL
@@ -27,7 +28,7 @@ from hnq.options import JobOptions
 from hnq.storage import open_destination, validate_destination
 from hnq.jobs.sweep import RESUME_QUIET_S, lost_chunks, resend_chunk
 from producer.settings import ProducerSettings
-from producer.submit import LocalJobs, read_descriptor, sender
+from producer.submit import LocalJobs, read_descriptor, sender, write_descriptor
 
 log = logging.getLogger("hardnet.resume")
 
@@ -133,17 +134,40 @@ def _resume_known(s, store: JobStore, app, job_id: str, info, dest: str | None) 
         raise ConfigError(f"job {job_id} writes to {info.dest}, not {dest}")
     if info.state == "cancelled":
         raise ConfigError(f"job {job_id} was cancelled: it is not resumed")
+    if info.state == "abandoned" or (info.chunks is None and store.abandon_if_gone(job_id)):
+        return _resume_abandoned(s, store, app, job_id)
     if info.chunks is None:
         raise ConfigError(f"job {job_id} is still being listed by its submit")
     done = store.done_chunks(job_id)
     if info.state in ("done", "done_with_errors", "failed") and len(done) >= info.chunks:
         return {"rebuilt": False, "complete": len(done), "sent": [], "note": f"already {info.state}"}
     if is_complete_unfinished(store, job_id):
-        finalize_or_fail(store, job_id)
-        return {"rebuilt": False, "complete": len(done), "sent": [], "note": "finalised"}
+        st = finalize_or_fail(store, job_id)      # None: another finaliser holds the job's lease
+        return {"rebuilt": False, "complete": len(done), "sent": [],
+                "note": f"finalised: {st}" if st else "another finaliser is finishing it"}
     # the sweeper's rule (hnq.jobs.sweep.lost_chunks): nothing done, in flight or still queued
     h = store.raw(job_id)
     queue = h.get("queue") or s.queue
     todo = lost_chunks(store, job_id, RESUME_QUIET_S, h=h)
     sent = [c for c in todo if resend_chunk(app, store, queue, job_id, c, info.model or DEFAULT_MODEL, info.dest)]
     return {"rebuilt": False, "complete": len(done), "sent": sent}
+
+
+def _resume_abandoned(s, store: JobStore, app, job_id: str) -> dict:
+    """Its submit died while listing (hnq.jobs.liveness): seal it with the chunks whose inputs were
+    stored, send those never sent, and let it finish (or finish it now if all are done)."""
+    got = seal_abandoned(store, job_id)
+    raw = store.raw(job_id)
+    dest, model = raw.get("dest") or None, raw.get("model") or "hardnet68"
+    if dest:
+        desc = read_descriptor(dest, job_id)
+        if desc is not None:      # resume from storage alone needs the totals
+            write_descriptor(open_destination(dest), job_id, **{k: v for k, v in desc.items() if k != "job_id"},
+                             total=got["total"], chunks=got["chunks"])
+    queue = raw.get("queue") or s.queue
+    sent = [c for c in got["unsent"] if resend_chunk(app, store, queue, job_id, c, model, dest)]
+    note = f"sealed with the {got['chunks']} chunks ({got['total']} URIs) its submit had stored"
+    if got["complete"] or is_complete_unfinished(store, job_id):
+        finalize_or_fail(store, job_id)
+        note += "; finalised"
+    return {"rebuilt": False, "complete": len(store.done_chunks(job_id)), "sent": sent, "note": note}

@@ -27,6 +27,10 @@ class ProducerSettings(CommonSettings):
         description="Where the producer remembers the jobs it submitted, so that `hardnet status` can "
         "tell a job whose state Redis lost from a job id that never existed.")
     poll_interval: float = Field(1.0, gt=0, description="Seconds between progress polls of --wait.")
+    heartbeat_interval: float = Field(
+        5.0, gt=0, le=300, description="Seconds between the refreshes of a listing `submit`'s heartbeat "
+        "in Redis; 6 intervals without one (the process killed) and the workers' sweeper marks the "
+        "unsealed job `abandoned` (`hardnet resume JOB` seals and finishes it).")
     list_threads: int = Field(
         8, ge=1, le=256, description="Concurrent ListObjectsV2 requests when `submit` lists an S3 "
         "prefix: the prefix is fanned out over its folders (common prefixes), HARDNET_LIST_DEPTH levels "

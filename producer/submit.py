@@ -18,6 +18,7 @@ from celery import Celery
 from hnq.errors import ConfigError
 from hnq.jobs.finish import finalize_or_fail
 from hnq.jobs.index import job_fields
+from hnq.jobs.liveness import Heartbeat
 from hnq.jobs.inputs import store_chunk_uris
 from hnq.jobs.store import JobStore, new_job_id
 from hnq.options import DEFAULT_OPTIONS, JobOptions
@@ -154,6 +155,8 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         write_descriptor(d, job_id, **meta)
     store.create(job_id, model=model, dest=dest, queue=s.queue, sources=sources, chunk_size=size,
                  submitted_at=now, options=options.to_json())
+    # Until the job is sealed: if this process dies while listing, the job becomes `abandoned`.
+    beat = Heartbeat(store, job_id, s.heartbeat_interval).__enter__()
     msg_options = options.for_message()
     try:
         run_id = store.r.info("server").get("run_id")
@@ -192,19 +195,23 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
         for _, _, fut in pending:
             fut.cancel()
         store.cancel(job_id)
+        beat.__exit__(None, None, None)
         raise
     finally:
         pool.shutdown(wait=True)
     skipped = skip.finish()["skipped"] if skip is not None else 0
     if total == 0 and not skipped:
         store.cancel(job_id)
+        beat.__exit__(None, None, None)
         raise ConfigError(NO_IMAGES)
     extra = job_fields(skipped, index and d is not None)    # for finalize and resume
     if extra:
         store.r.hset(store.key(job_id), mapping=extra)
     if d is not None:
         write_descriptor(d, job_id, **meta, total=total, chunks=chunks, **extra)
-    if store.seal(job_id, total, chunks):
+    sealed_complete = store.seal(job_id, total, chunks)
+    beat.__exit__(None, None, None)
+    if sealed_complete:
         if chunks == 0:   # everything was labelled before: nothing for a worker to do
             finalize_or_fail(store, job_id)
         else:

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Callable
 
 from hnq.errors import ConfigError, TransientError
-from hnq.jobs.finish import finalize, finalize_or_fail
+from hnq.jobs.finish import finalize_or_fail
 from hnq.jobs.inputs import load_chunk_entries
 from hnq.jobs.purge import note_credentials
 from hnq.jobs import parts
@@ -120,6 +120,8 @@ class ChunkRunner:
         self._ctx: Context | None = None
         self._ctx_lock = threading.Lock()
         self._plain_store: JobStore | None = None
+        #: called with the job id when a chunk completes its job (worker.lifecycle sets the finaliser)
+        self.job_complete: Callable[[str], None] = self.finalize_job
 
     @property
     def built(self) -> Context | None:
@@ -198,11 +200,11 @@ class ChunkRunner:
                      len(records) - ok, rss_mb(), summary)
             if state != "missing":
                 note_weights_once(store, task.job_id, clf.weights, clf.weights_sha256)
-            # Inside the try: if the manifest can't be written the chunk is retried, and the retry
-            # (idempotent) finds the job complete again and writes it then.
+            # The last chunk hands the job to the finaliser (worker.lifecycle: its own leased
+            # step, outside this chunk's message).
             if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
                                                             **outcome_extras(records)):
-                finalize(store, task.job_id, settings.output_policy())
+                self.job_complete(task.job_id)
             metrics.CHUNKS.labels("done").inc()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001

@@ -1,6 +1,7 @@
 """The life of a worker process, on Celery's signals: the model preloaded before the first chunk,
-the metrics endpoint started, the ready line, the chunks-in-flight gauge, and the memory guard
-that recycles the process.
+the metrics endpoint started, the ready line, the chunks-in-flight gauge, the memory guard
+that recycles the process, and the background finaliser (jobs whose last chunk this process
+completed are finalised on its own threads, outside any chunk's message, under the job's lease).
 
 Imported by worker.tasks (whose tasks run on :data:`runner`), so its handlers are connected in
 every process that loads the tasks (Celery imports worker.tasks through the app's ``include``)."""
@@ -10,10 +11,12 @@ import logging
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import signals
 
 from hnq.errors import ConfigError
+from hnq.jobs.finish import finalize_or_fail
 from hnq.settings import TASK_CLASSIFY
 from worker import metrics
 from worker.app import admission, settings
@@ -23,6 +26,37 @@ log = logging.getLogger("hardnet.worker")
 
 #: This process's chunk labelling (its engines are built by :func:`_preload`).
 runner = ChunkRunner(settings, admission)
+
+# --- the finaliser ------------------------------------------------------------------------------
+#: tries of one finalisation (a transient storage error) before the job is marked failed
+FINALIZE_ATTEMPTS = 3
+_finalizer = ThreadPoolExecutor(2, thread_name_prefix="hardnet-finalize")
+
+
+def _finalize(job_id: str) -> None:
+    try:
+        finalize_or_fail(runner.store(), job_id, settings.output_policy(), attempts=FINALIZE_ATTEMPTS)
+    except Exception as e:  # noqa: BLE001 - Redis gone: the sweeper finalises the job later
+        log.error("job %s: finalisation failed (%s: %s); the sweeper will finish it", job_id, type(e).__name__, e)
+
+
+def finalize_soon(job_id: str) -> None:
+    """The job's last chunk is done: finalise it on this process's finaliser threads, so the chunk's
+    message is acknowledged now. If this process dies first, the job stays complete and unfinished
+    and the sweeper finalises it (after the lease, if one was taken, expires)."""
+    try:
+        _finalizer.submit(_finalize, job_id)
+    except RuntimeError:      # shutting down: finalise here, before this chunk's task returns
+        _finalize(job_id)
+
+
+runner.job_complete = finalize_soon
+
+
+@signals.worker_shutdown.connect
+def _finish_finalising(**_):
+    # Sent once the pool has stopped: a finalisation in progress ends (manifest, state) before exit.
+    _finalizer.shutdown(wait=True)
 
 # --- memory guard -------------------------------------------------------------------------------
 #: Set when this process asked to be recycled; `hardnet worker` re-executes itself when it sees it.

@@ -11,6 +11,7 @@ import time
 
 from celery import signals
 
+from hnq.jobs.liveness import abandon_zombies
 from hnq.jobs.store import JobStore
 from hnq.jobs.sweep import LOCK_KEY, sweep
 from worker.app import app, settings
@@ -26,6 +27,7 @@ def _loop(interval: int) -> None:
         time.sleep(interval * random.uniform(0.8, 1.2))
         try:
             if store.r.set(LOCK_KEY, me, nx=True, ex=max(2, int(interval * 0.8))):
+                abandon_zombies(store)     # unsealed jobs whose submit is gone (hnq.jobs.liveness)
                 sent = sweep(store, app, settings.visibility_timeout)
                 if sent:
                     log.warning("sweep re-sent stalled chunks: %s", {j: len(c) for j, c in sent.items()})

@@ -5,13 +5,24 @@ exists, and it is written last (after every part, before the final state), atomi
   done_with_errors   some images have error records, or tags that could not be written (exit 3)
   failed             chunks dead-lettered, a part missing, or the manifest unwritable (exit 4)
   cancelled          never overwritten by the above
+  abandoned          its submit died while listing (hnq.jobs.liveness; exit 6): never overwritten
+                     either, until `hardnet resume` seals it
 
-Used by the worker that completes the last chunk, by `hardnet resume` and by the sweeper.
+Finalisation is its own step, under a lease (hnq:job:ID:final, :class:`Lease`): one finaliser at a
+time, whoever calls it — the worker's background finaliser after the last chunk (worker/lifecycle.py,
+outside any chunk's message), the producer's finalize task, the sweeper, `hardnet resume`. A second
+caller exits at once (:func:`finalize_or_fail` returns None). The holder renews the lease while it
+works; if it dies the lease expires after :data:`LEASE_S` and the sweeper takes over. The final
+state is set only by the lease's holder and only from queued/running (JobStore.finish), so states
+never go back (a `failed` job becomes `done` only through `resume`/`redrive`, which reopen it).
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+import uuid
 from datetime import datetime, timezone
 
 from hnq.jobs.index import index_for_finalize, manifest_fields
@@ -76,9 +87,61 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
         created_at=datetime.now(timezone.utc), **manifest_fields(d if info.dest else None, job_id, raw))
 
 
-def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -> str | None:
-    """Write the manifest, then set the final state. Raises when the manifest cannot be written
-    (the caller retries, or calls :func:`finalize_or_fail`). Returns the job's state."""
+#: seconds the finalisation lease lives without a renewal (its holder renews it every third of that)
+LEASE_S = 30.0
+
+
+class Lease:
+    """The job's finalisation lease while held: renewed by a daemon thread; :attr:`lost` is set
+    when a renewal finds it taken or gone (the holder then writes nothing more)."""
+
+    def __init__(self, store: JobStore, job_id: str, ttl_s: float = LEASE_S):
+        self.store, self.job_id, self.ttl = store, job_id, ttl_s
+        self.token = uuid.uuid4().hex
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self.store.take_lease(self.job_id, self.token, self.ttl):
+            return False
+        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"hardnet-lease-{self.job_id}")
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.store.renew_lease(self.job_id, self.token, self.ttl):
+                    log.error("job %s: the finalisation lease was lost; this finaliser stops", self.job_id)
+                    self.lost.set()
+                    return
+            except Exception as e:  # noqa: BLE001 - Redis trouble: try again before it expires
+                log.warning("job %s: could not renew the finalisation lease: %s", self.job_id, e)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: the finalisation lease was lost")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            self.store.release_lease(self.job_id, self.token)
+        except Exception as e:  # noqa: BLE001 - it expires by itself
+            log.warning("job %s: could not release the finalisation lease: %s", self.job_id, e)
+
+
+class LeaseLost(RuntimeError):
+    """Another finaliser holds the job now: this one must not write the manifest or a state."""
+
+
+def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None,
+             lease: Lease | None = None) -> str | None:
+    """Write the manifest, then set the final state (under ``lease`` when given: nothing is
+    written once it is lost). Raises when the manifest cannot be written (:func:`finalize_or_fail`
+    retries, then marks the job failed). Returns the job's state."""
     m = build_manifest(store, job_id, policy)
     if m is None:
         return None
@@ -86,8 +149,12 @@ def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -
     if dest:
         d = open_destination(dest)
         index_for_finalize(store, job_id)   # --skip-labelled / --index jobs; never raises
+        if lease is not None:
+            lease.check()
         d.put(d.manifest_path(job_id), m.model_dump_json(indent=2).encode(), content_type="application/json")
-    state = store.finish(job_id, m.state, m.error)
+    if lease is not None:
+        lease.check()
+    state = store.finish(job_id, m.state, m.error, lease=lease.token if lease is not None else None)
     log.info("job %s %s", job_id, state)
     if state in ("done", "done_with_errors", "failed", "cancelled"):
         # the stored inputs may hold credentials: only those redrive/resume still need stay (hnq.jobs.purge)
@@ -96,14 +163,37 @@ def finalize(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -
     return state
 
 
-def finalize_or_fail(store: JobStore, job_id: str, policy: OutputPolicy | None = None) -> str | None:
-    """Finalise; if that fails, the job is marked failed with the reason (never left running)."""
+def finalize_or_fail(store: JobStore, job_id: str, policy: OutputPolicy | None = None, *,
+                     attempts: int = 1, backoff_s: float = 2.0) -> str | None:
+    """Finalise under the job's lease: None at once when another finaliser holds it (or the job
+    has ended already: nothing to do). Up to ``attempts`` tries (``backoff_s`` doubling between
+    them); when the last one fails the job is marked failed with the reason (never left running)."""
+    raw = store.raw(job_id)
+    if raw.get("state") not in ("queued", "running"):
+        return None
+    lease = Lease(store, job_id)
+    if not lease.acquire():
+        log.info("job %s: another finaliser holds its lease; leaving it to that one", job_id)
+        return None
     try:
-        return finalize(store, job_id, policy)
-    except Exception as e:  # noqa: BLE001 - any failure must end up in the job's state
-        err = f"the manifest could not be written: {type(e).__name__}: {e}"
-        log.error("job %s failed: %s", job_id, err)
-        return store.finish(job_id, "failed", err)
+        for n in range(1, attempts + 1):
+            try:
+                return finalize(store, job_id, policy, lease)
+            except LeaseLost:
+                return None
+            except Exception as e:  # noqa: BLE001 - any failure must end up in the job's state
+                err = f"the manifest could not be written: {type(e).__name__}: {e}"
+                if n < attempts:
+                    log.warning("job %s: finalisation attempt %d failed (%s); trying again", job_id, n, err)
+                    time.sleep(backoff_s * 2 ** (n - 1))
+                    continue
+                log.error("job %s failed: %s", job_id, err)
+                if lease.lost.is_set():
+                    return None
+                return store.finish(job_id, "failed", err, lease=lease.token)
+        return None
+    finally:
+        lease.release()
 
 
 def is_complete_unfinished(store: JobStore, job_id: str) -> bool:
@@ -113,4 +203,5 @@ def is_complete_unfinished(store: JobStore, job_id: str) -> bool:
             and int(h.get("chunks_done", 0)) >= int(h.get("chunks") or 0))
 
 
-__all__ = ["final_state", "build_manifest", "finalize", "finalize_or_fail", "is_complete_unfinished"]
+__all__ = ["LEASE_S", "Lease", "LeaseLost", "final_state", "build_manifest", "finalize", "finalize_or_fail",
+           "is_complete_unfinished"]

@@ -27,12 +27,24 @@ Layout, under the job's folder::
 
 Parts in JSON Lines are read as such; ``.parquet`` parts (``submit --format parquet``) with
 pyarrow, from their ``uri``, ``status`` and ``etag`` columns.
+
+**Building** (:func:`build_index`): with pyarrow (the worker image has it: the ``worker`` extra)
+the parts are read by a few threads and parsed by Arrow's JSON reader (only ``uri``, ``status``,
+``etag``), the rows are spilled in Arrow IPC files by the top 8 bits of their hash (at most
+``flush_lines`` rows held while reading), then each shard is deduplicated and sorted by Arrow and
+written in the format above, byte for byte what the plain-Python builder writes (kept for a
+producer without pyarrow, and for a part Arrow cannot parse). Measured in docs/performance.md
+("Finalisation").
+
+Long: the index's format, its reader and its two builders change together.
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -67,6 +79,10 @@ Row = tuple[str, str, str, str]   # uri, etag, job, part
 
 def uri_hash(uri: str) -> int:
     return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+#: a str's JSON form as json.dumps(..., ensure_ascii=False) writes it (the index's line format)
+_json_str = json.encoder.encode_basestring
 
 
 def top_bits(h: int, bits: int) -> int:
@@ -215,8 +231,204 @@ def build_index(d: Destination, job_id: str, *, estimate: int | None = None,
                 flush_lines: int = 50_000) -> dict:
     """Build (or rebuild) the job's index from its parts and reused rows; returns its meta.
 
-    Memory: at most ``flush_lines`` rows buffered while partitioning into one local temporary
-    file per shard, then one shard at a time (about ``target`` entries) while sorting."""
+    Memory: at most ``flush_lines`` rows buffered while partitioning into local temporary files,
+    then one shard at a time (about ``target`` entries; a 256th of the rows at least) while
+    sorting. With pyarrow when it is installed, else in plain Python (the same bytes)."""
+    try:
+        import pyarrow  # noqa: F401 - optional on the producer (the parquet extra); the worker has it
+    except ImportError:
+        return _build_python(d, job_id, estimate=estimate, tmpdir=tmpdir, target=target, flush_lines=flush_lines)
+    return _build_arrow(d, job_id, estimate=estimate, tmpdir=tmpdir, target=target, flush_lines=flush_lines)
+
+
+def _write_meta(d: Destination, job_id: str, bits: int, count: int, shards: list[int]) -> dict:
+    meta = {"version": INDEX_VERSION, "job_id": job_id, "hash": HASH_NAME, "bits": bits,
+            "count": count, "shards": shards, "created_at": datetime.now(timezone.utc).isoformat()}
+    d.put(meta_path(job_id), json.dumps(meta, indent=1).encode(), content_type="application/json")
+    log.info("job %s: index of %d labelled objects in %d shards (%d bits)", job_id, count, len(shards), bits)
+    return meta
+
+
+# --- with Arrow ---
+#: the spill files' buckets: the top SPILL_BITS bits of a URI's hash (each holds whole shards, or
+#: a shard is made of whole buckets); the rows keep the top MAX_BITS bits to cut shards finer
+SPILL_BITS = 8
+
+
+def _arrow_part(job_id: str, name: str, data: bytes):
+    """The part's indexed rows as an Arrow table (uri, etag: binary; job, part), or None when
+    Arrow cannot read it (the caller falls back to :func:`_part_rows`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    try:
+        if name.endswith(".parquet"):
+            t = pq.read_table(io.BytesIO(data))
+            if not {"uri", "status", "etag"} <= set(t.column_names):
+                return _rows_table([])
+            t = t.select(["uri", "status", "etag"])
+            keep = pc.and_(pc.and_(pc.equal(t["status"], "ok"), pc.not_equal(t["etag"], "")),
+                           pc.not_equal(t["uri"], ""))
+        else:
+            schema = pa.schema([("uri", pa.string()), ("status", pa.string()), ("etag", pa.string())])
+            t = pj.read_json(io.BytesIO(data),
+                             read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, len(data) + 1)),
+                             parse_options=pj.ParseOptions(explicit_schema=schema,
+                                                           unexpected_field_behavior="ignore"))
+            keep = pc.and_(pc.and_(pc.equal(t["status"], "ok"), pc.not_equal(t["etag"], "")),
+                           pc.is_valid(t["uri"]))
+        t = t.filter(pc.fill_null(keep, False))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+    n = t.num_rows
+    return pa.table({"uri": t["uri"].cast(pa.binary()), "etag": t["etag"].cast(pa.binary()),
+                     "job": pa.repeat(job_id, n), "part": pa.repeat(name, n)})
+
+
+def _rows_table(rows: list[Row]):
+    import pyarrow as pa
+
+    enc = [(u.encode("utf-8", "surrogatepass"), e.encode("utf-8", "surrogatepass"), j, p) for u, e, j, p in rows]
+    return pa.table({"uri": pa.array([r[0] for r in enc], pa.binary()),
+                     "etag": pa.array([r[1] for r in enc], pa.binary()),
+                     "job": pa.array([r[2] for r in enc], pa.string()),
+                     "part": pa.array([r[3] for r in enc], pa.string())})
+
+
+def _decode_rows_fast(data: bytes) -> list[Row]:
+    """:func:`decode_rows` with one json.loads for the whole file (a line never holds a raw newline)."""
+    text = gzip.decompress(data).decode("utf-8", "surrogatepass").strip()
+    return [tuple(r) for r in json.loads("[" + ",".join(text.splitlines()) + "]")] if text else []
+
+
+def _build_arrow(d: Destination, job_id: str, *, estimate: int | None, tmpdir: str | None, target: int,
+                 flush_lines: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.ipc as ipc
+
+    parts = sorted(p.rsplit("/", 1)[-1] for p in d.list(f"{job_id}/part-"))
+    parts = [p for p in parts if _PART_RE.match(p)]
+    reused = [p for p in d.list(f"{job_id}/reused/") if p.endswith(".jsonl.gz")]
+
+    def read_part(name: str):
+        data = d.get(f"{job_id}/{name}")
+        if data is None:
+            return _rows_table([])
+        t = _arrow_part(job_id, name, data)
+        return t if t is not None else _rows_table(_part_rows(job_id, name, data))
+
+    def read_reused(path: str):
+        data = d.get(path)
+        return _rows_table(_decode_rows_fast(data) if data is not None else [])
+
+    work = tempfile.mkdtemp(prefix=f"hardnet-index-{job_id}-", dir=tmpdir)
+    schema = pa.schema([("uri", pa.binary()), ("etag", pa.binary()), ("job", pa.string()),
+                        ("part", pa.string()), ("seq", pa.int64()), ("hb", pa.uint16())])
+    writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+    pending: list = []
+    n_held = count_in = 0
+    shift = 64 - MAX_BITS
+    down = MAX_BITS - SPILL_BITS
+
+    def spill() -> None:
+        """The rows held, sorted by hash and cut into one slice per bucket, to the buckets' files."""
+        t = pa.concat_tables(pending).combine_chunks()
+        pending.clear()
+        t = t.take(pc.sort_indices(t["hb"]))
+        hb = t["hb"].to_pylist()
+        start = 0
+        while start < len(hb):
+            g = hb[start] >> down
+            end = bisect.bisect_left(hb, (g + 1) << down, start)
+            if g not in writers:
+                writers[g] = ipc.new_stream(os.path.join(work, f"{g:02x}.arrow"), schema)
+            writers[g].write_table(t.slice(start, end - start))
+            start = end
+
+    try:
+        for t in itertools.chain(_bounded_map(read_part, parts), _bounded_map(read_reused, reused)):
+            n = t.num_rows
+            if not n:
+                continue
+            hb = [uri_hash_bytes(u) >> shift for u in t["uri"].to_pylist()]
+            t = t.append_column("seq", pa.array(range(count_in, count_in + n), pa.int64()))
+            pending.append(t.append_column("hb", pa.array(hb, pa.uint16())))
+            count_in += n
+            n_held += n
+            if n_held >= flush_lines:
+                spill()
+                n_held = 0
+        if pending:
+            spill()
+        for w in writers.values():
+            w.close()
+        bits = bits_for(count_in if estimate is None else estimate, target)
+
+        def group(g: int):
+            if g not in writers:
+                return None
+            path = os.path.join(work, f"{g:02x}.arrow")
+            with ipc.open_stream(path) as r:
+                t = r.read_all()
+            os.unlink(path)
+            return t
+
+        shards, count = [], 0
+        per = 1 << max(0, SPILL_BITS - bits)            # buckets per shard (bits < SPILL_BITS)
+        cached: tuple[int, object] | None = None
+        for s in range(1 << bits):
+            if bits <= SPILL_BITS:
+                ts = [x for x in (group(g) for g in range(s * per, (s + 1) * per)) if x is not None]
+                t = pa.concat_tables(ts) if ts else None
+            else:
+                g = s >> (bits - SPILL_BITS)
+                if cached is None or cached[0] != g:
+                    cached = (g, group(g))
+                t = cached[1]
+                if t is not None:
+                    t = t.filter(pc.equal(pc.shift_right(t["hb"], MAX_BITS - bits), s))
+            if t is None or not t.num_rows:
+                continue
+            # one row per URI, the last one read, sorted by URI (UTF-8 byte order = code point order)
+            t = t.take(pc.sort_indices(t, sort_keys=[("uri", "ascending"), ("seq", "descending")]))
+            u = t["uri"]
+            if t.num_rows > 1:
+                first = pc.not_equal(u.slice(1), u.slice(0, t.num_rows - 1))
+                t = t.filter(pa.concat_arrays([pa.array([True]), first.combine_chunks()]))
+            d.put(shard_path(job_id, s), _encode_table(t), content_type="application/gzip")
+            shards.append(s)
+            count += t.num_rows
+    finally:
+        for w in writers.values():
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+    return _write_meta(d, job_id, bits, count, shards)
+
+
+def uri_hash_bytes(b: bytes) -> int:
+    """:func:`uri_hash` of a URI already encoded (UTF-8, surrogatepass)."""
+    return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "big")
+
+
+def _encode_table(t) -> bytes:
+    """:func:`encode_rows` of an Arrow table's rows (uri, etag binary; job, part)."""
+    enc = _json_str
+    lines = [f"[{enc(u.decode('utf-8', 'surrogatepass'))}, {enc(e.decode('utf-8', 'surrogatepass'))}, "
+             f"{enc(j)}, {enc(p)}]\n"
+             for u, e, j, p in zip(t["uri"].to_pylist(), t["etag"].to_pylist(), t["job"].to_pylist(),
+                                   t["part"].to_pylist())]
+    return gzip.compress("".join(lines).encode("utf-8", "surrogatepass"), compresslevel=6, mtime=0)
+
+
+# --- in plain Python ---
+def _build_python(d: Destination, job_id: str, *, estimate: int | None, tmpdir: str | None, target: int,
+                  flush_lines: int) -> dict:
     rows = iter_labelled(d, job_id)
     if estimate is None:   # a first pass only to count: cheap next to a wrong shard count
         estimate = sum(1 for _ in iter_labelled(d, job_id))
@@ -256,11 +468,7 @@ def build_index(d: Destination, job_id: str, *, estimate: int | None = None,
             os.unlink(os.path.join(work, name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    meta = {"version": INDEX_VERSION, "job_id": job_id, "hash": HASH_NAME, "bits": bits,
-            "count": count, "shards": shards, "created_at": datetime.now(timezone.utc).isoformat()}
-    d.put(meta_path(job_id), json.dumps(meta, indent=1).encode(), content_type="application/json")
-    log.info("job %s: index of %d labelled objects in %d shards (%d bits)", job_id, count, len(shards), bits)
-    return meta
+    return _write_meta(d, job_id, bits, count, shards)
 
 
 def ensure_index(d: Destination, job_id: str, **kw) -> tuple[dict, bool]:

@@ -23,6 +23,8 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
                                    it runs; hnq.jobs.sweep: a chunk with a live lease is in flight)
   hnq:job:ID:kept:N           HASH position -> record JSON: records of chunk N an attempt finished
                                    before it failed (the next attempt fetches only the others)
+  hnq:job:ID:final            STRING the finalisation lease (holder's token; expires if it dies)
+  hnq:job:ID:hb               STRING the listing submit's heartbeat (expires when it is gone)
   hnq:wm:QUEUE                STRING latest send time of a chunk taken from QUEUE (FIFO watermark)
   hnq:job:ID:in:N             STRING the chunk's stored URIs (gzip JSONL) when DEST is Redis
   hnq:job:ID:part:N           STRING the chunk's JSONL records when DEST is Redis
@@ -84,7 +86,7 @@ elseif dead_now then
 end
 for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ARGV[5]) end
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'cancelled' then return 0 end
+if state ~= 'queued' and state ~= 'running' then return 0 end  -- ended (or cancelled, abandoned): no finaliser
 if redis.call('HGET', KEYS[1], 'sealed') == '1' and
    tonumber(redis.call('HGET', KEYS[1], 'chunks_done')) >= tonumber(redis.call('HGET', KEYS[1], 'chunks')) then
   return 1
@@ -92,9 +94,10 @@ end
 return 0
 """
 
-# KEYS: job ; ARGV: total, chunks
+# KEYS: job ; ARGV: total, chunks, ttl
 _SEAL = """
 redis.call('HSET', KEYS[1], 'total', ARGV[1], 'chunks', ARGV[2], 'sealed', '1')
+if ARGV[3] then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'chunks_done') or '0') >= tonumber(ARGV[2]) then return 1 end
 return 0
@@ -121,16 +124,20 @@ if prev and string.sub(prev, 1, 1) == 'q' then
   end
 end
 redis.call('HSET', KEYS[3], ARGV[2], 's ' .. ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 return {state, n}
 """
 
-# KEYS: job ; ARGV: state, now, error.  A final state, unless the job was cancelled meanwhile.
+# KEYS: job, final lease ; ARGV: state, now, error, lease token ('' = none).  A final state only
+# from queued/running (monotonic: done, failed, cancelled or abandoned stay; `resume`/`redrive`
+# reopen a job first), and only by the holder of the finalisation lease when one is given.
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
-if state == 'cancelled' then return state end
+if state ~= 'queued' and state ~= 'running' then return state end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return 'lease_lost' end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) else redis.call('HDEL', KEYS[1], 'error') end
 return ARGV[1]
@@ -145,6 +152,25 @@ if state == 'queued' or state == 'running' then
   return 'cancelled'
 end
 return state
+"""
+
+
+# KEYS: lease ; ARGV: token, 'renew'|'release', ttl ms.  Only the holder renews or releases it.
+_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == 'renew' then return redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return redis.call('DEL', KEYS[1])
+"""
+
+# KEYS: job, heartbeat ; ARGV: now.  A live job whose submit had a heartbeat, never sealed, whose
+# heartbeat expired: abandoned (its producer is gone; `hardnet resume` seals what was stored).
+_ABANDON = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'sealed', 'hb')
+if (h[1] ~= 'queued' and h[1] ~= 'running') or h[2] == '1' or h[3] ~= '1' then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'abandoned', 'finished_at', ARGV[1], 'error',
+           'its submit stopped listing (no heartbeat): hardnet resume seals and finishes what was stored')
+return 1
 """
 
 
@@ -254,6 +280,8 @@ class JobStore:
         self._start = self.r.register_script(_START)
         self._finish = self.r.register_script(_FINISH)
         self._cancel = self.r.register_script(_CANCEL)
+        self._lease = self.r.register_script(_LEASE)
+        self._abandon = self.r.register_script(_ABANDON)
         self._claim = self.r.register_script(_CLAIM)
         self._chunk_lease = self.r.register_script(_CHUNK_LEASE)
         self._put_part_if = self.r.register_script(_PUT_PART_IF)
@@ -305,7 +333,7 @@ class JobStore:
     def seal(self, job_id: str, total: int, chunks: int) -> bool:
         """Listing finished: record the totals. True if every chunk already finished (the caller
         must then have the job finalised, since no worker will see a last chunk any more)."""
-        return bool(self._seal(keys=[self.key(job_id)], args=[total, chunks]))
+        return bool(self._seal(keys=[self.key(job_id)], args=[total, chunks, self.ttl]))
 
     def mark_sent(self, job_id: str, chunks: list[int], at: float | None = None) -> None:
         """Sweeper bookkeeping: these chunks were just put in the queue."""
@@ -316,6 +344,7 @@ class JobStore:
         with self.r.pipeline(transaction=False) as p:
             p.hset(k, mapping={str(c): v for c in chunks})
             p.expire(k, self.ttl)
+            p.expire(self.key(job_id), self.ttl)    # a job queued behind a long one keeps its state
             p.execute()
 
     def seen(self, job_id: str) -> dict[int, tuple[str, float]]:
@@ -454,9 +483,47 @@ class JobStore:
             done, dead = p.execute()
         return bool(done and not dead)
 
-    def finish(self, job_id: str, state: str, error: str | None = None) -> str:
-        """Set the final state (never over 'cancelled'); returns the state the job is in."""
-        return self._finish(keys=[self.key(job_id)], args=[state, time.time(), error or ""])
+    def finish(self, job_id: str, state: str, error: str | None = None, lease: str | None = None) -> str:
+        """Set the final state of a queued or running job (an ended, cancelled or abandoned one is
+        never changed); with ``lease`` only while that finalisation lease is held ('lease_lost'
+        otherwise). Returns the state the job is in."""
+        return self._finish(keys=[self.key(job_id), self.key(job_id, "final")],
+                            args=[state, time.time(), error or "", lease or ""])
+
+    # -- finalisation lease and producer heartbeat (hnq.jobs.finish, hnq.jobs.liveness) --
+    def take_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
+        """hnq:job:ID:final: one finaliser at a time; it expires if its holder dies."""
+        return bool(self.r.set(self.key(job_id, "final"), token, nx=True, px=int(ttl_s * 1000)))
+
+    def renew_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
+        return bool(self._lease(keys=[self.key(job_id, "final")], args=[token, "renew", int(ttl_s * 1000)]))
+
+    def release_lease(self, job_id: str, token: str) -> None:
+        self._lease(keys=[self.key(job_id, "final")], args=[token, "release", 0])
+
+    def heartbeat(self, job_id: str, ttl_s: float) -> None:
+        """hnq:job:ID:hb, refreshed by a listing submit (or resume); ``hb`` in the job hash says
+        the job has one, so the sweeper may judge it abandoned once it expires."""
+        with self.r.pipeline(transaction=False) as p:
+            p.set(self.key(job_id, "hb"), f"{time.time():.3f}", px=int(ttl_s * 1000))
+            p.hset(self.key(job_id), "hb", "1")
+            p.execute()
+
+    def end_heartbeat(self, job_id: str) -> None:
+        self.r.delete(self.key(job_id, "hb"))
+
+    def abandon_if_gone(self, job_id: str) -> bool:
+        """A queued/running job that has a heartbeat, is not sealed and whose heartbeat expired:
+        now 'abandoned' (True). Atomic against a seal or a heartbeat arriving meanwhile."""
+        return bool(self._abandon(keys=[self.key(job_id), self.key(job_id, "hb")], args=[time.time()]))
+
+    def reopen(self, job_id: str) -> None:
+        """`hardnet resume` of an abandoned job: running again, so that it can end."""
+        with self.r.pipeline() as p:
+            p.hset(self.key(job_id), "state", "running")
+            p.hdel(self.key(job_id), "finished_at", "error")
+            p.expire(self.key(job_id), self.ttl)
+            p.execute()
 
     # kept for callers of the former API
     def mark_done(self, job_id: str) -> None:
