@@ -49,7 +49,7 @@ CHUNK_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200
 BATCH_BUCKETS = tuple(float(1 << i) for i in range(11))
 
 STAGES = ("fetch", "decode", "gpu_decode", "device", "write")
-CHUNK_OUTCOMES = ("done", "retried", "dead_lettered", "cancelled")
+CHUNK_OUTCOMES = ("done", "retried", "dead_lettered", "cancelled", "duplicate", "deferred")
 
 IMAGES = Counter(
     "hardnet_images", "Records written, by model, status (ok/error) and error code ('' for ok).",
@@ -72,7 +72,9 @@ CHUNKS_IN_FLIGHT = Gauge(
     "HARDNET_MAX_CHUNKS_IN_FLIGHT).")
 CHUNKS = Counter(
     "hardnet_chunks", "Chunk deliveries by outcome: done (part written), retried (failed, sent "
-    "again later), dead_lettered, cancelled (dropped: job cancelled).", ["outcome"])
+    "again later), dead_lettered, cancelled (dropped: job cancelled), duplicate (the chunk was "
+    "already done: acknowledged, nothing fetched), deferred (another attempt holds its lease: "
+    "checked again when it expires).", ["outcome"])
 MODEL_LOAD_SECONDS = Gauge(
     "hardnet_model_load_seconds", "Seconds it took to load the model and build its engine "
     "(weights, device, warm-up).", ["model"])
