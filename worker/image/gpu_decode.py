@@ -45,16 +45,21 @@ What we do about it:
    the decoder's output blocks come from that stream's pool of the caching allocator (a freed block
    is only reused on the stream it belongs to): blocks that other threads (the model) free on their
    streams are never handed to nvJPEG.
-2. Before every nvJPEG call (batched or a single-image retry) the host waits for the whole device
-   (``torch.cuda.synchronize``): nothing queued anywhere can still be reading a block nvJPEG gets.
-   After a failed call we synchronise again before freeing anything it allocated.
+2. Before every nvJPEG call (batched or a single-image retry) the host waits for **our stream**
+   (``Stream.synchronize``): by 1., every block nvJPEG can be handed was freed on our stream (or
+   was never used), so once the work queued there is done nothing can still be reading it. Not
+   the whole device: that would also wait for the model's batches in flight on the runner's
+   streams, whose blocks are never ours. After a failed call the host waits for the whole
+   device (``torch.cuda.synchronize``; the rare path), as torchvision's private stream may
+   still be writing what the failed call allocated before we free it.
 3. What we return is our own tensor: rows of one ``[n, 3, crop, crop]`` buffer allocated on the
    caller's stream, never seen by the decoder, filled from the resized images on our stream after
    waiting (device-side) for the caller's stream; we synchronise our stream before returning, so the
    results are complete whatever stream the caller uses them on. Nothing returned aliases a
-   decoder output.
+   decoder output. A consumer on another stream calls ``record_stream`` on them (the engine's
+   runner does: worker.engine.device), so that their memory is not reused before it has read them.
 
-The cost: one host sync per call, i.e. per batch of up to a few hundred images.
+The cost: host waits on our own stream, a few per batch of up to a few hundred images.
 
 torchvision 0.29 deprecates its image decoders and warns on every call of the Python wrappers: as
 decode.py does, we call the kernel that ``torchvision.io.decode_jpeg(list, device='cuda',
@@ -199,7 +204,13 @@ class GpuDecoder:
     def _nvjpeg(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return _nvjpeg_op(tensors, self.device)
 
+    def _sync_stream(self) -> None:
+        """Host wait for the work queued on our stream (guard 2)."""
+        if self._cuda:
+            self._stream.synchronize()
+
     def _sync_device(self) -> None:
+        """Host wait for the whole device (after a failed nvJPEG call only)."""
         if self._cuda:
             torch.cuda.synchronize(self.device)
 
@@ -211,16 +222,17 @@ class GpuDecoder:
         return not is_extreme(info.height, info.width, self.resize, self.crop)
 
     def _decode_guarded(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One nvJPEG call behind the host barrier (module doc, guard 2)."""
-        self._sync_device()
+        """One nvJPEG call behind the host barrier (module doc, guard 2). Called with our stream
+        current (decode_batch), so nvJPEG's outputs come from our stream's pool."""
+        self._sync_stream()
         try:
             out = self._nvjpeg(tensors)
         except Exception:
             self._sync_device()  # nothing the failed call launched may still be writing
             raise
         # torchvision host-waits for its own stream before returning; this also covers any
-        # engine write that stream order would not show (torchcodec#1634).
-        self._sync_device()
+        # write queued on our stream that stream order would not show (torchcodec#1634).
+        self._sync_stream()
         for t in out:
             if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[0] != 3:
                 raise RuntimeError(f"unexpected nvJPEG output {t.dtype} {tuple(t.shape)}")
