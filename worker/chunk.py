@@ -4,7 +4,17 @@ dead-letter glue around it (worker.tasks holds only the Celery tasks that call i
 Reliability rules (docs/reliability.md): a chunk's part is written before its task returns (and so
 before the message is acknowledged: acks_late); deliveries are counted in Redis, so a chunk that
 keeps failing (or keeps killing its worker) goes to the dead-letter list after `max_attempts`
-instead of being redelivered forever (celery#8969)."""
+instead of being redelivered forever (celery#8969).
+Long: one chunk's whole protocol in a worker (claim, lease, label, keep, write, count, dead letter)
+reads best in one place.
+
+Idempotent deliveries (docs/reliability.md, "One delivery, one effect"): before anything else a
+delivery claims the chunk in Redis (JobStore.claim_chunk): a chunk already done is acknowledged
+without reading or fetching anything; one whose lease another attempt holds waits for that lease
+(the delivery is retried when it expires, without counting an attempt); otherwise this attempt
+holds the lease, renewed while it runs (:class:`Leases`). Records finished by an attempt that
+then fails (storage down, a part write that failed) are kept (hnq.jobs.parts.keep_records) and
+the next attempt fetches only the others."""
 from __future__ import annotations
 
 import logging
@@ -12,16 +22,17 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Callable
 
 from hnq.errors import ConfigError, TransientError
-from hnq.jobs.finish import finalize_or_fail
+from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.inputs import load_chunk_entries
 from hnq.jobs.purge import note_credentials
 from hnq.jobs import parts
 from hnq.jobs.store import JobStore
-from hnq.objects import with_precoded
+from hnq.objects import entry_uri, with_precoded
 from hnq.options import TOP_K_DEFAULT, JobOptions
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.storage.s3.tags import tag_records
@@ -120,6 +131,7 @@ class ChunkRunner:
         self._ctx: Context | None = None
         self._ctx_lock = threading.Lock()
         self._plain_store: JobStore | None = None
+        self.leases = Leases(self.store)
         #: called with the job id when a chunk completes its job (worker.lifecycle sets the finaliser)
         self.job_complete: Callable[[str], None] = self.finalize_job
 
@@ -159,6 +171,32 @@ class ChunkRunner:
         error, is dead-lettered instead."""
         settings = self.settings
         store = self.store()
+        token = uuid.uuid4().hex[:16]
+        lease_s = max(2, min(settings.chunk_lease_s, settings.visibility_timeout))
+        verdict, at = store.claim_chunk(task.job_id, task.chunk, token, lease_s)
+        if verdict == "done":
+            log.info("chunk %s/%d was completed by an earlier attempt: delivery acknowledged, nothing "
+                     "fetched", task.job_id, task.chunk)
+            metrics.CHUNKS.labels("duplicate").inc()
+            if is_complete_unfinished(store, task.job_id):
+                self.job_complete(task.job_id)
+            return None
+        if verdict == "busy":
+            wait = max(1.0, at - time.time()) + random.uniform(0.0, 1.0)
+            log.info("chunk %s/%d is being run by another attempt: this delivery checks again in %.0fs "
+                     "(when that attempt's lease would expire)", task.job_id, task.chunk, wait)
+            metrics.CHUNKS.labels("deferred").inc()
+            raise retry(countdown=wait)
+        if verdict != "ok":
+            return self._run(store, task, retry)          # cancelled, or a job Redis lost
+        self.leases.hold(task.job_id, task.chunk, token, lease_s)
+        try:
+            return self._run(store, task, retry)
+        finally:
+            self.leases.drop(task.job_id, task.chunk, token)
+
+    def _run(self, store: JobStore, task: ChunkTask, retry: Callable[..., BaseException]) -> dict | None:
+        settings = self.settings
         state, attempt = store.start_chunk(task.job_id, task.chunk)
         if state == "cancelled":
             log.info("chunk %s/%d dropped: job cancelled", task.job_id, task.chunk)
@@ -174,6 +212,7 @@ class ChunkRunner:
 
         log.info("chunk %s/%d attempt %d started: %d URIs", task.job_id, task.chunk, attempt, task.count)
         t0 = time.monotonic()
+        raw: list[ResultRecord] | None = None       # the chunk's records before the job's options
         try:
             entries = load_chunk_entries(store, task, settings.output_policy())
             note_credentials(task.dest, task.job_id, entries)   # inputs with credentials: deleted at the end
@@ -182,35 +221,62 @@ class ChunkRunner:
                 raise ConfigError(f"{opts.format} parts need a destination; this message has none")
             if opts.format == "parquet":
                 parts.require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
-            with self.context().lease(task.model, opts.weights) as engine:
-                # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
-                records = with_precoded(entries, task.model, task.job_id, lambda uris: run_in_engine(
-                    engine, store, task, uris, watch=state != "missing"), weights=engine.classifier.weights)
-                clf, summary = engine.classifier, engine.summary()   # the engine may be swapped out after
-            if records is None:
+            # records an earlier attempt finished (hnq.jobs.parts.keep_records): not fetched again
+            kept = (parts.kept_records(store, task.job_id, task.chunk, [entry_uri(e) for e in entries])
+                    if state != "missing" else {})
+            todo = [i for i in range(len(entries)) if i not in kept]
+            fetch_pos = [i for i in todo if isinstance(entries[i], str)]
+            clf = None
+            summary = f"{len(kept)} records kept from an earlier attempt, nothing fetched"
+            fresh: list | None = []
+            if todo:
+                if kept:
+                    log.info("chunk %s/%d: %d records kept from an earlier attempt, %d to label",
+                             task.job_id, task.chunk, len(kept), len(todo))
+
+                def keep(partial: list) -> None:   # storage down: keep what the engine finished
+                    if state != "missing":
+                        parts.keep_records(store, task.job_id, task.chunk,
+                                           {fetch_pos[j]: r for j, r in enumerate(partial) if r is not None})
+
+                with self.context().lease(task.model, opts.weights) as engine:
+                    # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
+                    fresh = with_precoded([entries[i] for i in todo], task.model, task.job_id,
+                                          lambda uris: run_in_engine(engine, store, task, uris,
+                                                                     watch=state != "missing", keep=keep),
+                                          weights=engine.classifier.weights)
+                    clf, summary = engine.classifier, engine.summary()   # the engine may be swapped out after
+            if fresh is None:
                 log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
                 metrics.CHUNKS.labels("cancelled").inc()
                 return None
-            records = finish_records(records, opts, tag_threads=settings.tag_threads,
+            got = dict(zip(todo, fresh))
+            raw = [kept[i] if i in kept else got[i] for i in range(len(entries))]
+            records = finish_records(raw, opts, tag_threads=settings.tag_threads,
                                      name=f"{task.job_id}/{task.chunk}",
                                      tag_buckets=settings.fetch_policy().source_buckets)
-            write_part(store, task.dest, task.job_id, task.chunk, records, task.options)
+            # conditional: a complete part another attempt wrote stands, and is what gets counted
+            records = write_part(store, task.dest, task.job_id, task.chunk, records, task.options)
             ok = sum(r.status == "ok" for r in records)
             log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
                      len(records) - ok, rss_mb(), summary)
-            if state != "missing":
+            if state != "missing" and clf is not None:
                 note_weights_once(store, task.job_id, clf.weights, clf.weights_sha256)
             # The last chunk hands the job to the finaliser (worker.lifecycle: its own leased
             # step, outside this chunk's message).
             if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
                                                             **outcome_extras(records)):
                 self.job_complete(task.job_id)
+            if state != "missing":
+                parts.drop_kept(store, task.job_id, task.chunk)
             metrics.CHUNKS.labels("done").inc()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001
             err = f"{type(e).__name__}: {e}"
             if state != "missing":
                 store.note_error(task.job_id, task.chunk, err)
+                if raw is not None:     # labelled, then the write failed: the retry only writes
+                    parts.keep_records(store, task.job_id, task.chunk, dict(enumerate(raw)))
             if attempt >= settings.max_attempts or isinstance(e, ConfigError):  # config: no retry
                 if state != "missing":
                     self.dead_letter(store, task, err, attempt)
@@ -220,21 +286,26 @@ class ChunkRunner:
             log.log(level, "chunk %s/%d attempt %d failed (%s); retrying in %.1fs",
                     task.job_id, task.chunk, attempt, err, delay)
             metrics.CHUNKS.labels("retried").inc()
+            if state != "missing":
+                store.mark_retry(task.job_id, task.chunk, time.time() + delay)
             raise retry(exc=e, countdown=delay)
         return {"ok": ok, "failed": len(records) - ok}
 
 
 def run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
-                  watch: bool) -> list[ResultRecord] | None:
+                  watch: bool, keep: Callable[[list], None] | None = None) -> list[ResultRecord] | None:
     """Hand the chunk's URIs to the engine and wait for one record per URI, in order. Returns None
     when the job is cancelled meanwhile (its remaining images are dropped from the engine).
-    StorageDown (a TransientError) propagates: the whole chunk is retried."""
+    StorageDown (a TransientError) propagates: the whole chunk is retried, after ``keep`` was given
+    the records finished so far (None where an image has none), so the retry fetches only the rest."""
     chunk = engine.submit(uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}", top_k=task.opts.top_k)
     try:
         while not chunk.wait(CANCEL_POLL_S):
             if watch and store.job_state(task.job_id) == "cancelled":
                 chunk.cancel()
                 return None
+        if isinstance(chunk.error, TransientError) and keep is not None:
+            keep(list(chunk.records))
         return chunk.result()
     finally:
         if not chunk.wait(0):
@@ -242,11 +313,58 @@ def run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
 
 
 def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, records: list[ResultRecord],
-               options: JobOptions | None = None) -> None:
-    """Store the chunk's part (hnq.jobs.parts.write_part), then count its records
-    (hardnet_images_total counts what was written, the chunk_failed records of a dead letter
-    included) and the write's time."""
-    parts.write_part(store, dest, job_id, chunk, records, options, observe=metrics.part_written)
+               options: JobOptions | None = None) -> list[ResultRecord]:
+    """Store the chunk's part (hnq.jobs.parts.write_part: conditional, a complete part stands),
+    then count its records (hardnet_images_total counts what was written, the chunk_failed records
+    of a dead letter included) and the write's time. Returns the records the part holds."""
+    return parts.write_part(store, dest, job_id, chunk, records, options, observe=metrics.part_written)
+
+
+class Leases:
+    """The chunk leases this process holds (hnq:job:ID:lease), renewed by one daemon thread every
+    third of their length while their chunks run; a lease that is no longer ours (it expired and
+    another attempt took it) is logged and no longer renewed (the conditional part write keeps a
+    complete part safe either way)."""
+
+    def __init__(self, store: Callable[[], JobStore]):
+        self._store = store
+        self._held: dict[tuple[str, int], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, job_id: str, chunk: int, token: str, lease_s: float) -> None:
+        with self._lock:
+            self._held[(job_id, chunk)] = (token, lease_s)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="hardnet-leases")
+                self._thread.start()
+
+    def drop(self, job_id: str, chunk: int, token: str) -> None:
+        with self._lock:
+            if self._held.get((job_id, chunk), ("",))[0] == token:
+                del self._held[(job_id, chunk)]
+        try:
+            self._store().release_chunk_lease(job_id, chunk, token)
+        except Exception as e:  # noqa: BLE001 - it expires by itself
+            log.warning("could not release the lease of chunk %s/%d: %s", job_id, chunk, e)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                held = dict(self._held)
+            period = min((ls for _, ls in held.values()), default=30.0) / 3
+            self._wake.wait(period)
+            for (job, chunk), (token, lease_s) in held.items():
+                try:
+                    if not self._store().renew_chunk_lease(job, chunk, token, lease_s):
+                        with self._lock:
+                            if self._held.get((job, chunk), ("",))[0] == token:
+                                del self._held[(job, chunk)]
+                                log.warning("chunk %s/%d: its lease was lost (expired and taken by "
+                                            "another attempt)", job, chunk)
+                except Exception as e:  # noqa: BLE001 - Redis restarting: try again next period
+                    log.warning("could not renew the lease of chunk %s/%d: %s", job, chunk, e)
 
 
 # --- what a job's options (hnq.options) do to a chunk's records between the engine and the part --

@@ -139,6 +139,11 @@ class WorkerSettings(CommonSettings):
         "only buckets whose objects `submit --tag` may tag. Any other s3:// URI gets a `forbidden` "
         "record and is not fetched (a refused tag: a tag_error). Unset = any bucket the worker's "
         "credentials can read. `hardnet report` fetches thumbnails under the same rule.")
+    chunk_lease_s: int = Field(
+        30, ge=2, description="Seconds a running chunk's lease lasts without renewal (renewed every "
+        "third of it while the chunk runs; capped at the visibility timeout). Another delivery of "
+        "a chunk whose lease is live waits instead of running it twice; the sweeper and `hardnet "
+        "resume` treat a chunk as in flight while its lease is live.")
     sweep_interval: int = Field(
         120, ge=0, description="Seconds between the workers' sweeps for lost chunks (chunks of a live "
         "job neither queued, in flight nor done for longer than the visibility timeout are sent "

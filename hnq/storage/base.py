@@ -136,6 +136,18 @@ class Destination(abc.ABC):
         """Delete these objects (one that does not exist is no error); returns how many were
         asked for. TransientError / ConfigError as for :meth:`put`."""
 
+    def get_versioned(self, relpath: str) -> tuple[bytes, str] | None:
+        """(contents, version) of ``relpath``, or None when it does not exist; the version is
+        what :meth:`put_if` compares (S3: the ETag)."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
+    def put_if(self, relpath: str, data: bytes, content_type: str = "application/json", *,
+               expect: str | None = None) -> bool:
+        """Write ``relpath`` only if it does not exist (``expect`` None) or still has the version
+        ``expect`` (from :meth:`get_versioned`); False, nothing written, when that condition
+        failed. Used for parts, which must never regress (hnq.jobs.parts.write_part)."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
     @abc.abstractmethod
     def uri(self, relpath: str = "") -> str:
         """Full URI of ``relpath`` (``s3://bucket/prefix/relpath`` or ``file:///dir/relpath``)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -141,6 +142,65 @@ class FileDestination(Destination):
                 os.close(fd)
             os.replace(tmp, path)
             tmp = None
+        except OSError as e:
+            raise _write_error(e, self.uri(relpath)) from None
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def get_versioned(self, relpath: str) -> tuple[bytes, str] | None:
+        try:
+            with open(self._path(relpath), "rb") as f:
+                st = os.fstat(f.fileno())
+                return f.read(), f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise _write_error(e, self.uri(relpath)) from None
+
+    def put_if(self, relpath: str, data: bytes, content_type: str = "application/json", *,
+               expect: str | None = None) -> bool:
+        """Check and write under an exclusive flock of the directory (writers of the same
+        directory's conditional writes take turns); the new file is written and fsynced aside,
+        then linked in (O_EXCL semantics: fails if the name exists) or renamed over the version
+        that was checked."""
+        path = self._path(relpath)
+        parent = os.path.dirname(path)
+        tmp = None
+        try:
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=_TMP_PREFIX + os.path.basename(path) + ".")
+            try:
+                os.fchmod(fd, 0o644)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                fcntl.flock(dfd, fcntl.LOCK_EX)
+                if expect is None:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                    return True
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    return False
+                if f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}" != expect:
+                    return False
+                os.replace(tmp, path)
+                tmp = None
+                return True
+            finally:
+                os.close(dfd)      # releases the lock
         except OSError as e:
             raise _write_error(e, self.uri(relpath)) from None
         finally:

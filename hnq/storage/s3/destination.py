@@ -37,6 +37,41 @@ class S3Destination(Destination):
         except Exception as e:  # noqa: BLE001
             raise destination_error(e, self.uri(relpath)) from None
 
+    def get_versioned(self, relpath: str) -> tuple[bytes, str] | None:
+        key = self._key(relpath)
+        try:
+            resp = s3_client().get_object(Bucket=self.bucket, Key=key)
+            try:
+                return resp["Body"].read(), resp["ETag"]
+            finally:
+                resp["Body"].close()
+        except bex.ClientError as e:
+            code, status = code_and_status(e)
+            if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
+                return None
+            raise destination_error(e, self.uri(relpath)) from None
+        except Exception as e:  # noqa: BLE001
+            raise destination_error(e, self.uri(relpath)) from None
+
+    def put_if(self, relpath: str, data: bytes, content_type: str = "application/json", *,
+               expect: str | None = None) -> bool:
+        """S3's conditional PUT: ``If-None-Match: *`` (create only) or ``If-Match: ETag``; a 412
+        (or a 409 from a concurrent conditional write) is False."""
+        cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+        try:
+            s3_client().put_object(Bucket=self.bucket, Key=self._key(relpath), Body=data,
+                                   ContentType=content_type, **cond)
+            return True
+        except bex.ClientError as e:
+            code, status = code_and_status(e)
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            if expect is not None and (code == "NoSuchKey" or status == 404):
+                return False       # the version we checked is gone
+            raise destination_error(e, self.uri(relpath)) from None
+        except Exception as e:  # noqa: BLE001
+            raise destination_error(e, self.uri(relpath)) from None
+
     def get(self, relpath: str) -> bytes | None:
         key = self._key(relpath)
         try:
