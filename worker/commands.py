@@ -89,8 +89,20 @@ def celery_argv(a: argparse.Namespace, settings) -> list[str]:
     return argv + extra
 
 
+def _keep_sigterm_warm() -> None:
+    """SIGTERM must stay Celery's warm shutdown, which worker.shutdown bounds with
+    HARDNET_SHUTDOWN_GRACE. billiard reads REMAP_SIGTERM when Celery is imported: with
+    ``REMAP_SIGTERM=SIGQUIT`` (Celery's soft-shutdown recipe) SIGTERM would become a cold shutdown,
+    which fails with the threads pool (it cannot kill a task) and exits 1; so it is dropped here."""
+    v = os.environ.pop("REMAP_SIGTERM", None)
+    if v:
+        err(f"ignoring REMAP_SIGTERM={v}: `hardnet worker` handles SIGTERM itself (running chunks get "
+            "HARDNET_SHUTDOWN_GRACE seconds, then go back to the queue)")
+
+
 def cmd_worker(a: argparse.Namespace) -> int:
     _export_worker_options(a)
+    _keep_sigterm_warm()     # before Celery (billiard) is imported below
     # Imported after _export_worker_options: the worker's settings are read from the environment
     # when worker.app is first imported.
     from worker import lifecycle

@@ -101,6 +101,14 @@ class WorkerSettings(CommonSettings):
     file_roots: Annotated[list[str] | None, NoDecode] = Field(
         None, description="Comma-separated directories file:// sources may read (symlinks resolved). "
         "Unset = local files refused by workers.")
+    shutdown_grace: float = Field(
+        20.0, ge=0, le=3600, description="Seconds a worker asked to stop (SIGTERM: Kubernetes, "
+        "docker stop, a spot notice drained by the Node Termination Handler) lets its running "
+        "chunks finish. It takes no new chunk from the moment of the signal; when the grace ends, "
+        "every chunk still running is handed back to the queue at once (its finished records "
+        "kept, so the next worker labels only the rest) and the process exits. Keep it below the "
+        "platform's kill: terminationGracePeriodSeconds / stop_grace_period minus "
+        "worker.shutdown.EXIT_MARGIN_S (docs/reliability.md, Preemption). 0 = hand back at once.")
     max_memory_per_child_mb: int | None = Field(
         None, ge=64, description="After a chunk, a worker whose RSS exceeds this restarts itself "
         "(warm shutdown; `hardnet worker` re-executes it, a bare celery worker relies on its supervisor).")

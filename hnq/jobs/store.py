@@ -589,6 +589,13 @@ class JobStore:
             p.expire(k, self.ttl)
             p.execute()
 
+    def uncount_attempt(self, job_id: str, chunk: int) -> None:
+        """An attempt handed back unfinished because its worker was stopping (worker.shutdown):
+        it does not count against the chunk's attempts."""
+        k = self.key(job_id, "attempts")
+        if self.r.hincrby(k, chunk, -1) <= 0:
+            self.r.hdel(k, chunk)
+
     def forget_attempts(self, job_id: str, chunks: list[int]) -> None:
         """A re-send (sweeper, resume): these chunks get a fresh allowance of attempts."""
         if chunks:

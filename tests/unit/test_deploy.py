@@ -47,11 +47,13 @@ KNOWN_ENV = {
     "HARDNET_BATCH_SIZE", "HARDNET_VISIBILITY_TIMEOUT", "HARDNET_FILE_ROOTS",
     "HARDNET_ALLOW_HTTP", "HARDNET_HTTP_ALLOW_HOSTS", "HARDNET_MAX_MEMORY_PER_CHILD_MB",
     "HARDNET_TASK_EVENTS", "HARDNET_LOG_FORMAT",
-    "HARDNET_METRICS_PORT",
+    "HARDNET_METRICS_PORT", "HARDNET_SHUTDOWN_GRACE",
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
     "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
     "TORCH_HOME",
 }
+#: Seconds a stopping worker needs after its grace to hand chunks back and exit (worker/shutdown.py).
+EXIT_MARGIN_S = 10
 #: Used only by the Redis server and KEDA, never given to a worker or the producer.
 INFRA_ENV = {"REDIS_PASSWORD"}
 #: Image-level variables the Dockerfiles may set besides KNOWN_ENV.
@@ -297,6 +299,35 @@ def test_compose_gpu_override():
     assert worker["command"] == WORKER_CMD
     lock_vol = next(m for m in worker["volumes"] if m.endswith(":/gpu-locks"))
     assert lock_vol.split(":")[0] in g["volumes"]
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (``30s``, ``1m30s``, ``15m``) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_shutdown_grace_agrees_with_the_platforms_kill():
+    """SIGTERM -> HARDNET_SHUTDOWN_GRACE for running chunks -> hand back, exit within the margin:
+    compose's stop_grace_period and the pod's terminationGracePeriodSeconds must leave both."""
+    from worker.settings import WorkerSettings
+    from worker.shutdown import EXIT_MARGIN_S as margin
+
+    assert margin == EXIT_MARGIN_S
+    default = WorkerSettings.model_fields["shutdown_grace"].default
+    worker = compose()["services"]["worker"]
+    assert worker["environment"]["HARDNET_SHUTDOWN_GRACE"] == f"${{HARDNET_SHUTDOWN_GRACE:-{default:g}}}"
+    assert default + EXIT_MARGIN_S <= _seconds(worker["stop_grace_period"])
+    for override in (COMPOSE_GPU, COMPOSE_AWS):
+        svc = (load_yaml(override).get("services") or {}).get("worker") or {}
+        assert "stop_grace_period" not in svc or default + EXIT_MARGIN_S <= _seconds(svc["stop_grace_period"])
+    cm = find("ConfigMap", "hardnet-config")["data"]
+    assert float(cm["HARDNET_SHUTDOWN_GRACE"]) == default
+    pod = find("Deployment", "hardnet-worker")["spec"]["template"]["spec"]
+    # Kubernetes' default period, which GKE and EKS node drains honour
+    assert default + EXIT_MARGIN_S <= pod["terminationGracePeriodSeconds"] <= 30
 
 
 def test_compose_env_names_are_known():
@@ -629,7 +660,10 @@ def test_k8s_worker_deployment():
     assert str(c["resources"]["requests"]["nvidia.com/gpu"]) == "1"
     vt = int(find("ConfigMap", "hardnet-config")["data"]["HARDNET_VISIBILITY_TIMEOUT"])
     grace = pod["terminationGracePeriodSeconds"]
-    assert 600 <= grace <= vt, "grace period: longer than a chunk, and chunks are shorter than the VT"
+    shutdown_grace = float(find("ConfigMap", "hardnet-config")["data"]["HARDNET_SHUTDOWN_GRACE"])
+    assert "preStop" not in c.get("lifecycle", {}), "a preStop hook delays SIGTERM inside the same period"
+    assert shutdown_grace + EXIT_MARGIN_S <= grace < vt, \
+        "the pod's kill must leave HARDNET_SHUTDOWN_GRACE + the exit margin (docs/reliability.md, Preemption)"
     probe = " ".join(c["livenessProbe"]["exec"]["command"])
     assert "inspect ping" in probe
     lp = c["livenessProbe"]
