@@ -70,7 +70,8 @@ class Context:
             f"batch={clf.batch_size} amp={clf.amp} chunks_in_flight={s.chunks_in_flight}.."
             f"{s.pool_size} images_in_flight={admission.images} "
             f"fetch_threads={first.cfg.fetch_threads} decode_threads={first.cfg.decode_threads} "
-            f"torch_threads={torch.get_num_threads()}")
+            f"torch_threads={torch.get_num_threads()} "
+            f"bytes_in_flight={first.budget.limit / 2**20:.0f}MiB")
 
     def weights_for(self, model: str, job_weights: str | None) -> str | None:
         """The weights a chunk of ``model`` is labelled with (ConfigError when the job names a
@@ -101,6 +102,7 @@ class Context:
                            retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
                            torchscript=s.torchscript,
                            decode=s.decode, gc_threshold=s.gc_threshold, torch_threads=s.torch_threads,
+                           bytes_in_flight=s.bytes_in_flight, memory_limit_mb=s.max_memory_per_child_mb,
                            warm_up=clf.device.type == "cuda" or s.compile)
         metrics.instrument(eng, model)
         metrics.engine_loaded(model, clf.device, time.monotonic() - t0)

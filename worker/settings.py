@@ -1,6 +1,7 @@
 """Worker settings: one class, every field documented, read from HARDNET_* variables."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -89,6 +90,14 @@ class WorkerSettings(CommonSettings):
         "still on the CPU; a configuration error without CUDA) or `auto` (gpu when the device is CUDA "
         "and nvJPEG works there, else cpu).")
     max_image_bytes: int = Field(50 * 2**20, ge=1, description="Download size cap per image.")
+    bytes_in_flight: int = Field(
+        0, ge=0, description="Encoded image bytes one worker process holds at once, across fetch "
+        "and decode (a body counts from before it is read until it is decoded; its size is taken "
+        "from Content-Length / the object's size before the body is read, an unannounced size "
+        "counts as HARDNET_MAX_IMAGE_BYTES). Fetchers wait while it is spent; an object larger "
+        "than the whole budget is still labelled, alone. A byte count, or with a unit: `64MiB`, "
+        "`2GiB`, `500M`. 0 = a quarter of the memory the process may use (the smallest of its "
+        "cgroup's memory limit, HARDNET_MAX_MEMORY_PER_CHILD_MB and physical RAM), at least 64 MiB.")
     max_pixels: int = Field(
         89_478_485, ge=1, description="Cap on declared width×height (decompression bombs).")
     fetch_timeout: float = Field(30.0, gt=0, description="Seconds per network call.")
@@ -189,6 +198,21 @@ class WorkerSettings(CommonSettings):
             if not obstore_available():
                 raise ValueError("obstore is not installed (pip install 'obstore>=0.12,<0.13')")
         return v
+
+    @field_validator("bytes_in_flight", mode="before")
+    @classmethod
+    def _byte_size(cls, v):
+        """``64MiB``, ``1.5G``, ``1000000``: k/M/G/T are powers of 10, Ki/Mi/Gi/Ti of 2."""
+        if not isinstance(v, str):
+            return v
+        m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$", v)
+        unit = m.group(2).lower().removesuffix("b") if m else None
+        scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10,
+                 "mi": 2**20, "gi": 2**30, "ti": 2**40}.get(unit) if m else None
+        if scale is None:
+            raise ValueError(f"not a byte size: {v!r} (a number of bytes, optionally with a unit: "
+                             "k, M, G, T, KiB, MiB, GiB, TiB)")
+        return int(float(m.group(1)) * scale)
 
     @field_validator("decode", "torchscript", mode="before")
     @classmethod

@@ -46,19 +46,23 @@ _SUPPORTED = ("s3://BUCKET/KEY, file:///path or a local path, and http(s):// whe
               "(HARDNET_ALLOW_HTTP=1 and HARDNET_HTTP_ALLOW_HOSTS)")
 
 
-def fetch(uri: str, policy: FetchPolicy | None = None) -> Fetched:
-    """The bytes of one image. Zero bytes are returned as is (the decoder reports ``empty``)."""
+def fetch(uri: str, policy: FetchPolicy | None = None, on_size=None) -> Fetched:
+    """The bytes of one image. Zero bytes are returned as is (the decoder reports ``empty``).
+    ``on_size(n | None)``, when given, is called once the object's size is announced (None: not
+    announced), after the size cap was checked and before the body is read; it may block (the
+    engine's byte budget) or raise (the fetch fails with that error). A backend that retries
+    calls it again for each read of the body."""
     policy = policy or FetchPolicy()
     check_basic(uri)
     scheme = scheme_of(uri)
     if scheme == "s3":
         if policy.source_buckets is not None:   # before any request: nothing is fetched outside
             check_source_bucket(parse_s3(uri)[0], uri, policy.source_buckets)
-        return fetch_s3(uri, policy)
+        return fetch_s3(uri, policy, on_size)
     if scheme == "file":
-        return fetch_file(uri, policy)
+        return fetch_file(uri, policy, on_size)
     if scheme in ("http", "https"):
-        return fetch_http(uri, policy)
+        return fetch_http(uri, policy, on_size)
     raise ImageError(f"{uri[:200]}: unsupported URI scheme {scheme!r}; supported: {_SUPPORTED}",
                      ErrorCode.unsupported_scheme)
 

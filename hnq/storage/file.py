@@ -61,7 +61,9 @@ def _os_error(e: OSError, uri: str, confined: bool) -> Exception:
     return ImageError(f"{uri}: cannot read the file ({e.strerror or e})", ErrorCode.fetch_error)
 
 
-def fetch_file(uri: str, policy: FetchPolicy) -> Fetched:
+def fetch_file(uri: str, policy: FetchPolicy, on_size=None) -> Fetched:
+    """``on_size(n)``: called with the file's size once it is known (``stat``), before it is read
+    (the engine's byte budget may make it wait there)."""
     path = file_uri_to_path(uri)
     if not path:
         raise InvalidURI("empty path")
@@ -82,6 +84,8 @@ def fetch_file(uri: str, policy: FetchPolicy) -> Fetched:
             raise ImageError(f"{uri}: not a regular file", ErrorCode.not_found)
         if st.st_size > policy.max_bytes:
             raise too_large(uri, st.st_size, policy.max_bytes)
+        if on_size is not None:
+            on_size(st.st_size)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
 

@@ -98,7 +98,7 @@ def _one_hop(url: str, policy: FetchPolicy, deadline: float):
     return resp.status, resp, conn
 
 
-def _attempt(uri: str, policy: FetchPolicy, deadline: float) -> Fetched:
+def _attempt(uri: str, policy: FetchPolicy, deadline: float, on_size=None) -> Fetched:
     url = uri
     for _hop in range(MAX_REDIRECTS + 1):
         status, resp, conn = _one_hop(url, policy, deadline)
@@ -116,8 +116,11 @@ def _attempt(uri: str, policy: FetchPolicy, deadline: float) -> Fetched:
                 continue
             if 200 <= status < 300:
                 length = resp.getheader("Content-Length")
-                if length and length.strip().isdigit() and int(length) > policy.max_bytes:
-                    raise too_large(uri, int(length), policy.max_bytes)
+                size = int(length) if length and length.strip().isdigit() else None
+                if size is not None and size > policy.max_bytes:
+                    raise too_large(uri, size, policy.max_bytes)
+                if on_size is not None:
+                    on_size(size)     # None: no Content-Length (chunked)
 
                 def tick() -> None:
                     if time.monotonic() > deadline:
@@ -138,7 +141,9 @@ def _attempt(uri: str, policy: FetchPolicy, deadline: float) -> Fetched:
     raise ImageError(f"{uri}: more than {MAX_REDIRECTS} redirects", ErrorCode.fetch_error)
 
 
-def fetch_http(uri: str, policy: FetchPolicy) -> Fetched:
+def fetch_http(uri: str, policy: FetchPolicy, on_size=None) -> Fetched:
+    """``on_size(n | None)``: called with the announced ``Content-Length`` (None when there is
+    none) before the body is read, on every attempt that gets as far as a 2xx answer."""
     if not policy.allow_http:
         raise ImageError(f"{uri}: http(s) fetching is disabled; enable it with "
                          "HARDNET_ALLOW_HTTP=1 and list the hosts in HARDNET_HTTP_ALLOW_HOSTS",
@@ -149,7 +154,7 @@ def fetch_http(uri: str, policy: FetchPolicy) -> Fetched:
     last_status = 0
     for attempt in range(ATTEMPTS):
         try:
-            return _attempt(uri, policy, deadline)
+            return _attempt(uri, policy, deadline, on_size)
         except (ImageError, TransientError):
             raise
         except _Retry as e:

@@ -2,7 +2,9 @@
 (torchvision's and PIL's decoders release the GIL: 2 threads ran 1.85x one here).
 
 Its input is bounded in items and in bytes: when decoding falls behind, fetchers block on
-``put`` instead of piling up downloads in memory (back-pressure, no unbounded buffer)."""
+``put`` instead of piling up downloads in memory (back-pressure, no unbounded buffer). Each body
+holds its share of the engine's byte budget (:mod:`worker.engine.budget`) until it is decoded:
+``release(item)`` gives it back then, before the image goes on to the batcher."""
 from __future__ import annotations
 
 import threading
@@ -118,8 +120,10 @@ class DecodeStage:
 
     def __init__(self, decode: Callable, threads: int, on_decoded: Callable, on_failed: Callable,
                  *, max_items: int, max_bytes: int, batch_decode: Callable | None = None,
-                 eligible: Callable[[bytes], bool] | None = None, batch: int = 64):
+                 eligible: Callable[[bytes], bool] | None = None, batch: int = 64,
+                 release: Callable = lambda item: None):
         self.decode = decode
+        self.release = release
         self.batch_decode = batch_decode
         self.eligible = eligible or (lambda data: True)
         self.batch = batch
@@ -157,9 +161,13 @@ class DecodeStage:
             try:
                 item.image = self.decode(data)
             except Exception as e:  # noqa: BLE001 - ImageError (coded) or a bug: that image's record
+                data = None
+                self.release(item)
                 self.stats.add(time.monotonic() - t0, errors=1)
                 self.on_failed(item, e, False)
                 continue
+            data = None     # not kept alive while this thread waits for the next item
+            self.release(item)
             self.stats.add(time.monotonic() - t0)
             self.on_decoded(item)
 
@@ -184,6 +192,9 @@ class DecodeStage:
                 results = self.batch_decode(blobs)
             except Exception as e:  # noqa: BLE001 - the decoder itself broke: every image's record
                 results = [e] * len(live)
+            blobs = None
+            for it in live:
+                self.release(it)
             errors = sum(isinstance(r, Exception) for r in results)
             dt = time.monotonic() - t0
             self.stats.add(dt, items=len(live), errors=errors, observe=False)

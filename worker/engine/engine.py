@@ -25,6 +25,7 @@ from typing import Sequence
 from hnq.errors import ErrorCode, HardnetError, ImageError, TransientError
 from hnq.schema import ResultRecord
 from worker.engine.batch import Batcher
+from worker.engine.budget import ByteBudget, default_bytes_in_flight
 from worker.engine.decode import DecodeStage
 from worker.engine.device import DeviceRunner, top_labels
 from worker.engine.fetch import FIRST_THREADS, FetchStage, RetryPolicy
@@ -59,6 +60,15 @@ class EngineConfig:
     #: (measured with a zero-cost model on 2 cores: 530 img/s at 512, 740-810 at 64, decode-only 790)
     max_fetched_items: int = 0
     max_fetched_bytes: int = 256 * 2**20
+    #: encoded bytes in flight across fetch and decode (HARDNET_BYTES_IN_FLIGHT; see
+    #: worker.engine.budget); 0 = sized from the memory the process may use
+    bytes_in_flight: int = 0
+    #: what an object whose size is not announced reserves (HARDNET_MAX_IMAGE_BYTES: it cannot
+    #: be longer)
+    unknown_size_bytes: int = 50 * 2**20
+    #: a ByteBudget shared with other engines (build_engine: the process's one); None = a budget
+    #: of its own of bytes_in_flight
+    budget: object = None
     #: bound of decoded images waiting for the device, in batches
     ready_batches: int = 3
     #: GPU decoding: a callable list[bytes] -> list[tensor | Exception], or None for CPU decoding,
@@ -83,12 +93,17 @@ def raise_gc_threshold(threshold: int) -> None:
 
 
 class _Item:
-    __slots__ = ("chunk", "index", "uri", "attempts", "first_try", "data", "etag", "size", "image")
+    __slots__ = ("chunk", "index", "uri", "attempts", "first_try", "data", "etag", "size", "image",
+                 "hint", "held")
 
     def __init__(self, chunk: "Chunk", index: int, uri: str):
         self.chunk = chunk
         self.index = index
         self.uri = uri
+        #: the listing's size of the object (an hnq.objects.SourceObject's), reserved before its GET
+        self.hint = None if type(uri) is str else getattr(uri, "size", None)
+        #: bytes of the engine's budget this item holds now
+        self.held = 0
         self.attempts = 0
         self.first_try = 0.0
         self.data = None
@@ -148,6 +163,7 @@ class Chunk:
 
     def skip(self, item: _Item) -> None:
         """A stage dropped an item of this closed chunk."""
+        self.engine.fetcher.release(item)
         self.engine.batcher.forget()
 
     def _finish(self) -> None:
@@ -194,14 +210,16 @@ class Engine:
         self.classifier = None
         self.clock = Clock()
         self.batcher = Batcher(cfg.batch_size, cfg.batch_wait_s, cfg.ready_batches * cfg.batch_size)
+        self.budget = cfg.budget or ByteBudget(cfg.bytes_in_flight or default_bytes_in_flight())
         self.decoder = DecodeStage(decode, cfg.decode_threads, self._decoded, self._failed,
                                    max_items=cfg.max_fetched_items or max(64, 2 * cfg.batch_size),
                                    max_bytes=cfg.max_fetched_bytes,
                                    batch_decode=cfg.batch_decode, eligible=cfg.gpu_eligible,
-                                   batch=cfg.batch_size)
+                                   batch=cfg.batch_size, release=self._release)
         self.fetcher = FetchStage(fetch, cfg.fetch_threads, cfg.retry, self._fetched, self._failed,
                                   has_room=self.decoder.has_room,
-                                  first_threads=cfg.first_fetch_threads)
+                                  first_threads=cfg.first_fetch_threads, budget=self.budget,
+                                  unknown_size=cfg.unknown_size_bytes)
         self.batches = BatchStats()
         self.records_stats = StageStats("records")
         self._chunks_lock = threading.Lock()
@@ -247,6 +265,7 @@ class Engine:
             "queues": {"to_fetch": fq, "to_decode": dq, "to_decode_bytes": dbytes,
                        "ready": ready, "in_flight": upstream + ready},
             "chunks_in_flight": self.chunks_in_flight(),
+            "bytes_in_flight": self.budget.snapshot(),
         }
 
     def summary(self) -> str:
@@ -270,6 +289,9 @@ class Engine:
             c.fail(RuntimeError("engine closed"))
 
     # -- stage callbacks --
+    def _release(self, item: _Item) -> None:
+        self.fetcher.release(item)
+
     def _fetched(self, item: _Item, got) -> None:
         if item.chunk.closed:
             item.chunk.skip(item)
@@ -286,6 +308,7 @@ class Engine:
             item.chunk.skip(item)
 
     def _failed(self, item: _Item, error: BaseException, transient: bool) -> None:
+        self.fetcher.release(item)
         self.batcher.forget()
         if not isinstance(error, HardnetError):
             error = ImageError(f"{type(error).__name__}: {error}", ErrorCode.internal_error)

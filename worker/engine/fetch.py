@@ -5,20 +5,28 @@ An image whose fetch fails transiently (503 SlowDown, resets, timeouts) is not t
 problem: it goes back into this stage's queue after a backoff and is fetched again, within a
 per-image attempt budget and deadline; when those are spent it gets its own record with the
 error's code (``throttled``, ``timeout``, ``fetch_error``). Its chunk decides whether that many
-such failures mean that storage itself is down (see :meth:`Chunk.transient_failure`)."""
+such failures mean that storage itself is down (see :meth:`Chunk.transient_failure`).
+
+Every body is counted against the engine's byte budget (:mod:`worker.engine.budget`,
+``HARDNET_BYTES_IN_FLIGHT``) from before its GET until its decode is done: :meth:`FetchStage.admit`
+reserves, the backend's ``on_size`` sets the reservation to the announced size before the body is
+read, and :meth:`FetchStage.release` gives it back (decoded, failed or dropped)."""
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
-from hnq.errors import TransientError
+from hnq.errors import ErrorCode, ImageError, TransientError
 from hnq.storage import Fetched
+from worker.engine.budget import ByteBudget
 from worker.engine.stats import StageStats
 
 
@@ -89,6 +97,19 @@ class WorkQueue:
 #: fetch threads a stage starts with; it adds more, up to its maximum, as the store's latency
 #: asks for them (FetchStage._grow)
 FIRST_THREADS = 8
+#: what an admission reserves before anything is known of the object's size, until the stage has
+#: seen sizes (then: a running mean of them)
+FIRST_ESTIMATE = 1 << 20
+
+
+def takes_on_size(fetch: Callable) -> bool:
+    """Whether ``fetch`` accepts ``on_size=`` (hnq.storage.fetch does; a test's stand-in may not:
+    then the size is counted once the body is in)."""
+    try:
+        params = inspect.signature(fetch).parameters
+    except (TypeError, ValueError):
+        return False
+    return "on_size" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 class FetchStage:
@@ -104,12 +125,22 @@ class FetchStage:
     fetchers are rarely all inside a fetch and it stays small: there, 256 runnable fetchers mostly
     hand the GIL to each other, costing CPU and context switches per image (figures,
     ``bench_engine.py ceiling``: docs/performance.md#the-engines-own-ceiling-bench_enginepy-ceiling-2026-12-06-later).
-    Threads are never stopped: a worker's store does not change."""
+    Threads are never stopped: a worker's store does not change.
 
-    def __init__(self, fetch: Callable[[str], Fetched], threads: int, retry: RetryPolicy,
+    ``budget``: the engine's :class:`~worker.engine.budget.ByteBudget`; ``unknown_size``: what an
+    object whose size is not announced reserves (the download cap). No fetcher is added while
+    fetchers wait for bytes."""
+
+    def __init__(self, fetch: Callable[..., Fetched], threads: int, retry: RetryPolicy,
                  on_fetched: Callable, on_failed: Callable, *, has_room: Callable[[], bool] = lambda: True,
-                 first_threads: int = FIRST_THREADS):
+                 first_threads: int = FIRST_THREADS, budget: ByteBudget | None = None,
+                 unknown_size: int = 50 * 2**20):
         self.fetch = fetch
+        self.budget = budget if budget is not None else ByteBudget(2**62)
+        self.unknown_size = unknown_size
+        self._sized_fetch = takes_on_size(fetch)
+        #: reserved at admission when the item carries no size: the mean of recent sizes
+        self.estimate = float(FIRST_ESTIMATE)
         self.retry = retry
         self.on_fetched = on_fetched
         self.on_failed = on_failed
@@ -142,7 +173,7 @@ class FetchStage:
     def _grow(self) -> None:
         # Cheap unlocked reads first: this runs before every fetch and almost always adds nothing.
         n = len(self._threads)
-        if n >= self.max_threads or not self.queue.ready() or not self.has_room():
+        if n >= self.max_threads or not self.queue.ready() or not self.has_room() or self.budget.waiting():
             return
         if sum(self._fetching) < n:     # some fetcher is not waiting on the store
             return
@@ -158,7 +189,7 @@ class FetchStage:
             item = self.queue.get()
             if item is None:
                 return
-            if item.chunk.closed:
+            if item.chunk.closed or not self.admit(item):
                 item.chunk.skip(item)
                 continue
             # flagged before _grow, so that the fetcher it adds sees this one fetching and can add
@@ -170,20 +201,83 @@ class FetchStage:
                 item.first_try = t0
             item.attempts += 1
             try:
-                got = self.fetch(item.uri)
+                if self._sized_fetch:
+                    got = self.fetch(item.uri, on_size=partial(self._sized, item, i))
+                else:
+                    got = self.fetch(item.uri)
             except TransientError as e:
                 self._fetching[i] = False
+                self.release(item)          # nothing is held while it waits for its retry
                 self.stats.add(time.monotonic() - t0, errors=1)
                 self._transient(item, e)
                 continue
             except Exception as e:  # noqa: BLE001 - an ImageError, or a bug: that image's record
                 self._fetching[i] = False
+                self.release(item)
                 self.stats.add(time.monotonic() - t0, errors=1)
                 self.on_failed(item, e, False)
                 continue
             self._fetching[i] = False
+            self._settle(item, len(got.data))
             self.stats.add(time.monotonic() - t0)
             self.on_fetched(item, got)
+            # not kept alive while this fetcher waits for its next item: once decoded, the body
+            # must be freed, not held by this frame beyond the budget (8 fetchers x 30 MB, seen)
+            got = None
+
+    # -- the byte budget --
+    def admit(self, item) -> bool:
+        """Reserve for ``item`` before its GET: the listing's size when it has one, else the
+        running estimate (never more than the whole budget). False when its chunk was dropped while it waited (nothing held)."""
+        n = item.hint if item.hint else max(1, min(int(self.estimate), self.budget.limit))
+        chunk = item.chunk
+        if not self.budget.reserve(n, cancelled=lambda: chunk.closed):
+            return False
+        item.held = n
+        return True
+
+    def _sized(self, item, i: int, n: int | None) -> None:
+        """The backend's ``on_size``: the body about to be read is ``n`` bytes (None: unknown,
+        the download cap is reserved). Grows the reservation (waiting, holding nothing
+        meanwhile) or gives back what is not needed."""
+        if n is None:
+            n = self.unknown_size
+        held = item.held
+        if n <= held:
+            if n < held:
+                item.held = n
+                self.budget.give_back(held - n)
+            return
+        item.held = 0
+        self.budget.give_back(held)
+        self._fetching[i] = False       # waiting on the budget, not on the store
+        chunk = item.chunk
+        try:
+            ok = self.budget.reserve(n, first=True, cancelled=lambda: chunk.closed)
+        finally:
+            self._fetching[i] = True
+        if not ok:
+            raise ImageError(f"{item.uri}: not read: its chunk was dropped while the object waited "
+                             "for room in HARDNET_BYTES_IN_FLIGHT", ErrorCode.cancelled)
+        item.held = n
+
+    def _settle(self, item, n: int) -> None:
+        """The body is in: its reservation becomes its length."""
+        held = item.held
+        if n != held:
+            item.held = n
+            if n < held:
+                self.budget.give_back(held - n)
+            else:
+                self.budget.force(n - held)
+        self.estimate += (n - self.estimate) * 0.125
+
+    def release(self, item) -> None:
+        """Give back what ``item`` holds (decoded, failed or dropped); idempotent."""
+        held = item.held
+        if held:
+            item.held = 0
+            self.budget.give_back(held)
 
     def _transient(self, item, e: TransientError) -> None:
         now = time.monotonic()
@@ -200,3 +294,5 @@ class FetchStage:
         with self._lock:
             self._closed = True
         self.queue.close()
+        # the budget may be shared with other engines: not closed here; a fetcher waiting for
+        # bytes leaves once its chunk is failed (Engine.close fails them all)

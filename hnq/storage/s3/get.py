@@ -64,21 +64,23 @@ def get_client_for(choice: str) -> str:
     return "obstore" if get_obstore.usable_here() else "boto3"
 
 
-def fetch_s3(uri: str, policy: FetchPolicy) -> Fetched:
+def fetch_s3(uri: str, policy: FetchPolicy, on_size=None) -> Fetched:
+    """``on_size(n | None)``: called with the object's announced size (GetObject's
+    ``ContentLength``, obstore's meta size) before its body is read."""
     bucket, key = parse_s3(uri)
     if get_client_for(policy.s3_client) == "obstore":
         from hnq.storage.s3 import get_obstore  # optional: see obstore_available()
 
         if get_obstore.can_address(key):
-            got = get_obstore.fetch_obstore(uri, bucket, key, policy)
+            got = get_obstore.fetch_obstore(uri, bucket, key, policy, on_size)
             if got is not None:
                 return got
         # else: a key that obstore's paths cannot spell (leading / trailing '/', '//', '.' or
         # '..' segments, control characters): boto3 fetches it as is
-    return fetch_s3_boto3(uri, bucket, key, policy)
+    return fetch_s3_boto3(uri, bucket, key, policy, on_size)
 
 
-def fetch_s3_boto3(uri: str, bucket: str, key: str, policy: FetchPolicy) -> Fetched:
+def fetch_s3_boto3(uri: str, bucket: str, key: str, policy: FetchPolicy, on_size=None) -> Fetched:
     client = s3_client()
     last: BaseException | None = None
     for attempt in range(_BODY_ATTEMPTS):
@@ -91,6 +93,8 @@ def fetch_s3_boto3(uri: str, bucket: str, key: str, policy: FetchPolicy) -> Fetc
             size = resp.get("ContentLength")
             if size is not None and size > policy.max_bytes:
                 raise too_large(uri, size, policy.max_bytes)
+            if on_size is not None:
+                on_size(size)
             data = read_capped(body.read, policy.max_bytes, uri)
         except ImageError:
             raise

@@ -248,8 +248,10 @@ def map_obstore_error(e: BaseException, uri: str, key: str) -> Exception:
     return TransientError(f"{uri}: S3 transport error after retries ({_first_line(e, key)})", code)
 
 
-def fetch_obstore(uri: str, bucket: str, key: str, policy: FetchPolicy) -> Fetched | None:
-    """The object, or None when obstore cannot address ``key`` (the caller uses boto3)."""
+def fetch_obstore(uri: str, bucket: str, key: str, policy: FetchPolicy,
+                  on_size=None) -> Fetched | None:
+    """The object, or None when obstore cannot address ``key`` (the caller uses boto3).
+    ``on_size(n | None)`` is called with the announced size before the body is streamed."""
     global _runtime_pid
     try:
         store = store_for(bucket)
@@ -262,6 +264,8 @@ def fetch_obstore(uri: str, bucket: str, key: str, policy: FetchPolicy) -> Fetch
         size = res.meta["size"]
         if size is not None and size > policy.max_bytes:
             raise too_large(uri, size, policy.max_bytes)
+        if on_size is not None:
+            on_size(size)
         parts: list[bytes] = []
         total = 0
         for chunk in res.stream(min_chunk_size=min(_CHUNK, policy.max_bytes + 1)):
