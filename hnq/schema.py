@@ -143,6 +143,10 @@ class JobInfo(BaseModel):
     failed: int = 0
     dead_chunks: int = 0
     skipped: int = Field(0, description="objects not fetched: labelled by an earlier job (--skip-labelled)")
+    skipped_by_extension: int = Field(0, description="files and keys the listing left out by their "
+                                      "extension (--extensions)")
+    skipped_extensions: dict[str, int] = Field(default_factory=dict, description="the extensions "
+                                               "most skipped -> count ('(none)': no extension)")
     submitted_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -186,6 +190,10 @@ class Manifest(BaseModel):
     error_codes: dict[str, int] = Field(default_factory=dict)
     skipped: int = Field(0, description="objects not in total: labelled by an earlier job (--skip-labelled)")
     reused: list[Reused] = Field(default_factory=list, description="where the skipped objects' records are")
+    skipped_by_extension: int = Field(0, description="files and keys the listing left out by their "
+                                      "extension (--extensions); not in total")
+    skipped_extensions: dict[str, int] = Field(default_factory=dict, description="the extensions "
+                                               "most skipped -> count ('(none)': no extension)")
     parts: list[str]
     missing_parts: list[int] = Field(default_factory=list, description="chunks without a part")
     dead_chunks: list[DeadChunk] = Field(default_factory=list)

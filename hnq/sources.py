@@ -16,6 +16,12 @@ Sources (:func:`expand_sources`):
   the URI is emitted as given;
 * ``http(s)://...`` -> emitted as given (the worker enforces the fetch policy).
 
+"Image" file or key: one whose extension is in ``extensions`` (an
+:class:`hnq.formats.ExtensionFilter`; default: every extension the decoder reads, any case;
+``--extensions any`` takes every file and key, also those without an extension). What a directory
+walk or a listing leaves out is counted per extension on that filter (the job's
+``skipped_by_extension``). A file or object named alone is taken whatever its extension.
+
 A missing local path, a missing bucket or an unknown scheme raises ConfigError while iterating.
 """
 from __future__ import annotations
@@ -29,12 +35,13 @@ import tempfile
 from typing import IO, Iterable, Iterator
 
 from hnq.errors import ConfigError
+from hnq.formats import ExtensionFilter
 from hnq.storage.file import within_roots
 from hnq.storage.s3.listing import list_objects
-from hnq.uris import InvalidURI, file_uri_to_path, is_image_name, parse_s3, path_to_file_uri, scheme_of
+from hnq.uris import InvalidURI, file_uri_to_path, parse_s3, path_to_file_uri, scheme_of
 
 
-def _walk(root: str, recursive: bool) -> Iterator[str]:
+def _walk(root: str, recursive: bool, keep: ExtensionFilter) -> Iterator[str]:
     """Image files under ``root``, sorted per directory, depth-first, streaming."""
     try:
         with os.scandir(root) as it:
@@ -47,8 +54,8 @@ def _walk(root: str, recursive: bool) -> Iterator[str]:
         try:
             if entry.is_dir(follow_symlinks=False):
                 if recursive:
-                    yield from _walk(entry.path, recursive)
-            elif entry.is_file() and is_image_name(entry.name):
+                    yield from _walk(entry.path, recursive, keep)
+            elif entry.is_file() and keep.keep(entry.name):
                 yield entry.path
         except OSError:
             continue
@@ -69,11 +76,11 @@ def _local_path(source: str, file_roots, must_exist: bool = True) -> str:
     return path
 
 
-def _expand_local(source: str, *, recursive: bool, file_roots, must_exist: bool = True
-                  ) -> Iterator[str]:
+def _expand_local(source: str, *, recursive: bool, file_roots, keep: ExtensionFilter,
+                  must_exist: bool = True) -> Iterator[str]:
     path = _local_path(source, file_roots, must_exist=False)
     if os.path.isdir(path):
-        for p in _walk(path, recursive):
+        for p in _walk(path, recursive, keep):
             yield path_to_file_uri(p)
     elif os.path.exists(path) or not must_exist:
         yield path_to_file_uri(path)
@@ -81,19 +88,20 @@ def _expand_local(source: str, *, recursive: bool, file_roots, must_exist: bool 
         raise ConfigError(f"source {source!r} does not exist")
 
 
-def _expand_s3(source: str, *, recursive: bool, list_threads: int = 1, list_depth: int = 2
-               ) -> Iterator[str]:
+def _expand_s3(source: str, *, recursive: bool, keep: ExtensionFilter, list_threads: int = 1,
+               list_depth: int = 2) -> Iterator[str]:
     try:
         bucket, key = parse_s3(source, require_key=False)
     except InvalidURI as e:
         raise ConfigError(f"invalid source {source!r}: {e}") from None
-    if key and not key.endswith("/") and is_image_name(key):
+    if key and not key.endswith("/") and keep.names_image(key):
         yield source
         return
     prefix = key if (not key or key.endswith("/")) else key + "/"
     found = False
     # SourceObjects (str URIs with ETag, size, storage class); fanned out (hnq.storage.s3.listing)
-    for obj in list_objects(bucket, prefix, threads=list_threads, depth=list_depth, recursive=recursive):
+    for obj in list_objects(bucket, prefix, threads=list_threads, depth=list_depth, recursive=recursive,
+                            extensions=keep):
         found = True
         yield obj
     if not found and key and not key.endswith("/"):
@@ -102,10 +110,14 @@ def _expand_s3(source: str, *, recursive: bool, list_threads: int = 1, list_dept
 
 def expand_sources(sources: Iterable[str], *, recursive: bool = True,
                    file_roots: tuple[str, ...] | list[str] | None = None, list_threads: int = 1,
-                   list_depth: int = 2) -> Iterator[str]:
+                   list_depth: int = 2, extensions: "ExtensionFilter | str | None" = None
+                   ) -> Iterator[str]:
     """Stream the image URIs of ``sources`` (see the module doc). ``file_roots``: when given,
     local sources outside them are refused (ConfigError). ``list_threads`` / ``list_depth``: how
-    S3 prefixes are listed (:mod:`hnq.storage.s3.listing`; 1 thread = one sorted stream)."""
+    S3 prefixes are listed (:mod:`hnq.storage.s3.listing`; 1 thread = one sorted stream).
+    ``extensions``: which listed files and keys are kept (an ExtensionFilter, which counts the
+    others; ``"any"``; a list such as ``"jpg,png"``); unset: the image extensions."""
+    keep = ExtensionFilter.of(extensions)
     for source in sources:
         if not isinstance(source, str) or not source.strip():
             raise ConfigError("empty source")
@@ -114,9 +126,9 @@ def expand_sources(sources: Iterable[str], *, recursive: bool = True,
             raise ConfigError("source contains a NUL byte")
         scheme = scheme_of(source)
         if scheme == "file":
-            yield from _expand_local(source, recursive=recursive, file_roots=file_roots)
+            yield from _expand_local(source, recursive=recursive, file_roots=file_roots, keep=keep)
         elif scheme == "s3":
-            yield from _expand_s3(source, recursive=recursive, list_threads=list_threads,
+            yield from _expand_s3(source, recursive=recursive, keep=keep, list_threads=list_threads,
                                   list_depth=list_depth)
         elif scheme in ("http", "https"):
             yield source
@@ -234,7 +246,8 @@ def _require_s3_line(raw: bytes, option: str, name: str, n: int, *, first: bool)
 
 
 def read_uri_list(path_or_dash: "str | IO[bytes]", *, recursive: bool = True,
-                  file_roots: tuple[str, ...] | list[str] | None = None) -> Iterator[str]:
+                  file_roots: tuple[str, ...] | list[str] | None = None,
+                  extensions: "ExtensionFilter | str | None" = None) -> Iterator[str]:
     """One URI per line from a file (UTF-8) or stdin (``-``); blank lines and lines starting with
     ``#`` skipped, surrounding whitespace stripped. Local paths (relative ones against the cwd) and
     ``file://`` URIs become absolute ``file://`` URIs, directories are expanded like sources; a
@@ -243,7 +256,10 @@ def read_uri_list(path_or_dash: "str | IO[bytes]", *, recursive: bool = True,
     ``file://otherhost/x.jpg``: the worker records it ``invalid_uri``). Well-formed
     ``s3://bucket/prefix/`` lines (ending in ``/``) are expanded; every other line is passed on as
     given. Streaming. ``path_or_dash`` may also be the binary file :func:`check_uri_list` returned
-    (checked first: `hardnet submit` does). Bytes that are not UTF-8 raise ConfigError."""
+    (checked first: `hardnet submit` does). Bytes that are not UTF-8 raise ConfigError.
+    ``extensions``: as for :func:`expand_sources`, for the directories and prefixes it expands
+    (every other line is taken as given)."""
+    keep = ExtensionFilter.of(extensions)
     if not isinstance(path_or_dash, str):
         f = io.TextIOWrapper(path_or_dash, encoding="utf-8-sig", newline=None)
         name = "- (stdin)"
@@ -259,7 +275,7 @@ def read_uri_list(path_or_dash: "str | IO[bytes]", *, recursive: bool = True,
         except OSError as e:
             raise ConfigError(f"cannot read URI list {path_or_dash!r}: {e.strerror or e}") from None
     try:
-        yield from _lines(f, recursive=recursive, file_roots=file_roots)
+        yield from _lines(f, recursive=recursive, file_roots=file_roots, keep=keep)
     except UnicodeDecodeError as e:
         raise ConfigError(f"URI list {name!r} is not UTF-8 ({e.reason} at byte {e.start} of a block): "
                           "convert it first, e.g. iconv -f latin1 -t utf-8") from None
@@ -268,7 +284,7 @@ def read_uri_list(path_or_dash: "str | IO[bytes]", *, recursive: bool = True,
             f.close()
 
 
-def _lines(f, *, recursive: bool, file_roots) -> Iterator[str]:
+def _lines(f, *, recursive: bool, file_roots, keep: ExtensionFilter) -> Iterator[str]:
     for raw in f:
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -278,13 +294,13 @@ def _lines(f, *, recursive: bool, file_roots) -> Iterator[str]:
             if _malformed(file_uri_to_path, line):
                 yield line  # the worker records it invalid_uri; one bad line never stops the list
                 continue
-            yield from _expand_local(line, recursive=recursive, file_roots=file_roots,
+            yield from _expand_local(line, recursive=recursive, file_roots=file_roots, keep=keep,
                                      must_exist=False)
         elif scheme == "s3" and line.endswith("/"):
             if _malformed(lambda u: parse_s3(u, require_key=False), line):
                 yield line  # e.g. "s3://": invalid_uri from the worker, not a failed submit
                 continue
-            yield from _expand_s3(line, recursive=recursive)
+            yield from _expand_s3(line, recursive=recursive, keep=keep)
         else:
             yield line
 

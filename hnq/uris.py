@@ -20,10 +20,7 @@ import urllib.parse
 from pathlib import Path
 
 from hnq.errors import ErrorCode, ImageError
-
-#: Image file extensions we label, lower case with the leading dot.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
+from hnq.formats import IMAGE_EXTENSIONS, extension_of
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _NEAR_SCHEME_RE = re.compile(r"^(s3|https?|gs|ftp):", re.IGNORECASE)
@@ -41,9 +38,8 @@ class InvalidURI(ImageError):
 
 def is_image_name(name: str) -> bool:
     """True when ``name`` (a path, key or URL path) ends with one of :data:`IMAGE_EXTENSIONS`
-    (case-insensitive)."""
-    _, ext = os.path.splitext(name)
-    return ext.lower() in IMAGE_EXTENSIONS
+    (case-insensitive; the one list, derived from what the decoder reads: :mod:`hnq.formats`)."""
+    return extension_of(name) in IMAGE_EXTENSIONS
 
 
 def scheme_of(uri: str) -> str:

@@ -20,6 +20,7 @@ import re
 from typing import Callable
 
 from hnq.errors import ConfigError
+from hnq.formats import parse_extensions
 
 #: the job ids a command accepts (see the module doc)
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -103,3 +104,14 @@ def check_output_file(path: str, option: str = "-o") -> str:
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
         raise ConfigError(f"{option} {path}: not writable (permission denied)")
     return full
+
+
+def extensions_arg(value: str) -> str:
+    """argparse type of ``--extensions``: ``any`` or a comma-separated list of extensions
+    (:func:`hnq.formats.parse_extensions`), checked when the command line is parsed; the value
+    itself is returned (:meth:`hnq.formats.ExtensionFilter.of` reads it)."""
+    try:
+        parse_extensions(value, "--extensions")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value

@@ -22,7 +22,7 @@ from hnq.storage import check_writable, open_destination, validate_destination
 from producer.args import check_output_file, int_range, job_id, job_id_type, setting_range, timeout_seconds
 from producer.connect import job_store, settings
 from producer.settings import ProducerSettings
-from producer.intake import intake
+from producer.intake import add_arguments as add_intake_options, intake
 from producer.joboptions import add_arguments as add_job_options
 from producer.joboptions import check_options, options_from_args, pyarrow_note
 from producer.progress import wait_for
@@ -70,6 +70,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     it = intake(s, a, model=a.model or s.model, tag=options.tag)
     job = submit(s, it.items(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size,
                  store=job_store(s), force=a.force, sources=it.sources, skip=it.skip, index=it.index,
+                 extensions=it.extensions,
                  options=options)
     it.report(job)
     if a.json:
@@ -272,6 +273,7 @@ def register(sub) -> None:
                    help="allow a job above HARDNET_REDIS_RESULTS_MAX images without --out (results kept in Redis)")
     s.add_argument("--json", action="store_true", help="print the job (and with --wait its summary) as JSON")
     add_job_options(s)   # --format, --top-k, --weights, --tag
+    add_intake_options(s)   # --extensions
 
     wt = add_command(sub, "wait", "show a job's progress until it ends; exit code as submit --wait", cmd_wait)
     wt.add_argument("job", type=job_id, metavar="JOB", help="job id")

@@ -99,6 +99,7 @@ def resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None =
                  chunk_size=size, submitted_at=desc.get("submitted_at"), state="running",
                  options=opts.to_json())
     extra = job_fields(int(desc.get("skipped") or 0), bool(desc.get("index")))  # --skip-labelled / --index
+    extra.update({k: desc[k] for k in ("skipped_by_extension", "skipped_extensions") if desc.get(k)})
     if extra:
         store.r.hset(store.key(job_id), mapping=extra)
     have = {p.rsplit("/", 1)[-1] for p in d.list(f"{job_id}/part-")}

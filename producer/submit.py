@@ -35,6 +35,7 @@ from producer.args import field_bounds
 from producer.joboptions import check_options, only_s3
 
 if TYPE_CHECKING:
+    from hnq.formats import ExtensionFilter
     from producer.incremental import SkipLabelled
 
 log = logging.getLogger("hardnet.producer")
@@ -100,8 +101,13 @@ class LocalJobs:
         return None
 
 
-NO_IMAGES = ("no images found in the given sources (looked for .jpg .jpeg .png .webp .gif .tif .tiff "
-             ".bmp)")
+NO_IMAGES = ("no images found in the given sources (a listing keeps the image extensions the workers "
+             "decode, e.g. .jpg .png .heic; --extensions any takes every key)")
+
+
+def _no_images(extensions: "ExtensionFilter | None") -> ConfigError:
+    line = extensions.line() if extensions is not None else ""
+    return ConfigError(f"no images found in the given sources ({line})" if line else NO_IMAGES)
 
 
 def _too_big_for_redis(limit: int) -> ConfigError:
@@ -115,10 +121,12 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
            chunk_size: int | None = None, store: JobStore | None = None, app: Celery | None = None,
            force: bool = False, sources: list[str] | None = None,
            options: JobOptions | None = None, skip: "SkipLabelled | None" = None,
-           index: bool = False) -> Submitted:
+           index: bool = False, extensions: "ExtensionFilter | None" = None) -> Submitted:
     """``options``: the job's output options (hnq.options); ``skip``: a
     :class:`producer.incremental.SkipLabelled` filter (--skip-labelled, needs a destination);
-    ``index``: build the job's labelled index when it ends (:mod:`hnq.jobs.index`)."""
+    ``index``: build the job's labelled index when it ends (:mod:`hnq.jobs.index`);
+    ``extensions``: the filter the sources were listed with (``uris`` come through it): what it
+    skipped is recorded for the manifest (``skipped_by_extension``)."""
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     options = options or DEFAULT_OPTIONS
@@ -141,7 +149,7 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     uris = iter(uris)
     first = next(uris, None)
     if first is None:
-        raise ConfigError(NO_IMAGES)
+        raise _no_images(extensions)
     uris = itertools.chain([first], uris)
     # What the job records about its sources is for display (status, manifest): no credentials.
     sources = [redact_uri(x) for x in sources or []]   # an S3 prefix stays exact; URL credentials go
@@ -203,8 +211,10 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     if total == 0 and not skipped:
         store.cancel(job_id)
         beat.__exit__(None, None, None)
-        raise ConfigError(NO_IMAGES)
+        raise _no_images(extensions)
     extra = job_fields(skipped, index and d is not None)    # for finalize and resume
+    if extensions is not None:
+        extra.update(extensions.job_fields())              # skipped_by_extension: the manifest
     if extra:
         store.r.hset(store.key(job_id), mapping=extra)
     if d is not None:

@@ -82,6 +82,7 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
         missing_parts=missing, dead_chunks=dead, sources=sources, error=error,
         format=opts.format, top_k=opts.top_k, tag=opts.tag, tag_errors=tag_errors,
         weights_requested=opts.weights,
+        skipped_by_extension=info.skipped_by_extension, skipped_extensions=info.skipped_extensions,
         submitted_at=info.submitted_at, started_at=info.started_at,
         finished_at=datetime.now(timezone.utc) if info.finished_at is None else info.finished_at,
         created_at=datetime.now(timezone.utc), **manifest_fields(d if info.dest else None, job_id, raw))

@@ -43,6 +43,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from hnq.formats import skipped_from_fields
 from hnq.options import DEFAULT_OPTIONS
 from hnq.schema import JobInfo
 
@@ -390,12 +391,13 @@ class JobStore:
         rate = done / (end - started) if started and end > started and done else None
         total = int(h["total"]) if h.get("total") else None
         eta = (total - done) / rate if rate and total is not None and h["state"] == "running" else None
+        by_ext, exts = skipped_from_fields(h)   # --extensions (hnq.formats)
         return JobInfo(
             job_id=job_id, state=h["state"], model=h.get("model"), dest=h.get("dest") or None,
             total=total, chunks=int(h["chunks"]) if h.get("chunks") else None,
             chunks_done=int(h.get("chunks_done", 0)), succeeded=int(h.get("succeeded", 0)),
             failed=int(h.get("failed", 0)), dead_chunks=int(h.get("dead_chunks", 0)),
-            skipped=int(h.get("skipped", 0) or 0),
+            skipped=int(h.get("skipped", 0) or 0), skipped_by_extension=by_ext, skipped_extensions=exts,
             submitted_at=_iso(h.get("submitted_at")), started_at=_iso(h.get("started_at")),
             finished_at=_iso(h.get("finished_at")), rate=rate, eta_s=eta, error=h.get("error") or None,
             options=_options(h.get("options")),

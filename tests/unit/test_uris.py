@@ -10,18 +10,26 @@ from hnq.uris import (IMAGE_EXTENSIONS, InvalidURI, file_uri_to_path, is_image_n
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "A.JPG", "x/y.jpeg", "p.PNG", "w.webp", "g.gif",
-                                  "t.tif", "t.TIFF", "b.bmp", "s3://b/k k.Jpg"])
+                                  "t.tif", "t.TIFF", "b.bmp", "s3://b/k k.Jpg", "i.HEIC", "i.heif",
+                                  "a.avif", "j.jfif", "j.JPE", "k.jp2", "k.J2K", "p.pnm", "p.PGM",
+                                  "t.tga", "d.dds"])
 def test_image_names(name):
     assert is_image_name(name)
 
 
-@pytest.mark.parametrize("name", ["a.txt", "a", "dir/", ".jpg.bak", "a.jpg/", "jpg", "a.heic"])
+@pytest.mark.parametrize("name", ["a.txt", "a", "dir/", ".jpg.bak", "a.jpg/", "jpg", "a.eps", "a.pdf",
+                                  "blob", "a.jpg.gz"])
 def test_not_image_names(name):
     assert not is_image_name(name)
 
 
 def test_extensions_set():
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"}
+    """The listing's extensions are the formats' (hnq.formats; tests/unit/test_formats.py checks
+    them against what the decoder opens): the old eight and the new ones."""
+    assert {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"} < IMAGE_EXTENSIONS
+    assert {".heic", ".heif", ".avif", ".jfif", ".jpe", ".jp2", ".j2k", ".pnm", ".ppm", ".pgm", ".pbm",
+            ".tga", ".dds"} < IMAGE_EXTENSIONS
+    assert all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
 
 
 @pytest.mark.parametrize("uri,bucket,key", [

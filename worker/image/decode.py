@@ -20,9 +20,11 @@ Paths, chosen from the bytes (never from a file name):
   survive). Its IHDR is still parsed here, for the size check.
 * WebP (still) -> ``torchvision`` libwebp decode; bit-identical to PIL. (torchvision's JPEG and
   WebP decoders survived 3000 fuzzed files each; the PNG one did not survive 300.)
-* Everything else PIL can open (CMYK/YCCK JPEG, 12-bit JPEG, 16-bit PNG, APNG, animated WebP,
-  GIF (first frame), TIFF, BMP, AVIF, ...) -> PIL decode + :func:`to_rgb`. Except EPS, which PIL
-  renders by running Ghostscript on the file: a ``decode_error`` here.
+* Every other format of :data:`hnq.formats.IMAGE_FORMATS` (the one list a listing keeps the
+  extensions of: CMYK JPEG, 16-bit PNG, APNG, GIF, TIFF, AVIF, HEIC/HEIF, JPEG 2000, PNM, TGA, DDS,
+  ...) -> PIL decode + :func:`to_rgb`; PIL opens those only (:func:`accepted_formats`; EPS, run
+  through Ghostscript, and the rest of ``EXCLUDED_FORMATS`` are a ``decode_error``). HEIC/HEIF needs
+  pillow-heif (registered once, lazily); without it a HEIF file's error names the package.
 * Resize + crop: :mod:`worker.image.resize` (torch's uint8 antialiased resize, in PIL's pass order;
   for extreme aspect ratios only the crop window is computed, with PIL).
 * If the fast decoder rejects the bytes, PIL gets them: we accept exactly what PIL accepts, and an
@@ -56,6 +58,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -64,11 +67,13 @@ import torchvision.io  # noqa: F401  (loads the image extension: registers torch
 from PIL import Image, UnidentifiedImageError
 
 from hnq.errors import ErrorCode, ImageError
+from hnq.formats import EXCLUDED_FORMATS, HEIF_FORMATS, IMAGE_FORMATS
 from worker.image.resize import (
     is_extreme, pil_to_chw, resize_crop_tensor, resize_crop_window, resized_size,
 )
 
-__all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "to_rgb", "sniff_format", "JpegInfo", "jpeg_info"]
+__all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "to_rgb", "sniff_format", "JpegInfo", "jpeg_info",
+           "accepted_formats", "heif_available"]
 
 # PIL's own default (1 GiB / 4 bytes / 3): a 24-bit image this size is ~256 MiB decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -252,16 +257,50 @@ def torchvision_decode(kind: str, data: bytes) -> torch.Tensor:
     return t
 
 
-# EPS is rendered by running Ghostscript on the file: not for bytes from arbitrary URLs.
-_PIL_EXCLUDED = frozenset({"EPS"})
 _PIL_FORMATS: list[tuple[str, ...]] = []
+_formats_lock = threading.Lock()
+#: ISO-BMFF brands of HEIF images (the ``ftyp`` box): told apart from AVIF for the error message
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+_HEIF_HINT = ("HEIC/HEIF image: this worker cannot decode it without pillow-heif "
+              "(pip install pillow-heif, or 'hardnet-queue[worker]')")
+
+
+def _register_heif() -> bool:
+    try:
+        import pillow_heif  # optional: the worker extra brings it
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _pil_formats() -> tuple[str, ...]:
     if not _PIL_FORMATS:
-        Image.init()  # registers every plugin (what Image.open does lazily anyway)
-        _PIL_FORMATS.append(tuple(f for f in Image.ID if f not in _PIL_EXCLUDED))
+        with _formats_lock:
+            if not _PIL_FORMATS:
+                _register_heif()
+                Image.init()  # registers every plugin (what Image.open does lazily anyway)
+                # MPO is opened by the JPEG opener (it has none of its own)
+                formats = tuple(f for f in IMAGE_FORMATS if f in Image.ID)
+                assert not set(formats) & set(EXCLUDED_FORMATS), formats
+                _PIL_FORMATS.append(formats)
     return _PIL_FORMATS[0]
+
+
+def accepted_formats() -> tuple[str, ...]:
+    """The PIL formats :func:`decode_image` opens: those of :data:`hnq.formats.IMAGE_FORMATS` that
+    this PIL has (HEIF only with pillow-heif; MPO through the JPEG opener)."""
+    return _pil_formats()
+
+
+def heif_available() -> bool:
+    """Whether pillow-heif is installed here (HEIC/HEIF decodes)."""
+    _pil_formats()
+    return bool(set(HEIF_FORMATS) & set(_PIL_FORMATS[0]))
+
+
+def _is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
 def _pil_open(data: bytes, fmt: str | None, max_pixels: int) -> Image.Image:
@@ -270,6 +309,8 @@ def _pil_open(data: bytes, fmt: str | None, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{fmt or 'image'}: {e}", ErrorCode.too_large) from None
     except UnidentifiedImageError:
+        if _is_heif(data) and not heif_available():
+            raise ImageError(_HEIF_HINT, ErrorCode.decode_error) from None
         hint = ""
         if not fmt:
             start = data[:256].lstrip().lower()

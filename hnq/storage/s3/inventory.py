@@ -22,8 +22,9 @@ file and read in record batches):
 * **Parquet** when pyarrow is importable (``pip install 'hardnet-queue[parquet]'``; a clear
   ConfigError says so otherwise). **ORC** is refused (configure the report as CSV or Parquet).
 * Rows that are delete markers (``IsDeleteMarker``) or not the latest version (``IsLatest``) are
-  skipped when the report has those columns (``IncludedObjectVersions: All``); keys that are not
-  images (:func:`hnq.uris.is_image_name`) and folder markers are skipped.
+  skipped when the report has those columns (``IncludedObjectVersions: All``); folder markers and
+  keys without an image extension (:mod:`hnq.formats`; ``--extensions`` chooses, counted per
+  extension for the job's ``skipped_by_extension``) are skipped.
 * ``Size``, ``ETag``, ``StorageClass`` and ``IntelligentTieringAccessTier`` ride along on each
   :class:`~hnq.objects.SourceObject`: archived objects (GLACIER, DEEP_ARCHIVE, Intelligent-Tiering
   archive tiers) and 0-byte ones get their record without a fetch; the ETag lets
@@ -49,12 +50,13 @@ from typing import Iterator
 import botocore.exceptions as bex
 
 from hnq.errors import ConfigError, TransientError
+from hnq.formats import ExtensionFilter
 from hnq.objects import SourceObject
 from hnq.storage.base import clean_etag
 from hnq.storage.s3.client import s3_client
 from hnq.storage.s3.errors import code_and_status, listing_error
 from hnq.storage.s3.listing import iter_folders
-from hnq.uris import InvalidURI, file_uri_to_path, is_image_name, parse_s3, s3_uri, scheme_of
+from hnq.uris import InvalidURI, file_uri_to_path, parse_s3, s3_uri, scheme_of
 
 log = logging.getLogger("hardnet.inventory")
 
@@ -248,9 +250,15 @@ def open_report(spec: str) -> Report:
 
 
 def iter_inventory(spec: "str | Report", *, images_only: bool = True, tmpdir: str | None = None,
-                   stats: InventoryStats | None = None) -> Iterator[SourceObject]:
-    """Stream the objects an inventory report lists (see the module doc)."""
+                   stats: InventoryStats | None = None, extensions: ExtensionFilter | None = None
+                   ) -> Iterator[SourceObject]:
+    """Stream the objects an inventory report lists (see the module doc). ``extensions``: which
+    keys are kept, counting those left out (unset: the image extensions, or every key with
+    ``images_only=False``)."""
     stats = stats if stats is not None else InventoryStats()
+    keep = extensions if extensions is not None else (ExtensionFilter() if images_only else None)
+    if keep is not None and keep.takes_all:
+        keep = None
     report = spec if isinstance(spec, Report) else open_report(spec)
     uri, m, fmt = report.uri, report.manifest, report.fmt
     stats.manifest = uri
@@ -265,7 +273,7 @@ def iter_inventory(spec: "str | Report", *, images_only: bool = True, tmpdir: st
         rows = _csv_rows(furi, schema, f) if fmt == "CSV" else _parquet_rows(furi, f, tmpdir)
         for row in rows:
             stats.rows += 1
-            obj = _object(row, source_bucket, stats, images_only, decode=fmt == "CSV")
+            obj = _object(row, source_bucket, stats, keep, decode=fmt == "CSV")
             if obj is not None:
                 yield obj
     log.info(stats.line())
@@ -279,7 +287,7 @@ def _truthy(v) -> bool | None:
     return str(v).strip().lower() == "true"
 
 
-def _object(row: dict, source_bucket: str, stats: InventoryStats, images_only: bool,
+def _object(row: dict, source_bucket: str, stats: InventoryStats, keep: ExtensionFilter | None,
             decode: bool) -> SourceObject | None:
     key = row.get("key")
     if not key:
@@ -292,7 +300,7 @@ def _object(row: dict, source_bucket: str, stats: InventoryStats, images_only: b
     if _truthy(row.get("islatest")) is False:
         stats.old_versions += 1
         return None
-    if key.endswith("/") or (images_only and not is_image_name(key)):
+    if key.endswith("/") or (keep is not None and not keep.keep(key)):
         stats.not_images += 1
         return None
     size = row.get("size")

@@ -26,6 +26,11 @@ holds directly (keys beside its folders) comes with its delimited listing: no ke
   it by key ranges would need split points that S3 does not give; docs/whole-bucket.md).
 * **Too fine a fan-out costs requests**: a folder of 10 keys is one round trip for 10 keys
   where a single stream gets up to 1,000. ``depth`` (default 2) bounds it.
+* **Extensions**: a key is kept when its extension is one of ``extensions`` (an
+  :class:`hnq.formats.ExtensionFilter`: by default the image extensions of :mod:`hnq.formats`, any
+  case; ``any`` keeps every key, also keys without an extension); the filter counts what it left
+  out, per extension (the job's ``skipped_by_extension``). Directory markers are never kept nor
+  counted.
 * **Errors**: a missing bucket, AccessDenied (also on one folder only: the message names it),
   bad credentials -> ConfigError; S3 still failing after boto3's retries -> TransientError. The
   first error stops every thread and is raised to the consumer.
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from hnq.errors import ConfigError, TransientError
+from hnq.formats import ExtensionFilter
 from hnq.objects import SourceObject
 from hnq.storage.base import clean_etag
 from hnq.storage.s3.client import boto3_session, client_config, env_key, s3_client
@@ -151,11 +157,11 @@ def _next_page(resp: dict, bucket: str, prefix: str) -> str | None:
     return token
 
 
-def _objects(bucket: str, contents, images_only: bool) -> list[SourceObject]:
+def _objects(bucket: str, contents, keep: ExtensionFilter | None) -> list[SourceObject]:
     out = []
     for obj in contents or ():
         key = obj["Key"]
-        if key.endswith("/") or (images_only and not is_image_name(key)):
+        if key.endswith("/") or (keep is not None and not keep.keep(key)):
             continue
         out.append(SourceObject(s3_uri(bucket, key), etag=clean_etag(obj.get("ETag")), size=obj.get("Size"),
                                 storage_class=obj.get("StorageClass")))
@@ -164,24 +170,29 @@ def _objects(bucket: str, contents, images_only: bool) -> list[SourceObject]:
 
 def list_objects(bucket: str, prefix: str = "", *, threads: int = 1, depth: int = 2,
                  images_only: bool = True, recursive: bool = True, page_size: int | None = None,
-                 queue_pages: int | None = None, stats: ListingStats | None = None
-                 ) -> Iterator[SourceObject]:
+                 queue_pages: int | None = None, stats: ListingStats | None = None,
+                 extensions: ExtensionFilter | None = None) -> Iterator[SourceObject]:
     """Stream the objects under ``s3://bucket/prefix`` (see the module doc). ``recursive=False``:
-    only the keys directly under ``prefix`` (one delimited stream)."""
+    only the keys directly under ``prefix`` (one delimited stream). ``extensions``: which keys are
+    kept (and the count of those left out); unset: the image extensions, or with
+    ``images_only=False`` every key."""
     if threads < 1:
         raise ConfigError(f"listing threads must be >= 1, not {threads}")
     if depth < 0:
         raise ConfigError(f"listing depth must be >= 0, not {depth}")
     stats = stats if stats is not None else ListingStats()
     page_size = page_size or LIST_PAGE_SIZE
+    keep = extensions if extensions is not None else (ExtensionFilter() if images_only else None)
+    if keep is not None and keep.takes_all:
+        keep = None
     if threads == 1 or not recursive:
-        yield from _single(bucket, prefix, recursive, images_only, page_size, stats)
+        yield from _single(bucket, prefix, recursive, keep, page_size, stats)
     else:
-        yield from _Parallel(bucket, prefix, threads, depth, images_only, page_size,
+        yield from _Parallel(bucket, prefix, threads, depth, keep, page_size,
                              queue_pages or 2 * threads, stats).run()
 
 
-def _single(bucket, prefix, recursive, images_only, page_size, stats) -> Iterator[SourceObject]:
+def _single(bucket, prefix, recursive, keep, page_size, stats) -> Iterator[SourceObject]:
     kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
     if not recursive:
         kwargs["Delimiter"] = "/"
@@ -194,7 +205,7 @@ def _single(bucket, prefix, recursive, images_only, page_size, stats) -> Iterato
         except Exception as e:  # noqa: BLE001 - mapped
             raise listing_error(e, bucket, prefix) from None
         stats.requests += 1
-        objs = _objects(bucket, resp.get("Contents"), images_only)
+        objs = _objects(bucket, resp.get("Contents"), keep)
         stats.keys += len(objs)
         yield from objs
         token = _next_page(resp, bucket, prefix)
@@ -203,9 +214,9 @@ def _single(bucket, prefix, recursive, images_only, page_size, stats) -> Iterato
 
 
 class _Parallel:
-    def __init__(self, bucket, prefix, threads, depth, images_only, page_size, queue_pages, stats):
+    def __init__(self, bucket, prefix, threads, depth, keep, page_size, queue_pages, stats):
         self.bucket, self.prefix, self.depth = bucket, prefix, depth
-        self.images_only, self.page_size = images_only, page_size
+        self.keep, self.page_size = keep, page_size
         self.n = threads
         self.stats = stats
         stats.queue_pages = queue_pages
@@ -293,7 +304,7 @@ class _Parallel:
                     self.pending += len(folders)
                     self.stats.peak_pending_units = max(self.stats.peak_pending_units, len(self.work))
                     self.cv.notify(len(folders))
-            objs = _objects(self.bucket, resp.get("Contents"), self.images_only)
+            objs = _objects(self.bucket, resp.get("Contents"), self.keep)
             if objs and not self._put(objs):
                 return
             token = _next_page(resp, self.bucket, prefix)
