@@ -31,6 +31,11 @@ class ProducerSettings(CommonSettings):
         5.0, gt=0, le=300, description="Seconds between the refreshes of a listing `submit`'s heartbeat "
         "in Redis; 6 intervals without one (the process killed) and the workers' sweeper marks the "
         "unsealed job `abandoned` (`hardnet resume JOB` seals and finishes it).")
+    check_workers: bool = Field(
+        True, description="`submit` reads what the live workers of its queue accept (their heartbeats: "
+        "HARDNET_FILE_ROOTS, HARDNET_OUTPUT_ROOTS, buckets, http, job weights) and refuses, exit 2, a job "
+        "none of them can run, naming the setting to change; with no live worker the job waits. "
+        "false = submit without asking (a worker that accepts it will start later).")
     list_threads: int = Field(
         8, ge=1, le=256, description="Concurrent ListObjectsV2 requests when `submit` lists an S3 "
         "prefix: the prefix is fanned out over its folders (common prefixes), HARDNET_LIST_DEPTH levels "

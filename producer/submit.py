@@ -1,7 +1,9 @@
 """Submitting a job: stream the sources into chunks; write each chunk's URIs beside the job's
 results (the claim check, :mod:`hnq.jobs.inputs`) and only then enqueue its small message, so a
 million-key prefix is never held in memory and Redis holds about a kilobyte per chunk. The job is
-"sealed" with its totals at the end, and DEST/JOB_ID/job.json describes it for `hardnet resume`."""
+"sealed" with its totals at the end, and DEST/JOB_ID/job.json describes it for `hardnet resume`.
+Before anything is written, a job that no live worker of its queue can run is refused, naming the
+setting to change (hnq.fleet, HARDNET_CHECK_WORKERS)."""
 from __future__ import annotations
 
 import itertools
@@ -14,8 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from celery import Celery
+from redis.exceptions import RedisError
 
+from hnq.console import err
 from hnq.errors import ConfigError
+from hnq.fleet import JobNeeds, check_job
 from hnq.jobs.finish import finalize_or_fail
 from hnq.jobs.index import job_fields
 from hnq.jobs.liveness import Heartbeat
@@ -140,20 +145,36 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     d = None
     if dest:
         dest = validate_destination(dest)
+    uris = iter(uris)
+    store = store or JobStore(s.broker_url, s.results_ttl_days)
+    # Can a live worker run it? Before anything is written (hnq.fleet): the SOURCE arguments, or
+    # for a --from-file / --inventory job its first URI; the destination; job-named weights.
+    direct = [x for x in sources or [] if not x.startswith(("@", "inventory:"))]
+    first = None if direct else next(uris, None)
+    note = None
+    if s.check_workers:
+        needs = JobNeeds.of(direct or ([first] if first else []), dest=dest, weights=options.weights)
+        try:
+            note = check_job(store.r, s.queue, needs)
+        except RedisError as e:     # Redis away: what follows fails with its own message
+            note = None
+            log.debug("live workers not checked: %s", e)
+    if dest:
         check_writable(dest)              # a missing bucket / unwritable directory: fail now
         d = open_destination(dest)
     if skip is not None and d is None:
         raise ConfigError("--skip-labelled / --since need --out DEST (the earlier jobs' results)")
     # The first URI before the job exists: sources that hold no image (or whose first listing
     # fails) are refused with nothing created.
-    uris = iter(uris)
-    first = next(uris, None)
+    if direct:
+        first = next(uris, None)
     if first is None:
         raise _no_images(extensions)
     uris = itertools.chain([first], uris)
+    if note:      # no live worker: said once the job is sure to exist (other refusals come first)
+        err(note)
     # What the job records about its sources is for display (status, manifest): no credentials.
     sources = [redact_uri(x) for x in sources or []]   # an S3 prefix stays exact; URL credentials go
-    store = store or JobStore(s.broker_url, s.results_ttl_days)
     app = app or sender(s)
     job_id = new_job_id()
     now = time.time()

@@ -17,15 +17,14 @@ configuration error (dead letter, no retry) saying which setting to change.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from hnq.errors import ConfigError
-from hnq.models import OFFICIAL, RANDOM, WEIGHTS_WORDS, weights_key
+from hnq.fleet import check_job_weights  # noqa: F401 - the one rule, also read by the check at submit
+from hnq.models import OFFICIAL, RANDOM, weights_key
 
 log = logging.getLogger("hardnet.worker")
 
@@ -41,39 +40,6 @@ def resolve_job_weights(model: str, job_weights: str | None, worker_model: str,
     if model == worker_model or (worker_weights is not None and weights_key(worker_weights) == RANDOM):
         return worker_weights
     return None
-
-
-def check_job_weights(weights: str | None, allow: tuple[str, ...] | None, own: str | None) -> None:
-    """ConfigError unless this worker may load ``weights`` for a job (see the module docstring)."""
-    key = weights_key(weights)
-    if key in WEIGHTS_WORDS:
-        return
-    if own is not None and key == weights_key(own):
-        return
-    if not allow:
-        raise ConfigError(f"the job asks for weights {key!r}, but this worker loads no job-named "
-                          "checkpoints (set HARDNET_JOB_WEIGHTS_ALLOW to the directories or URL "
-                          "prefixes they may come from)")
-    low = key.lower()
-    if low.startswith(("http://", "https://")):
-        for a in allow:
-            a = a.lower()
-            if "://" not in a or a.startswith("file://"):
-                continue
-            # a prefix ends at a "/": https://models.example never admits https://models.example.evil/
-            if low.startswith(a if a.endswith("/") else a + "/"):
-                return
-    else:
-        path = key[len("file://"):] if low.startswith("file://") else key
-        real = os.path.realpath(path)
-        for a in allow:
-            if "://" in a and not a.lower().startswith("file://"):
-                continue
-            root = os.path.realpath(a[len("file://"):] if a.lower().startswith("file://") else a)
-            if real == root or real.startswith(root.rstrip("/") + "/"):
-                return
-    raise ConfigError(f"the job asks for weights {key!r}, which is not under this worker's "
-                      f"HARDNET_JOB_WEIGHTS_ALLOW ({', '.join(allow)})")
 
 
 class _Entry:

@@ -1,5 +1,6 @@
 """The life of a worker process, on Celery's signals: the model preloaded before the first chunk,
-the metrics endpoint started, the ready line, the chunks-in-flight gauge, the memory guard
+the metrics endpoint started, the ready line and the heartbeat that publishes what this worker
+accepts (hnq.fleet; read by `hardnet submit`), the chunks-in-flight gauge, the memory guard
 that recycles the process, and the background finaliser (jobs whose last chunk this process
 completed are finalised on its own threads, outside any chunk's message, under the job's lease).
 
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from celery import signals
 
 from hnq.errors import ConfigError
+from hnq.fleet import Heartbeat, WorkerCaps
 from hnq.jobs.finish import finalize_or_fail
 from hnq.settings import TASK_CLASSIFY
 from worker import metrics
@@ -77,12 +79,32 @@ def _memory_guard(**_):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+# --- the heartbeat: what this worker accepts, for `hardnet submit`'s check (hnq.fleet) ----------
+_heartbeat: Heartbeat | None = None
+
+
 @signals.worker_ready.connect
-def _say_ready(**_):
+def _say_ready(sender=None, **_):
     # Logged here, not at load time: Celery has set up its log handlers (and our format) by now.
+    # The heartbeat's first beat comes before Celery's "ready." line (sent after this signal).
+    global _heartbeat
+    try:
+        _heartbeat = Heartbeat.for_consumer(runner.store().r, settings, sender).start()
+        accepts = _heartbeat.caps.line()
+    except Exception as e:  # noqa: BLE001 - a worker without a heartbeat still labels
+        log.warning("could not start this worker's heartbeat (submit will not see it): %s", e)
+        accepts = WorkerCaps.of(settings, hostname="-").line()
     ctx = runner.built
     if ctx is not None:
-        log.info("worker ready: %s", ctx.summary)
+        log.info("worker ready: %s; accepts: %s", ctx.summary, accepts)
+    else:
+        log.info("worker accepts: %s", accepts)
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_):
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 # --- metrics (worker.metrics; HARDNET_METRICS_PORT) ---------------------------------------------

@@ -187,7 +187,9 @@ def test_output_outside_the_workers_roots_fails_at_once(env, tmp_path):
     w = Worker(wenv, "roots", tmp_path)
     try:
         w.wait_ready()
-        rc, sub = cli_json(["submit", str(tmp_path / "in"), "--out", str(out), "--chunk-size", "5", "--json"], env)
+        # submit's own check would refuse this job (exit 2, hnq.fleet): sent anyway, for the worker's check
+        rc, sub = cli_json(["submit", str(tmp_path / "in"), "--out", str(out), "--chunk-size", "5", "--json"],
+                           dict(env, HARDNET_CHECK_WORKERS="false"))
         p = cli(["wait", sub["job_id"], "--timeout", "120"], env, timeout=180)
         rc2, st = cli_json(["status", sub["job_id"], "--json"], env)
         log = w.log()
