@@ -17,6 +17,7 @@ EXIT_SOME_FAILED = 3      # the job/command finished, but some images could not 
 EXIT_JOB_FAILED = 4       # the job itself failed, was cancelled, or its state was lost
 EXIT_TIMEOUT = 5          # `wait`/`submit --wait --timeout`: gave up waiting; the job goes on
 EXIT_ABANDONED = 6        # the job's submit died while listing: `hardnet resume JOB` seals and finishes it
+EXIT_INTERRUPTED = 130    # Ctrl-C (a wait: the job goes on)
 
 #: exit code of a job that ended in this state
 STATE_EXIT = {"done": EXIT_OK, "done_with_errors": EXIT_SOME_FAILED, "failed": EXIT_JOB_FAILED,
@@ -48,6 +49,11 @@ def err(msg: str) -> None:
     print(f"hardnet: {msg}", file=sys.stderr)
 
 
+def code_name(code) -> str:
+    """An error code as people read it: ``not_found``, never ``ErrorCode.not_found``."""
+    return str(getattr(code, "value", code))
+
+
 def print_human(rec) -> None:
     """One record for people: the URI, then the top 5 or the error."""
     print(rec.uri + ("  [random weights: labels meaningless]" if rec.weights == "random" else ""))
@@ -55,5 +61,5 @@ def print_human(rec) -> None:
         for t in rec.top5:
             print(f"  {t.score:8.4f}  {t.label}")
     else:
-        print(f"  ERROR {rec.error.code}: {rec.error.message}")
+        print(f"  ERROR {code_name(rec.error.code)}: {rec.error.message}")
     sys.stdout.flush()

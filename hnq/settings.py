@@ -4,13 +4,17 @@ environment with the ``HARDNET_`` prefix. Values are passed down explicitly, nev
 environment deep inside the code."""
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 from hnq.errors import ConfigError
 from hnq.logs import redact
+from hnq.models import MODELS
 
 #: The Celery queue, which on Redis is a list of this name in the broker DB (KEDA watches it).
 QUEUE = "hardnet"
@@ -19,14 +23,27 @@ TASK_FINALIZE = "hardnet.finalize_job"
 
 
 def _shown(value) -> str:
-    """A bad value as the error shows it: URLs without their password, long values cut."""
-    text = redact_url(value) if isinstance(value, str) and "://" in value else repr(value)
+    """A bad value as the error shows it: URLs without their password (with or without a
+    scheme), long values cut."""
+    if isinstance(value, str) and "://" in value:
+        text = repr(redact_url(value))
+    elif isinstance(value, str) and "@" in value:      # user:password@host without a scheme
+        text = repr(redact_url("x://" + value)[4:])
+    else:
+        text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _message(x: dict) -> str:
+    """pydantic's message of one error, without the "Value error, " of our own validators."""
+    msg = x["msg"]
+    return msg[len("Value error, "):] if x.get("type") == "value_error" and msg.startswith("Value error, ") else msg
+
+
 class ClearErrors(BaseSettings):
-    """Settings whose bad values raise a ConfigError that names the environment variable
-    (`HARDNET_CHUNK_SIZE='abc': Input should be a valid integer`), not a pydantic traceback."""
+    """Settings whose bad values raise a ConfigError that names the environment variable, one
+    line per bad variable (`bad setting: HARDNET_CHUNK_SIZE='abc': Input should be a valid
+    integer`), not a pydantic traceback."""
 
     def __init__(self, **values):
         try:
@@ -36,14 +53,57 @@ class ClearErrors(BaseSettings):
             lines = []
             for x in e.errors():
                 field = str(x["loc"][0]) if x["loc"] else "?"
-                lines.append(f"{prefix}{field.upper()}={_shown(x.get('input'))}: {x['msg']}")
-            raise ConfigError("bad setting: " + "; ".join(lines)) from None
+                line = f"bad setting: {prefix}{field.upper()}={_shown(x.get('input'))}: {_message(x)}"
+                if line not in lines:
+                    lines.append(line)
+            raise ConfigError("\n".join(lines)) from None
+
+
+def check_model(name: str) -> str:
+    """A model setting (``HARDNET_MODEL``): one of the registry's variants."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model, choose {', '.join(MODELS)}")
+    return name
+
+
+#: the type of a model setting: checked against the registry when the settings are read
+ModelSetting = Annotated[str, AfterValidator(check_model)]
+
+#: host[:port] given without a scheme (``127.0.0.1:6390``): the URL it meant is suggested
+_HOST_PORT_RE = re.compile(r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+
+
+def check_broker_url(url: str) -> str:
+    """``HARDNET_BROKER_URL``: a ``redis://`` or ``rediss://`` URL that redis-py and Celery both
+    read, checked when the settings are read, so that a wrong shape is a one-line configuration
+    error (exit 2), not a traceback from the first connection. Whether Redis answers there is
+    found out by connecting (exit 1 when it does not)."""
+    url = url.strip()
+    if not url:
+        raise ValueError("empty: give a Redis URL such as redis://localhost:6379/0")
+    if "://" not in url:
+        meant = f"redis://{url}/0" if _HOST_PORT_RE.fullmatch(url) else "redis://HOST:6379/0"
+        raise ValueError(f"not a URL (no scheme): give a Redis URL such as {meant} "
+                         "(rediss:// for TLS)")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("redis", "rediss"):
+        raise ValueError(f"{scheme}:// is not Redis: give redis://HOST:PORT/DB (rediss:// for TLS)")
+    try:
+        parse_url(url)
+        parts = urlsplit(url)
+        parts.port           # noqa: B018 -- raises on a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"not a valid Redis URL: {redact(str(e))}") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number: give redis://HOST:PORT/DB, e.g. /0")
+    return url
 
 
 class CommonSettings(ClearErrors):
     model_config = SettingsConfigDict(env_prefix="HARDNET_", extra="ignore")
 
-    broker_url: str = Field(
+    broker_url: Annotated[str, AfterValidator(check_broker_url)] = Field(
         "redis://localhost:6379/0",
         description="Redis URL of the broker and of the job state. `redis://:PASSWORD@host:6379/0` "
         "for a password, `rediss://…?ssl_cert_reqs=required` for TLS.",

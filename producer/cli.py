@@ -10,7 +10,7 @@ import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from hnq.console import EXIT_ERROR, EXIT_USAGE, BrokerUnreachable, HelpFormatter, err
+from hnq.console import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, BrokerUnreachable, HelpFormatter, err
 from hnq.errors import ConfigError, HardnetError
 from hnq.logs import setup_cli
 from hnq.settings import CommonSettings, redact_url
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(a.verbose)
         return a.fn(a)
     except ConfigError as e:
-        err(str(e))
+        for line in str(e).splitlines() or [""]:    # bad settings: one line per variable
+            err(line)
         return EXIT_USAGE
     except HardnetError as e:
         err(f"{e.code.value}: {e}")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "(is it running? is HARDNET_BROKER_URL right, password and TLS included?)")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

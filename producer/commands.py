@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from hnq.console import (EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TIMEOUT, STATE_EXIT, add_command,
                          err)
@@ -17,7 +18,7 @@ from hnq.jobs.liveness import abandon_zombies
 from hnq.jobs.parts import part_jsonl_lines
 from hnq.jobs.sweep import stalled_chunks, sweep
 from hnq.options import JobOptions
-from hnq.schema import MODELS
+from hnq.schema import FINAL_STATES, MODELS
 from hnq.storage import check_writable, open_destination, validate_destination
 from producer.args import check_output_file, int_range, job_id, job_id_type, setting_range, timeout_seconds
 from producer.connect import job_store, settings
@@ -26,6 +27,7 @@ from producer.intake import add_arguments as add_intake_options, intake
 from producer.joboptions import add_arguments as add_job_options
 from producer.joboptions import check_options, options_from_args, pyarrow_note
 from producer.progress import wait_for
+from producer.show import dropped, recent_lines, status_lines
 
 
 def lost(s, st, job_id: str, json_out: bool) -> int:
@@ -99,37 +101,31 @@ def cmd_status(a: argparse.Namespace) -> int:
     if not a.job:
         rows = [store.info(j) for j in store.recent(a.limit)]
         rows = [r for r in rows if r]
+        weights = {r.job_id: store.weights_used(r.job_id) for r in rows}
         if a.json:
-            print(json.dumps([r.model_dump(mode="json") for r in rows]))
+            print(json.dumps([{**r.model_dump(mode="json"), "weights": weights[r.job_id]} for r in rows]))
+        elif rows:
+            print("\n".join(recent_lines(rows, weights)))
         else:
-            for r in rows:
-                print(f"{r.job_id}  {r.state:9}  {r.succeeded + r.failed}/{r.total if r.total is not None else '?'}"
-                      f"  failed={r.failed}" + (f"  skipped={r.skipped}" if r.skipped else "")
-                      + f"  model={r.model}  dest={r.dest or 'redis'}")
+            err("no jobs in this Redis yet (hardnet submit starts one)")
         return EXIT_OK
     info = store.info(a.job)
     if info is None:
         return lost(s, store, a.job, a.json)
     dead = store.dead_letters(a.job)
     stalled = stalled_chunks(store, a.job, s.visibility_timeout)
+    weights = store.weights_used(a.job)
     if a.json:
         d = info.model_dump(mode="json")
         d["dead_letters"] = [{"chunk": x.chunk, "uris": x.count, "attempts": x.attempts, "error": x.error}
                              for x in dead]
         d["stalled_chunks"] = stalled
+        d["weights"] = weights
+        d["dropped"] = dropped(info)
         print(json.dumps(d))
     else:
-        for k, v in info.model_dump(mode="json").items():
-            if v is not None:
-                print(f"{k:13} {v}")
-        for x in dead:
-            print(f"dead chunk {x.chunk}: {x.count} URIs, {x.attempts} attempts, last error: {x.error}")
-        if dead:
-            print(f"re-drive with: hardnet redrive {a.job}")
-        if stalled:
-            print(f"stalled chunks ({len(stalled)}: neither queued, in flight nor done for over "
-                  f"{s.visibility_timeout}s): {stalled[:50]}; the workers' sweeper re-sends them, or "
-                  "run: hardnet sweep")
+        print("\n".join(status_lines(info, weights=weights, dead=dead, stalled=stalled,
+                                     visibility_timeout=s.visibility_timeout, now=time.time())))
     if info.state == "abandoned":   # its submit died while listing: its own exit code
         err(f"job {a.job} is abandoned (its submit stopped listing): hardnet resume {a.job} seals and finishes it")
         return STATE_EXIT["abandoned"]
@@ -184,9 +180,24 @@ def cmd_results(a: argparse.Namespace) -> int:
     if info.chunks is None:
         err(f"job {a.job} is still being listed: the records of its {len(chunks)} chunks done so far")
     elif missing:
-        err(f"{missing} of {info.chunks} chunks have no results yet (job {info.state})")
+        if info.state in FINAL_STATES:
+            err(f"{missing} of {info.chunks} chunks have no records: {missing_why(info)}")
+        else:
+            err(f"{missing} of {info.chunks} chunks have no results yet (job {info.state})")
         return EXIT_OK if a.partial else EXIT_SOME_FAILED
     return EXIT_OK
+
+
+def missing_why(info) -> str:
+    """Why chunks of a job that ended have no part, in the words of its state."""
+    j = info.job_id
+    if info.state == "cancelled":
+        return "the job was cancelled before they started (they were dropped)"
+    if info.state == "failed":
+        return f"the job failed: dead-lettered chunks or parts lost (hardnet status {j})"
+    if info.state == "abandoned":
+        return f"its submit stopped while listing (hardnet resume {j} finishes it)"
+    return f"the job ended ({info.state}) but their parts are missing from {info.dest or 'Redis'}"
 
 
 def cmd_cancel(a: argparse.Namespace) -> int:

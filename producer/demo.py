@@ -8,6 +8,7 @@ which load torch) and producer.submit (Celery) are imported inside the command, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from hnq.console import EXIT_OK, EXIT_SOME_FAILED, add_command, print_human
 from hnq.jobs.store import JobStore
-from hnq.models import DEFAULT_MODEL, MODELS
+from hnq.models import DEFAULT_MODEL, MODELS, RANDOM, weights_key
 from hnq.schema import ResultRecord
 from hnq.settings import CommonSettings, redact_url
 from hnq.sources import expand_sources
@@ -27,6 +28,9 @@ from producer.progress import wait_for
 from producer.settings import ProducerSettings
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+RANDOM_BANNER = "RUNNING WITH RANDOM WEIGHTS: the labels below are meaningless (the plumbing is real)"
 
 
 def _say(msg: str) -> None:
@@ -71,13 +75,19 @@ def _resolve_weights(model: str, weights: str | None) -> str:
         return weights
     from worker.model import WeightsError, load_state_dict, resolve_source
 
+    # The loader logs each URL it could not download; the error lists them all, once.
+    quiet = logging.getLogger("worker.model.weights")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         load_state_dict(model, resolve_source(model, None), progress=True)
         return "official"
     except WeightsError as e:
         _say(f"could not get the official {model} weights: {e}")
-        _say("RUNNING WITH RANDOM WEIGHTS: the labels below are meaningless (the plumbing is real)")
+        _say(RANDOM_BANNER)
         return "random"
+    finally:
+        quiet.setLevel(level)
 
 
 def run_demo(a) -> int:
@@ -94,7 +104,10 @@ def run_demo(a) -> int:
     else:
         url, started_redis = _start_redis(workdir)
         _say(f"started redis-server on 127.0.0.1:{started_redis}")
-    weights = _resolve_weights(a.model, a.weights or WorkerSettings().weights)
+    asked = a.weights or WorkerSettings().weights
+    weights = _resolve_weights(a.model, asked)
+    if asked and weights_key(asked) == RANDOM:   # said once (the fallback says it itself); every record is marked too
+        _say(RANDOM_BANNER)
     # A queue of its own: the demo's worker never takes a shared queue's chunks (nor a fleet the
     # demo's), even when it uses a Redis that real workers use.
     queue = f"hardnet-demo-{os.getpid()}"
@@ -112,13 +125,11 @@ def run_demo(a) -> int:
         _say(f"queue {queue} (its own)")
         job = submit(s, expand_sources(inputs), dest=None, model=a.model, chunk_size=4)
         _say(f"submitted job {job.job_id}: {job.total} images in {job.chunks} chunks")
-        rc = wait_for(s, job.job_id, timeout=600)
+        rc = wait_for(s, job.job_id, timeout=600, follow=False)   # Ctrl-C: the demo stops its worker
         store = JobStore(url)
         for c in range(job.chunks):
             for line in (store.get_part(job.job_id, c) or "").splitlines():
                 print_human(ResultRecord.model_validate(json.loads(line)))
-        if weights == "random":
-            _say("reminder: random weights -> meaningless labels")
         return rc if rc in (EXIT_OK, EXIT_SOME_FAILED) else rc
     finally:
         worker.terminate()

@@ -1,51 +1,147 @@
 """The progress display of `hardnet submit --wait`, `hardnet wait` and `hardnet resume --wait` (and
 the demo): one line redrawn in place on a terminal (one line per change otherwise) until the job
-ends, then a summary; the exit code follows the job's final state."""
+ends, then a summary; the exit code follows the job's final state.
+
+Two things a person waiting must be told: Ctrl-C stops the waiting, not the job (the lines to
+follow or cancel it, exit 130); and when the job has not moved for HARDNET_NO_WORKER_NOTICE seconds
+and no worker answers for its queue, that nobody consumes it and how to start one (once)."""
 from __future__ import annotations
 
 import json
 import sys
 import time
 
-from hnq.console import EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_EXIT, err
+from hnq.console import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_EXIT, err
 from hnq.schema import FINAL_STATES, JobInfo
 from producer.connect import job_store
+from producer.show import codes_text, dropped, duration, rate_text
+
+#: seconds the workers have to answer "which queues do you consume?". The broadcast listens that
+#: long whatever comes (measured on loopback: 1.0 s with 1 s, an idle worker's answer inside it;
+#: Celery's import adds 0.5 s), once per stall; a busy worker answers from its consumer, not its pool.
+INSPECT_TIMEOUT_S = 2.0
 
 
-def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = None, store=None) -> int:
-    """Progress until the job ends; the exit code follows its final state (STATE_EXIT)."""
+def queue_consumers(s, queue: str) -> list[str] | None:
+    """The workers that answer that they consume ``queue`` (Celery's remote control, one broadcast
+    and INSPECT_TIMEOUT_S of listening); None when the question could not be asked."""
+    # Celery loaded here, only when a wait has stalled: `hardnet wait` and `status` never load it
+    from producer.submit import sender
+
+    try:
+        replies = sender(s).control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
+    except Exception:  # noqa: BLE001 -- a notice, never a reason to stop waiting
+        return None
+    return sorted(w for w, qs in replies.items() if any(q.get("name") == queue for q in qs or ()))
+
+
+class NoWorkerNotice:
+    """Says once that no worker consumes the job's queue: after ``after`` seconds in which the job
+    did not move (no chunk started or finished), when no worker answers for its queue. A worker
+    that answers restarts the count (it may be busy with chunks of earlier jobs)."""
+
+    def __init__(self, s, queue: str, after: float):
+        self.s, self.queue, self.after = s, queue, after
+        self.seen: tuple | None = None
+        self.since = time.monotonic()
+        self.said = False
+
+    def check(self, info: JobInfo) -> str | None:
+        if self.said or not self.after or info.state not in ("queued", "running"):
+            return None
+        now = time.monotonic()
+        moved = (info.state, info.chunks_done, info.succeeded, info.failed, info.started_at)
+        if moved != self.seen:
+            self.seen, self.since = moved, now
+            return None
+        if now - self.since < self.after:
+            return None
+        consumers = queue_consumers(self.s, self.queue)
+        self.since = time.monotonic()
+        if consumers is None or consumers:
+            return None
+        self.said = True
+        return (f"no worker consumes queue {self.queue!r} (the job has not moved for {self.after:.0f}s and "
+                "no worker answered): start one with `hardnet worker` (same HARDNET_BROKER_URL"
+                + (f", HARDNET_QUEUE={self.queue}" if self.queue != "hardnet" else "")
+                + "); the job waits in the queue until then")
+
+
+def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = None, store=None,
+             follow: bool = True) -> int:
+    """Progress until the job ends; the exit code follows its final state (STATE_EXIT). Ctrl-C:
+    the job goes on, and (``follow``) the lines to follow or cancel it, exit 130; the demo, which
+    stops its own worker, passes ``follow=False`` and the interrupt goes on up."""
     store = store or job_store(s)
-    start = time.monotonic()
     tty = sys.stderr.isatty()
+    bar = {"open": False}     # a progress line drawn on the terminal without its newline yet
+
+    def say(msg: str) -> None:
+        if bar["open"]:
+            print(file=sys.stderr)
+            bar["open"] = False
+        err(msg)
+
+    try:
+        return _wait(s, store, job_id, json_out=json_out, timeout=timeout, tty=tty, bar=bar, say=say)
+    except KeyboardInterrupt:
+        if not follow:
+            raise
+        say(f"stopped waiting; job {job_id} goes on (the workers keep labelling it)")
+        err(f"  follow it:  hardnet wait {job_id}")
+        err(f"  stop it:    hardnet cancel {job_id}")
+        return EXIT_INTERRUPTED
+
+
+def _wait(s, store, job_id: str, *, json_out: bool, timeout: float | None, tty: bool, bar: dict, say) -> int:
+    start = time.monotonic()
     last = ""
+    notice = NoWorkerNotice(s, store.raw(job_id).get("queue") or s.queue,
+                            getattr(s, "no_worker_notice", 0.0))
     while True:
         info = store.info(job_id)
         if info is None:
-            err(f"job {job_id}: state lost (Redis no longer knows it; was it restarted without persistence?)")
+            say(f"job {job_id}: state lost (Redis no longer knows it; was it restarted without persistence?)")
             return EXIT_JOB_FAILED
         line = progress_line(info)
         if line != last:
             print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
+            bar["open"] = tty
             last = line
         if info.state in FINAL_STATES:
             break
         if timeout and time.monotonic() - start > timeout:
-            err(f"\ngave up waiting after {timeout:.0f}s; the job goes on (hardnet wait {job_id})")
+            say(f"gave up waiting after {duration(timeout)}; the job goes on (hardnet wait {job_id})")
             return EXIT_TIMEOUT
+        msg = notice.check(info)
+        if msg:
+            say(msg)
+            last = ""     # draw the bar again below the notice
         time.sleep(s.poll_interval)
-    if tty:
+    if bar["open"]:
         print(file=sys.stderr)
-    summary = info.model_dump(mode="json")
+        bar["open"] = False
     if json_out:
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(info.model_dump(mode="json")), flush=True)
     else:
-        codes = ", ".join(f"{k}={v}" for k, v in info.error_codes.items())
-        err(f"job {job_id} {info.state}: {info.succeeded} labelled, {info.failed} failed of {info.total}"
-             + (f" ({codes})" if codes else "")
-             + (f", {info.skipped} skipped (labelled by an earlier job)" if info.skipped else "")
-             + (f", {info.dead_chunks} dead-lettered chunks (hardnet redrive {job_id})" if info.dead_chunks else "")
-             + (f"; {info.error}" if info.error else ""))
+        err(summary_line(info))
     return STATE_EXIT.get(info.state, EXIT_JOB_FAILED)
+
+
+def summary_line(info: JobInfo) -> str:
+    """The line a wait ends with: the state, the counts, codes as ``code=n``, what to do next."""
+    j = info.job_id
+    codes = codes_text(info.error_codes)
+    took = ""
+    if info.finished_at and (info.started_at or info.submitted_at):
+        took = f" in {duration((info.finished_at - (info.started_at or info.submitted_at)).total_seconds())}"
+    return (f"job {j} {info.state}: {info.succeeded} labelled, {info.failed} failed of {info.total}"
+            + (f" ({codes})" if codes else "")
+            + (f", {dropped(info)} dropped (not started when it was cancelled)" if dropped(info) else "")
+            + (f", {info.skipped} skipped (labelled by an earlier job)" if info.skipped else "")
+            + took + (f", {rate_text(info.rate)}" if info.rate else "")
+            + (f", {info.dead_chunks} dead-lettered chunks (hardnet redrive {j})" if info.dead_chunks else "")
+            + (f"; {info.error}" if info.error else ""))
 
 
 def progress_line(info: JobInfo) -> str:
@@ -59,7 +155,6 @@ def progress_line(info: JobInfo) -> str:
         pct = f"{100 * done / total:5.1f}%"
     else:
         bar, pct = "listing...", ""
-    rate = f"{info.rate:.1f} img/s" if info.rate else "- img/s"
-    eta = f"ETA {info.eta_s:.0f}s" if info.eta_s is not None else ""
+    eta = f"ETA {duration(info.eta_s)}" if info.eta_s is not None else ""
     return (f"[{bar}] {pct} {info.state} ok={info.succeeded} failed={info.failed} "
-            f"total={total if total is not None else '?'} {rate} {eta}").rstrip()
+            f"total={total if total is not None else '?'} {rate_text(info.rate)} {eta}").rstrip()

@@ -6,11 +6,11 @@ from pathlib import Path
 from pydantic import Field
 
 from hnq.models import DEFAULT_MODEL
-from hnq.settings import CommonSettings
+from hnq.settings import CommonSettings, ModelSetting
 
 
 class ProducerSettings(CommonSettings):
-    model: str = Field(DEFAULT_MODEL, description="Default model for `hardnet submit` (--model overrides).")
+    model: ModelSetting = Field(DEFAULT_MODEL, description="Default model for `hardnet submit` (--model overrides).")
     chunk_size: int = Field(
         512, ge=1, le=10_000,
         description="URIs per Celery task. Larger chunks = bigger batches and fewer messages (each "
@@ -27,6 +27,10 @@ class ProducerSettings(CommonSettings):
         description="Where the producer remembers the jobs it submitted, so that `hardnet status` can "
         "tell a job whose state Redis lost from a job id that never existed.")
     poll_interval: float = Field(1.0, gt=0, description="Seconds between progress polls of --wait.")
+    no_worker_notice: float = Field(
+        30.0, ge=0, description="Seconds a wait (`submit --wait`, `wait`, `resume --wait`) watches a job "
+        "that does not move before it asks the workers (Celery's remote control, about 2 s) whether any "
+        "consumes the job's queue; if none answers it says so once, with how to start one. 0 = never.")
     heartbeat_interval: float = Field(
         5.0, gt=0, le=300, description="Seconds between the refreshes of a listing `submit`'s heartbeat "
         "in Redis; 6 intervals without one (the process killed) and the workers' sweeper marks the "

@@ -6,24 +6,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections import deque
 
 from hnq.console import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, add_command, err, print_human
 from hnq.errors import ConfigError
 from hnq.models import DEFAULT_MODEL, MODELS
-from hnq.sources import expand_sources
+from hnq.sources import check_sources, expand_sources
 from hnq.storage import FetchPolicy
 from worker.settings import WorkerSettings
 
 
 # ---------------------------------------------------------------------------------------- classify
 def cmd_classify(a: argparse.Namespace) -> int:
+    # What can be checked without the model is, before it loads (seconds): a missing path, an
+    # unknown scheme or a malformed URI is exit 2 with one line, as `hardnet submit` gives it.
+    check_sources(a.inputs)
     # torch (the engine, the model): imported by the command that runs it, never by the parser
     from worker.engine import build_engine
     from worker.model.weights import weights_from_env
     from worker.engine.classifier import Classifier
 
     weights = a.weights or weights_from_env()
+    # The loader both warns (for library users) and logs that random weights make meaningless
+    # labels; here the log line says it once, and every record printed is marked too.
+    warnings.filterwarnings("ignore", message=r".*RANDOM, untrained weights", category=UserWarning)
     clf = Classifier(a.model, weights, device=a.device, batch_size=a.batch_size, fast_jpeg=a.fast_jpeg)
     # A local command for the user's own files: local paths anywhere, http(s) to any host.
     policy = FetchPolicy(allow_http=True, http_allow_hosts=("*",), allow_private_networks=True,
@@ -56,8 +63,8 @@ def cmd_classify(a: argparse.Namespace) -> int:
                     if len(group) >= max(64, 2 * clf.batch_size):
                         send()
             except ConfigError:
-                # Not expandable (missing, malformed, unknown scheme): fetching it as it is gives
-                # the input its record with the same stable code a worker would give it.
+                # Not expandable once listed (a bucket that cannot be listed): fetching it as it
+                # is gives the input its record with the same stable code a worker would give it.
                 group.append(src)
         send()
         drain(keep=0)

@@ -9,13 +9,13 @@ from pydantic_settings import NoDecode
 
 from hnq.jobs.inputs import OutputPolicy
 from hnq.models import DEFAULT_MODEL, MODELS
-from hnq.settings import CommonSettings
+from hnq.settings import CommonSettings, ModelSetting
 from hnq.storage import FetchPolicy
 from hnq.storage.s3.get import obstore_available
 
 
 class WorkerSettings(CommonSettings):
-    model: str = Field(DEFAULT_MODEL, description=f"HarDNet variant: {', '.join(MODELS)}.")
+    model: ModelSetting = Field(DEFAULT_MODEL, description=f"HarDNet variant: {', '.join(MODELS)}.")
     weights: str | None = Field(
         None, description="Override of the official weights: a path, file://, http(s):// URL, or "
         "`random` (untrained; labels meaningless, for tests and demos). Unset = official download "

@@ -193,8 +193,9 @@ def test_nightly_runs_label_only_what_is_new(cluster, s3, redis_url):
     assert meta1["count"] == n and meta2["count"] == n + m      # job 2's index is cumulative
     rc, st = cli_json(["status", job2, "--json"], env)
     assert st["skipped"] == n - 1 and st["state"] == "done_with_errors"
-    assert re.search(rf"^skipped +{n - 1}$", cli(["status", job2], env).stdout, re.M)
-    assert re.search(rf"^{job2} .* skipped={n - 1} ", cli(["status"], env).stdout, re.M)
+    assert re.search(rf"^images +.*, {n - 1} skipped \(labelled by an earlier job\)$",
+                     cli(["status", job2], env).stdout, re.M)
+    assert re.search(rf" {job2} +done_with_errors +\S+ +\d+ +{n - 1} ", cli(["status"], env).stdout, re.M)
 
     # night 3: nothing new (and the archived object is gone): no chunk at all, the job is done
     s3.delete_object(Bucket="cams", Key="site/cold/old.jpg")
