@@ -7,7 +7,11 @@ tests/integration/test_reliability.py::test_pickled_message_is_rejected_unread).
 already been popped by then, so the safe thing is to log it and go on: it is not ours.
 
 Admission: before each BRPOP the channel asks its QoS ``can_consume()`` (the prefetch limit); ours
-also asks the worker's gate (worker/admission.py: enough images in flight already?)."""
+also asks the worker's gate (worker/admission.py: enough images in flight already?).
+
+Both of kombu's Redis channels get these: the plain one (``redis://``, ``rediss://``) and the
+Sentinel one (``sentinel://``: kombu's SentinelChannel subclasses the plain Channel, so patching only
+``Transport.Channel`` would leave a Sentinel fleet without gate and guard)."""
 from __future__ import annotations
 
 import logging
@@ -26,7 +30,8 @@ class GatedQoS(kredis.QoS):
         return super().can_consume() and (_gate is None or _gate())
 
 
-class SafeChannel(kredis.Channel):
+class _Hardened:
+    """The admission gate and the malformed-message guard, for either of kombu's Redis channels."""
     QoS = GatedQoS
 
     def _brpop_read(self, **options):
@@ -39,10 +44,43 @@ class SafeChannel(kredis.Channel):
                       type(e).__name__, str(e)[:200])
             return True
 
+    def _receive_one(self, c):
+        """One pub/sub message (kombu calls this when the socket is readable), read WITHOUT
+        blocking. kombu reads with redis-py's blocking ``parse_response()``: when the server went
+        away (a Sentinel failover: the master was killed) the read fails, redis-py's retry
+        reconnects the pub/sub connection to the new master at once, re-subscribes, and then
+        blocks for the next broadcast, which may never come: the worker's whole event loop hung
+        there (seen in tests/integration/test_sentinel.py, before this). Without blocking, the
+        reconnected connection is simply read again when it has something."""
+        return super()._receive_one(_NonBlockingPubSub(c))
+
+
+class _NonBlockingPubSub:
+    """A redis-py PubSub whose ``parse_response()`` does not block (see _Hardened._receive_one)."""
+
+    def __init__(self, pubsub):
+        self._pubsub = pubsub
+
+    def parse_response(self, block=True, timeout=0):
+        return self._pubsub.parse_response(block=False, timeout=0)
+
+    def __getattr__(self, name):
+        return getattr(self._pubsub, name)
+
+
+class SafeChannel(_Hardened, kredis.Channel):
+    """redis:// and rediss://"""
+
+
+class SafeSentinelChannel(_Hardened, kredis.SentinelChannel):
+    """sentinel:// (master_name and sentinel_kwargs from the transport options)"""
+
 
 def install(gate=None) -> None:
-    """Make every redis:// and rediss:// connection of this process use :class:`SafeChannel`;
-    ``gate``: asked before each message is taken (never raising; see worker.admission)."""
+    """Make every redis:// and rediss:// connection of this process use :class:`SafeChannel`, and
+    every sentinel:// one :class:`SafeSentinelChannel`; ``gate``: asked before each message is
+    taken (never raising; see worker.admission)."""
     global _gate
     kredis.Transport.Channel = SafeChannel
+    kredis.SentinelTransport.Channel = SafeSentinelChannel
     _gate = gate
