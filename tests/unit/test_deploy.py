@@ -29,6 +29,8 @@ K8S = DEPLOY / "k8s"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "compose.gpu.yml"
 COMPOSE_AWS = DEPLOY / "compose.aws.yml"
+COMPOSE_SENTINEL = DEPLOY / "compose.sentinel.yml"
+BITNAMI_SENTINEL = K8S / "sentinel" / "bitnami-values.yaml"
 MINIO_ENV = DEPLOY / "minio.env"
 REDIS_CONF = DEPLOY / "redis.conf"
 DOCKERFILE_WORKER = DEPLOY / "Dockerfile.worker"
@@ -48,6 +50,7 @@ KNOWN_ENV = {
     "HARDNET_ALLOW_HTTP", "HARDNET_HTTP_ALLOW_HOSTS", "HARDNET_MAX_MEMORY_PER_CHILD_MB",
     "HARDNET_TASK_EVENTS", "HARDNET_LOG_FORMAT",
     "HARDNET_METRICS_PORT", "HARDNET_SHUTDOWN_GRACE",
+    "HARDNET_SENTINEL_MASTER", "HARDNET_SENTINEL_PASSWORD",
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
     "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
     "TORCH_HOME",
@@ -188,7 +191,7 @@ def redis_conf(text: str) -> dict[str, str]:
 def test_compose_files_match_the_compose_spec(tmp_path):
     exe = tool("check-jsonschema")
     r = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE), str(COMPOSE_GPU),
-                        str(COMPOSE_AWS)],
+                        str(COMPOSE_AWS), str(COMPOSE_SENTINEL)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -328,6 +331,37 @@ def test_shutdown_grace_agrees_with_the_platforms_kill():
     pod = find("Deployment", "hardnet-worker")["spec"]["template"]["spec"]
     # Kubernetes' default period, which GKE and EKS node drains honour
     assert default + EXIT_MARGIN_S <= pod["terminationGracePeriodSeconds"] <= 30
+
+
+def test_compose_sentinel_override():
+    """A replica and three sentinels, and every Redis client of the fleet pointed at them."""
+    from hnq.redis_conn import parse_sentinel
+
+    o = load_yaml(COMPOSE_SENTINEL)["services"]
+    base = compose()["services"]
+    sentinels = sorted(n for n in o if n.startswith("sentinel"))
+    assert sentinels == ["sentinel1", "sentinel2", "sentinel3"]
+    replica = o["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:replica.index("--replicaof") + 3] == ["redis", "6379"]
+    for n in sentinels:
+        conf = " ".join(o[n]["command"])
+        m = re.search(r"sentinel monitor (\S+) redis 6379 (\d+)", conf)
+        assert m and int(m.group(2)) == 2, conf                       # quorum: a majority of three
+        assert "--sentinel" in conf and "announce-hostnames yes" in conf
+    for name in ("worker", "producer", "exporter"):
+        env = o[name]["environment"]
+        assert name in base and env["HARDNET_SENTINEL_MASTER"] == m.group(1)
+        nodes = parse_sentinel(env["HARDNET_BROKER_URL"]).nodes
+        assert nodes == [(n, 26379) for n in sentinels]
+        assert env_names(env) <= KNOWN_ENV
+
+
+def test_bitnami_sentinel_values():
+    v = load_yaml(BITNAMI_SENTINEL)
+    assert v["architecture"] == "replication" and v["sentinel"]["enabled"] is True
+    assert v["sentinel"]["quorum"] * 2 > v["replica"]["replicaCount"]
+    text = BITNAMI_SENTINEL.read_text()
+    assert f"HARDNET_SENTINEL_MASTER: \"{v['sentinel']['masterSet']}\"" in text
 
 
 def test_compose_env_names_are_known():
