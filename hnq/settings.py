@@ -8,13 +8,14 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
 from hnq.errors import ConfigError
 from hnq.logs import redact
 from hnq.models import MODELS
+from hnq.redis_conn import SentinelOptions, celery_sentinel_options, is_sentinel, parse_sentinel
 
 #: The Celery queue, which on Redis is a list of this name in the broker DB (KEDA watches it).
 QUEUE = "hardnet"
@@ -86,8 +87,15 @@ def check_broker_url(url: str) -> str:
         raise ValueError(f"not a URL (no scheme): give a Redis URL such as {meant} "
                          "(rediss:// for TLS)")
     scheme = url.split("://", 1)[0].lower()
+    if is_sentinel(url):        # kombu's Sentinel syntax (hnq.redis_conn), with HARDNET_SENTINEL_MASTER
+        try:
+            parse_sentinel(url)
+        except ValueError as e:
+            raise ValueError(f"not a valid Sentinel URL: {redact(str(e))}") from None
+        return url
     if scheme not in ("redis", "rediss"):
-        raise ValueError(f"{scheme}:// is not Redis: give redis://HOST:PORT/DB (rediss:// for TLS)")
+        raise ValueError(f"{scheme}:// is not Redis: give redis://HOST:PORT/DB (rediss:// for TLS, "
+                         "sentinel://H1:26379;sentinel://H2:26379 for Sentinel)")
     try:
         parse_url(url)
         parts = urlsplit(url)
@@ -127,6 +135,33 @@ class CommonSettings(ClearErrors):
         "text", description="`json`: one JSON object per log line (time, level, logger, worker, "
         "job, chunk, message) for log pipelines; `text`: for people. Credentials are redacted in "
         "both.")
+    sentinel_master: str | None = Field(
+        None, validate_default=True,
+        description="Redis Sentinel: the master's name (`sentinel monitor NAME ...`), required when "
+        "HARDNET_BROKER_URL is `sentinel://H1:26379;sentinel://H2:26379;...` (kombu's syntax; the "
+        "first part's password and /DB are the master's). Celery, the job store and the CLI all "
+        "follow the master through the sentinels.")
+    sentinel_password: str | None = Field(
+        None, description="Redis Sentinel: the sentinels' own password (`requirepass` in "
+        "sentinel.conf; kombu's sentinel_kwargs). The master's password goes in the URL.")
+    sentinel_tls: bool = Field(
+        False, description="Redis Sentinel: TLS to the master and to the sentinels, checked against "
+        "the system's CA certificates (SSL_CERT_FILE for another bundle).")
+
+    @field_validator("sentinel_master")
+    @classmethod
+    def _master_with_sentinel(cls, v: str | None, info: ValidationInfo) -> str | None:
+        url = info.data.get("broker_url") or ""
+        if is_sentinel(url) and not (v or "").strip():
+            raise ValueError("a sentinel:// HARDNET_BROKER_URL needs the master's name here "
+                             "(as in `sentinel monitor NAME HOST PORT QUORUM`)")
+        return (v or "").strip() or None
+
+    def sentinel(self) -> SentinelOptions | None:
+        """How to reach the master behind a sentinel:// broker URL (None for redis://)."""
+        if not is_sentinel(self.broker_url):
+            return None
+        return SentinelOptions(self.sentinel_master or "", self.sentinel_password, self.sentinel_tls)
 
 
 class S3Settings(ClearErrors):
@@ -154,7 +189,7 @@ def redact_url(url: str) -> str:
 def celery_config(s: CommonSettings) -> dict:
     """The Celery configuration both sides use (the producer only sends, with the same transport)."""
     vt = s.visibility_timeout
-    return dict(
+    conf = dict(
         broker_url=s.broker_url,
         # JSON only: a pickled message pushed into the queue is rejected unread.
         task_serializer="json",
@@ -192,6 +227,11 @@ def celery_config(s: CommonSettings) -> dict:
         task_send_sent_event=s.task_events,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+    # Sentinel (hnq.redis_conn): master_name and sentinel_kwargs join the transport options
+    extra = celery_sentinel_options(s.broker_url, s.sentinel())
+    conf["broker_transport_options"].update(extra.pop("transport_options", {}))
+    conf.update(extra)
+    return conf
 
 
 def lean_messages(app) -> None:

@@ -17,7 +17,7 @@ def settings() -> ProducerSettings:
 def job_store(s: ProducerSettings) -> JobStore:
     """The job store, once Redis has answered (within about 8 s, or BrokerUnreachable). After that
     first contact the store rides out a Redis restart with its long backoff (`--wait`)."""
-    st = JobStore(s.broker_url, s.results_ttl_days)
+    st = JobStore.from_settings(s)
     try:
         st.ping_fast(8.0)
     except redis.AuthenticationError:

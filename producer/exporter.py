@@ -151,17 +151,19 @@ class QueueCollector:
         yield from m.values()
 
 
-def make_store(broker_url: str, ttl_days: int = 14) -> JobStore:
+def make_store(broker_url: str, ttl_days: int = 14, sentinel=None) -> JobStore:
     """A JobStore whose client gives up in seconds: a scrape must answer (with redis_up 0) inside
     Prometheus's default 10 s scrape timeout, not ride out a Redis restart as the workers do. One
     retry, at once: a pooled connection that a Redis restart closed is replaced on the spot."""
-    import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=3,
-                                  socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
-    return JobStore(broker_url, ttl_days, client=client)
+    from hnq.redis_conn import client as redis_client
+
+    # ``sentinel``: hnq.redis_conn.SentinelOptions for a sentinel:// URL
+    client = redis_client(broker_url, sentinel, decode_responses=True, socket_timeout=3,
+                          socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
+    return JobStore(broker_url, ttl_days, client=client, sentinel=sentinel)
 
 
 def build_registry(store: JobStore, queues: list[str], **kw) -> CollectorRegistry:
@@ -203,7 +205,7 @@ def cmd_exporter(a: argparse.Namespace, *, ready: threading.Event | None = None,
         raise ConfigError(f"--keep-finished {a.keep_finished}: must not be negative")
     s = ProducerSettings()
     queues = a.queue or [s.queue]
-    reg = build_registry(make_store(s.broker_url, s.results_ttl_days), queues, jobs=a.jobs,
+    reg = build_registry(make_store(s.broker_url, s.results_ttl_days, s.sentinel()), queues, jobs=a.jobs,
                          keep_finished_s=a.keep_finished)
     try:
         server, _ = start_http_server(a.port, addr=a.addr, registry=reg)

@@ -146,7 +146,7 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     if dest:
         dest = validate_destination(dest)
     uris = iter(uris)
-    store = store or JobStore(s.broker_url, s.results_ttl_days)
+    store = store or JobStore.from_settings(s)
     # Can a live worker run it? Before anything is written (hnq.fleet): the SOURCE arguments, or
     # for a --from-file / --inventory job its first URI; the destination; job-named weights.
     direct = [x for x in sources or [] if not x.startswith(("@", "inventory:"))]

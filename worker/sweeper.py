@@ -21,7 +21,7 @@ _started = threading.Event()
 
 
 def _loop(interval: int) -> None:
-    store = JobStore(settings.broker_url, settings.results_ttl_days)
+    store = JobStore.from_settings(settings)
     me = f"{socket.gethostname()}:{threading.get_native_id()}"
     while True:
         time.sleep(interval * random.uniform(0.8, 1.2))

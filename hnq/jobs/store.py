@@ -45,6 +45,7 @@ from redis.retry import Retry
 
 from hnq.formats import skipped_from_fields
 from hnq.options import DEFAULT_OPTIONS
+from hnq.redis_conn import SentinelOptions, client as redis_client, same_master
 from hnq.schema import JobInfo
 
 PREFIX = "hnq"
@@ -267,12 +268,19 @@ class JobStore:
     minutes of backoff. The CLI checks first contact with :meth:`ping_fast` instead, so an
     unreachable broker is reported within seconds."""
 
-    def __init__(self, url: str, ttl_days: int = 14, client: redis.Redis | None = None):
+    def __init__(self, url: str, ttl_days: int = 14, client: redis.Redis | None = None, *,
+                 sentinel: SentinelOptions | None = None):
+        """``url``: HARDNET_BROKER_URL; ``sentinel``: its master's name and options when it is a
+        ``sentinel://`` URL (hnq.redis_conn)."""
         self.url = url
-        self.r = client or redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=30, socket_connect_timeout=10,
+        self.sentinel = sentinel
+        # Ride out a Redis restart or a Sentinel failover (about two minutes of backoff) instead
+        # of dying: under Sentinel a lost master (MasterNotFoundError) and a demoted one
+        # (ReadOnlyError, turned into ConnectionError by redis-py) are ConnectionErrors, and each
+        # new connection asks the sentinels for the master again.
+        self.r = client or redis_client(
+            url, sentinel, decode_responses=True, socket_timeout=30, socket_connect_timeout=10,
             health_check_interval=10,
-            # Ride out a Redis restart (about two minutes of backoff) instead of dying.
             retry=_Retry(ExponentialBackoff(cap=10, base=0.2), 25),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self.ttl = ttl_days * 86400
@@ -287,14 +295,19 @@ class JobStore:
         self._chunk_lease = self.r.register_script(_CHUNK_LEASE)
         self._put_part_if = self.r.register_script(_PUT_PART_IF)
 
+    @classmethod
+    def from_settings(cls, s, **kw) -> "JobStore":
+        """The job store of a settings object (hnq.settings.CommonSettings or a subclass)."""
+        return cls(s.broker_url, s.results_ttl_days, sentinel=s.sentinel(), **kw)
+
     def ping_fast(self, within_s: float = 8.0) -> None:
         """Raise redis.ConnectionError (or AuthenticationError) unless Redis answers within about
         ``within_s`` seconds: a short-lived client without the long retry."""
         deadline = time.monotonic() + within_s
         while True:
             left = deadline - time.monotonic()
-            c = redis.Redis.from_url(self.url, socket_connect_timeout=max(0.5, min(3.0, left)),
-                                     socket_timeout=max(0.5, min(3.0, left)), retry=None)
+            c = redis_client(self.url, self.sentinel, socket_connect_timeout=max(0.5, min(3.0, left)),
+                             socket_timeout=max(0.5, min(3.0, left)), retry=None)
             try:
                 c.ping()
                 return
@@ -541,9 +554,7 @@ class JobStore:
 
     def _binary(self) -> redis.Redis:
         if not hasattr(self, "_rb"):
-            self._rb = redis.Redis(connection_pool=redis.ConnectionPool(
-                **{**self.r.connection_pool.connection_kwargs, "decode_responses": False},
-                connection_class=self.r.connection_pool.connection_class))
+            self._rb = same_master(self.r, decode_responses=False)   # plain or Sentinel
         return self._rb
 
     # -- Redis as the results destination --
