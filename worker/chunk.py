@@ -36,7 +36,7 @@ from hnq.objects import entry_uri, with_precoded
 from hnq.options import TOP_K_DEFAULT, JobOptions
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.storage.s3.tags import tag_records
-from worker import metrics
+from worker import metrics, shutdown
 from worker.admission import BATCHES_IN_FLIGHT, Admission
 from worker.engine_pool import EnginePool, check_job_weights, resolve_job_weights
 from worker.settings import WorkerSettings
@@ -59,7 +59,7 @@ class Context:
         import torch  # torch only once the engines are built, not when Celery imports the tasks
 
         self.s = s
-        self.store = JobStore(s.broker_url, s.results_ttl_days)
+        self.store = JobStore.from_settings(s)
         self.engines = EnginePool(self._build, s.max_engines, close=self._close)
         first = self.engine(s.model)
         clf = first.classifier
@@ -153,7 +153,7 @@ class ChunkRunner:
         if self._ctx is not None:
             return self._ctx.store
         if self._plain_store is None:
-            self._plain_store = JobStore(self.settings.broker_url, self.settings.results_ttl_days)
+            self._plain_store = JobStore.from_settings(self.settings)
         return self._plain_store
 
     def dead_letter(self, store: JobStore, task: ChunkTask, error: str, attempts: int) -> None:
@@ -173,6 +173,11 @@ class ChunkRunner:
         error, is dead-lettered instead."""
         settings = self.settings
         store = self.store()
+        if shutdown.stopping():
+            # the worker is stopping (worker.shutdown): back to the queue untouched, nothing counted
+            store.mark_sent(task.job_id, [task.chunk])
+            raise shutdown.HandedBack(f"chunk {task.job_id}/{task.chunk} handed back unstarted: the "
+                                      "worker is stopping")
         token = uuid.uuid4().hex[:16]
         lease_s = max(2, min(settings.chunk_lease_s, settings.visibility_timeout))
         verdict, at = store.claim_chunk(task.job_id, task.chunk, token, lease_s)
@@ -273,6 +278,15 @@ class ChunkRunner:
                 parts.drop_kept(store, task.job_id, task.chunk)
             metrics.CHUNKS.labels("done").inc()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
+        except shutdown.HandedBack as e:
+            # the worker is stopping and its grace is over (worker.shutdown): run_in_engine kept the
+            # finished records; the attempt does not count, and the message goes back to the queue
+            log.warning("chunk %s/%d: %s", task.job_id, task.chunk, e.reason)
+            if state != "missing":
+                store.uncount_attempt(task.job_id, task.chunk)
+                store.mark_sent(task.job_id, [task.chunk])
+            metrics.CHUNKS.labels("handed_back").inc()
+            raise
         except Exception as e:  # noqa: BLE001
             err = f"{type(e).__name__}: {e}"
             if state != "missing":
@@ -303,6 +317,14 @@ def run_in_engine(engine, store: JobStore, task: ChunkTask, uris: list[str], *,
     chunk = engine.submit(uris, job_id=task.job_id, name=f"{task.job_id}/{task.chunk}", top_k=task.opts.top_k)
     try:
         while not chunk.wait(CANCEL_POLL_S):
+            if shutdown.due():      # the worker is stopping, its grace is over (worker.shutdown)
+                chunk.cancel()
+                done = list(chunk.records)
+                if keep is not None:
+                    keep(done)
+                raise shutdown.HandedBack(
+                    f"handed back to the queue with {sum(r is not None for r in done)} of {len(uris)} "
+                    "images labelled (kept for the next attempt): the worker is stopping")
             if watch and store.job_state(task.job_id) == "cancelled":
                 chunk.cancel()
                 return None

@@ -20,7 +20,7 @@ from hnq.errors import ConfigError
 from hnq.fleet import Heartbeat, WorkerCaps
 from hnq.jobs.finish import finalize_or_fail
 from hnq.settings import TASK_CLASSIFY
-from worker import metrics
+from worker import metrics, shutdown
 from worker.app import admission, settings
 from worker.chunk import ChunkRunner, rss_mb
 
@@ -59,6 +59,13 @@ runner.job_complete = finalize_soon
 def _finish_finalising(**_):
     # Sent once the pool has stopped: a finalisation in progress ends (manifest, state) before exit.
     _finalizer.shutdown(wait=True)
+
+
+@signals.worker_shutdown.connect
+def _close_engines(**_):
+    # Chunks handed back mid-batch (worker.shutdown) leave the engine busy: stop its threads
+    # before the interpreter exits.
+    shutdown.close_engines(runner.built)
 
 # --- memory guard -------------------------------------------------------------------------------
 #: Set when this process asked to be recycled; `hardnet worker` re-executes itself when it sees it.

@@ -3,7 +3,8 @@ exists, and it is written last (after every part, before the final state), atomi
 
   done               every image labelled
   done_with_errors   some images have error records, or tags that could not be written (exit 3)
-  failed             chunks dead-lettered, a part missing, or the manifest unwritable (exit 4)
+  failed             chunks dead-lettered, a part missing, the manifest unwritable, or no image
+                     labelled at all (exit 4)
   cancelled          never overwritten by the above
   abandoned          its submit died while listing (hnq.jobs.liveness; exit 6): never overwritten
                      either, until `hardnet resume` seals it
@@ -36,8 +37,10 @@ from hnq.storage import open_destination
 log = logging.getLogger("hardnet.finish")
 
 
-def final_state(dead_chunks: int, failed: int, missing: int) -> str:
-    if dead_chunks or missing:
+def final_state(dead_chunks: int, failed: int, missing: int, succeeded: int | None = None) -> str:
+    """``succeeded``: images labelled (or reused: --skip-labelled); a job with failures and none
+    labelled is ``failed``."""
+    if dead_chunks or missing or (failed and succeeded == 0):
         return "failed"
     return "done_with_errors" if failed else "done"
 
@@ -68,6 +71,10 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
     error = None
     if missing:
         error = f"{len(missing)} of {info.chunks} parts are missing (chunks {missing[:20]})"
+    elif info.failed and not info.succeeded and not info.skipped and not dead:
+        codes = " ".join(f"{k}={v}" for k, v in sorted(info.error_codes.items()))
+        error = (f"no image was labelled ({codes}): `hardnet results JOB --failed-only` shows why"
+                 .replace("JOB", job_id))
     tag_errors = info.error_codes.get("tag_error", 0)
     try:
         sources = json.loads(raw.get("sources") or "[]")
@@ -77,7 +84,7 @@ def build_manifest(store: JobStore, job_id: str, policy: OutputPolicy | None = N
         job_id=job_id, model=info.model or "", weights=store.weights_used(job_id), weights_sha256=store.weights_sha256(job_id),
         # A tag that could not be written is an error of the job (done_with_errors), though the
         # record's labels stand.
-        state=final_state(len(dead), info.failed + tag_errors, len(missing)), total=info.total or 0,
+        state=final_state(len(dead), info.failed + tag_errors, len(missing), info.succeeded + (info.skipped or 0)), total=info.total or 0,
         succeeded=info.succeeded, failed=info.failed, error_codes=info.error_codes, parts=parts,
         missing_parts=missing, dead_chunks=dead, sources=sources, error=error,
         format=opts.format, top_k=opts.top_k, tag=opts.tag, tag_errors=tag_errors,

@@ -105,15 +105,27 @@ def test_submit_refuses_what_no_live_worker_can_read_then_waits_when_none_is_liv
         w.wait_ready()
         assert "refuses local files (HARDNET_FILE_ROOTS unset)" in w.log()
         p = cli(["submit", str(samples_dir), "--out", str(out), "--wait"], env, timeout=120)
+        left_in_redis = _job_keys(redis_url)
+        left_in_dest = sorted(out.iterdir()) if out.exists() else []
+        # Sent anyway (the check off), the same job gets a `forbidden` record per image: with no
+        # image labelled it ends `failed` (exit 4), not done_with_errors, and its error says so.
+        forced = cli(["submit", str(samples_dir), "--out", str(tmp_path / "forced"), "--wait", "--json"],
+                     dict(env, HARDNET_CHECK_WORKERS="false"), timeout=300)
     finally:
         w.stop()
+    summary = json.loads(forced.stdout.strip().splitlines()[-1])
+    assert forced.returncode == 4 and summary["state"] == "failed", (forced.returncode, summary, forced.stderr)
+    assert summary["succeeded"] == 0 and summary["error_codes"] == {"forbidden": 6}, summary
+    assert "no image was labelled (forbidden=6)" in summary["error"], summary
+    manifest = json.loads((tmp_path / "forced" / summary["job_id"] / "manifest.json").read_text())
+    assert manifest["state"] == "failed" and manifest["dead_chunks"] == [], manifest
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert f"no live worker may read {samples_dir}" in lines[0] and f"HARDNET_FILE_ROOTS={samples_dir}" in lines[0], lines
     assert p.stdout == ""
-    assert _job_keys(redis_url) == [], "nothing in Redis"
-    assert not out.exists() or not any(out.iterdir()), "nothing under DEST"
+    assert left_in_redis == [], "nothing in Redis"
+    assert left_in_dest == [], "nothing under DEST"
 
     # The worker has stopped (its heartbeat deleted): the job is taken and waits for a worker.
     p = cli(["submit", str(samples_dir), "--out", str(out)], env, timeout=120)

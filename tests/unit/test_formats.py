@@ -1,6 +1,7 @@
 """The one list of image formats (hnq.formats) against the decoder and Pillow: every listed
 extension decodes (a sample of each is made here, written under that extension in any case and
-decoded), no extension Pillow registers for a listed format is missing, every Pillow format is
+decoded, and agrees with the PIL reference within one level, in unusual modes too: palette, alpha,
+16-bit, CMYK), no extension Pillow registers for a listed format is missing, every Pillow format is
 either listed or excluded with a reason; HEIC through pillow-heif, and its clear error without it;
 --extensions parsing and counting."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from hnq.errors import ErrorCode, ImageError
@@ -18,6 +20,8 @@ from hnq.formats import (EXCLUDED_FORMATS, IMAGE_EXTENSIONS, IMAGE_FORMATS, NO_E
                          parse_extensions, skipped_from_fields)
 from image_samples import MAKERS, heic_bytes, pil_bytes
 from worker.image.decode import accepted_formats, decode_image, heif_available
+from worker.image.normalize import STD, normalize
+from worker.image.reference import reference_preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXT_FORMAT = {ext: fmt for fmt, exts in IMAGE_FORMATS.items() for ext in exts}
@@ -51,6 +55,24 @@ def test_every_listed_extension_decodes(ext, tmp_path):
         t = decode_image(path.read_bytes())
         assert tuple(t.shape) == (3, 224, 224) and t.dtype.is_floating_point is False
         assert int(t.max()) > 0            # a picture, not a blank buffer
+
+
+#: (format, mode) pairs Pillow writes beyond plain RGB: grey, alpha, palette, 16-bit, CMYK, 1-bit
+MODES = [("PNG", "LA"), ("PNG", "P"), ("PNG", "I;16"), ("TIFF", "CMYK"), ("TIFF", "I;16"), ("TGA", "P"),
+         ("TGA", "LA"), ("JPEG2000", "I;16"), ("JPEG2000", "CMYK"), ("JPEG2000", "LA"), ("PPM", "I;16"),
+         ("PPM", "1"), ("SGI", "RGBA"), ("DDS", "LA"), ("AVIF", "RGBA"), ("AVIF", "L"), ("HEIF", "RGBA"),
+         ("HEIF", "L"), ("HEIF", "I;16"), ("QOI", "RGBA"), ("ICO", "P"), ("PCX", "P"), ("JPEG", "CMYK")]
+
+
+@pytest.mark.parametrize("fmt,mode", [(f, "RGB") for f in MAKERS] + MODES)
+def test_decoder_agrees_with_pillow(fmt, mode):
+    """decode_image (then the device's normalisation) matches the PIL reference transform within
+    one uint8 level, in every listed format and in the unusual modes of the common ones."""
+    data = MAKERS[fmt]() if mode == "RGB" else pil_bytes(fmt, mode)
+    got = normalize(decode_image(data)[None])[0]
+    level = 1 / 255 / torch.tensor(STD).view(3, 1, 1)
+    off = (got - reference_preprocess(data)).abs() / level
+    assert off.max().item() <= 1.0 + 1e-4, off.max().item()
 
 
 def test_no_extension_pillow_registers_for_a_listed_format_is_missing():
