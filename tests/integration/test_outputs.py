@@ -358,11 +358,15 @@ def test_top_k_and_a_job_checkpoint_with_one_engine(cluster, tmp_path):
     assert [r["topk"][0]["score"] for r in recs2][:3] != [r["topk"][0]["score"] for r in recs][:3]
     assert w.log().count("closed to make room (HARDNET_MAX_ENGINES=1)") >= 2
 
-    # a checkpoint outside HARDNET_JOB_WEIGHTS_ALLOW: dead-lettered at once, with the reason
+    # a checkpoint outside HARDNET_JOB_WEIGHTS_ALLOW: submit refuses it at once, since the live
+    # worker says what it accepts (hnq.fleet); sent anyway (the check off), the worker dead-letters
+    # it at once, with the reason
     other = tmp_path / "elsewhere.pth"
     _checkpoint(other, 8)
+    p = cli(["submit", f"file://{src}", "--out", str(out), "--weights", str(other)], env)
+    assert p.returncode == 2 and "HARDNET_JOB_WEIGHTS_ALLOW" in p.stderr, (p.returncode, p.stderr)
     rc, s3 = cli_json(["submit", f"file://{src}", "--out", str(out), "--weights", str(other), "--wait",
-                       "--timeout", "120", "--json"], env, timeout=300)
+                       "--timeout", "120", "--json"], dict(env, HARDNET_CHECK_WORKERS="false"), timeout=300)
     assert rc == 4 and s3["state"] == "failed", s3
     _, st3 = cli_json(["status", s3["job_id"], "--json"], env)
     assert st3["dead_letters"][0]["attempts"] == 1

@@ -51,10 +51,13 @@ def test_sigterm_hands_chunks_back_and_the_job_ends_within_a_minute(redis_url, s
     for i in range(N):
         s3.put_object(Bucket="src-in", Key=f"p/{i:03d}.jpg", Body=image_bytes(i, "JPEG", (64, 64)))
     env = base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"), HARDNET_SWEEP_INTERVAL="0",
-                   HARDNET_SHUTDOWN_GRACE=str(GRACE_S), HARDNET_BATCH_SIZE="8", **s3_env(proxy.url))
+                   HARDNET_SHUTDOWN_GRACE=str(GRACE_S), HARDNET_BATCH_SIZE="8", HARDNET_FETCH_THREADS="4",
+                   **s3_env(proxy.url))
     env.pop("HARDNET_VISIBILITY_TIMEOUT")              # the default: 3600 s
-    # every image GET a little slow (a far store): a chunk takes a few seconds on these cores
-    proxy.set_fault("slow", delay=0.15, method="GET", path="/src-in/")
+    # every image GET slow (a far store) and at most 4 fetchers per worker: the chunks a worker holds
+    # share them, so whatever the CPU's speed, the chunks still running at the SIGTERM need longer
+    # than the 2 s grace (24 images x 0.25 s / 4 fetchers = 1.5 s per chunk, one after the other)
+    proxy.set_fault("slow", delay=0.25, method="GET", path="/src-in/")
     victim, survivor = Worker(env, "victim", tmp_path), Worker(env, "survivor", tmp_path)
     try:
         victim.wait_ready(); survivor.wait_ready()

@@ -215,4 +215,4 @@ def test_skip_labelled_needs_a_destination_and_a_known_job(cluster, s3, redis_ur
     p = cli(["submit", str(tmp_path), "--out", str(tmp_path / "out"), "--since", "20990101-000000-deadbeef"], env)
     assert p.returncode == 2 and "--since 20990101-000000-deadbeef: no such job" in p.stderr, p.stderr
     p = cli(["submit", "s3://cams/site/", "--list-threads", "0"], env)
-    assert p.returncode == 2 and "--list-threads must be at least 1" in p.stderr, p.stderr
+    assert p.returncode == 2 and "--list-threads 0: out of range" in p.stderr, p.stderr   # checked at parse time (producer/args.py)
