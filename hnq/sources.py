@@ -108,6 +108,16 @@ def _expand_s3(source: str, *, recursive: bool, keep: ExtensionFilter, list_thre
         yield source  # an object without an image extension, perhaps: the worker will tell
 
 
+def _source_and_scheme(source) -> tuple[str, str]:
+    """A SOURCE argument stripped, and its scheme; ConfigError for an empty one or a NUL byte."""
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError("empty source")
+    source = source.strip()
+    if "\x00" in source:
+        raise ConfigError("source contains a NUL byte")
+    return source, scheme_of(source)
+
+
 def expand_sources(sources: Iterable[str], *, recursive: bool = True,
                    file_roots: tuple[str, ...] | list[str] | None = None, list_threads: int = 1,
                    list_depth: int = 2, extensions: "ExtensionFilter | str | None" = None
@@ -119,12 +129,7 @@ def expand_sources(sources: Iterable[str], *, recursive: bool = True,
     others; ``"any"``; a list such as ``"jpg,png"``); unset: the image extensions."""
     keep = ExtensionFilter.of(extensions)
     for source in sources:
-        if not isinstance(source, str) or not source.strip():
-            raise ConfigError("empty source")
-        source = source.strip()
-        if "\x00" in source:
-            raise ConfigError("source contains a NUL byte")
-        scheme = scheme_of(source)
+        source, scheme = _source_and_scheme(source)
         if scheme == "file":
             yield from _expand_local(source, recursive=recursive, file_roots=file_roots, keep=keep)
         elif scheme == "s3":
@@ -143,12 +148,7 @@ def check_sources(sources: Iterable[str], *, file_roots: tuple[str, ...] | list[
     ``s3://`` or ``file:`` URI, a local path that does not exist or lies outside ``file_roots``.
     A bucket that cannot be listed is found only when it is listed."""
     for source in sources:
-        if not isinstance(source, str) or not source.strip():
-            raise ConfigError("empty source")
-        source = source.strip()
-        if "\x00" in source:
-            raise ConfigError("source contains a NUL byte")
-        scheme = scheme_of(source)
+        source, scheme = _source_and_scheme(source)
         if scheme == "file":
             _local_path(source, file_roots)
         elif scheme == "s3":

@@ -114,6 +114,34 @@ def _write_error(e: OSError, where: str) -> Exception:
     return TransientError(f"{where}: write failed ({e.strerror or e})")
 
 
+def _write_aside(path: str, data: bytes) -> str:
+    """Write ``data`` to a new temp file beside ``path`` (same directory, so a rename or link is
+    atomic), fsynced, mode 0644; returns its name. The caller links or renames it in place."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=_TMP_PREFIX + os.path.basename(path) + ".")
+    try:
+        os.fchmod(fd, 0o644)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class FileDestination(Destination):
     """Results in a local (or network-mounted) directory. Writes are atomic: a temporary file in
     the same directory, fsync, then ``os.replace``."""
@@ -130,30 +158,15 @@ class FileDestination(Destination):
 
     def put(self, relpath: str, data: bytes, content_type: str = "application/json") -> None:
         path = self._path(relpath)
-        parent = os.path.dirname(path)
         tmp = None
         try:
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=_TMP_PREFIX + os.path.basename(path) + ".")
-            try:
-                os.fchmod(fd, 0o644)
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp = _write_aside(path, data)
             os.replace(tmp, path)
             tmp = None
         except OSError as e:
             raise _write_error(e, self.uri(relpath)) from None
         finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            _unlink_quietly(tmp)
 
     def get_versioned(self, relpath: str) -> tuple[bytes, str] | None:
         try:
@@ -172,20 +185,10 @@ class FileDestination(Destination):
         then linked in (O_EXCL semantics: fails if the name exists) or renamed over the version
         that was checked."""
         path = self._path(relpath)
-        parent = os.path.dirname(path)
         tmp = None
         try:
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=_TMP_PREFIX + os.path.basename(path) + ".")
-            try:
-                os.fchmod(fd, 0o644)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            dfd = os.open(parent, os.O_RDONLY)
+            tmp = _write_aside(path, data)
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY)
             try:
                 fcntl.flock(dfd, fcntl.LOCK_EX)
                 if expect is None:
@@ -208,11 +211,7 @@ class FileDestination(Destination):
         except OSError as e:
             raise _write_error(e, self.uri(relpath)) from None
         finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            _unlink_quietly(tmp)
 
     def get(self, relpath: str) -> bytes | None:
         try:

@@ -73,20 +73,8 @@ class S3Destination(Destination):
             raise destination_error(e, self.uri(relpath)) from None
 
     def get(self, relpath: str) -> bytes | None:
-        key = self._key(relpath)
-        try:
-            resp = s3_client().get_object(Bucket=self.bucket, Key=key)
-            try:
-                return resp["Body"].read()
-            finally:
-                resp["Body"].close()
-        except bex.ClientError as e:
-            code, status = code_and_status(e)
-            if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
-                return None
-            raise destination_error(e, self.uri(relpath)) from None
-        except Exception as e:  # noqa: BLE001
-            raise destination_error(e, self.uri(relpath)) from None
+        got = self.get_versioned(relpath)      # the same one GET; the ETag is dropped
+        return None if got is None else got[0]
 
     def exists(self, relpath: str) -> bool:
         key = self._key(relpath)
