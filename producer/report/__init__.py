@@ -2,7 +2,7 @@
 
     DEST/JOB_ID/report.html      (S3 or a directory; for a job kept in Redis: a local file)
 
-What it shows: the counts (from the parts, beside the manifest's), the label distribution (the most
+What it shows: a header (state in words, the weights the records say, sources, times), the counts (from the parts, beside the manifest's), the label distribution (the most
 frequent top-1 classes as a bar chart), the top-1 score histogram, errors by code with example
 URIs, the job's throughput over its life, and contact sheets of thumbnails for the most frequent
 classes and for the least confident images.

@@ -6,7 +6,9 @@ every URI, label and message is HTML-escaped, so a hostile object key cannot inj
 from __future__ import annotations
 
 import html
+import re
 import time
+from urllib.parse import quote
 from datetime import datetime, timezone
 
 from producer.report.job import JobView
@@ -21,7 +23,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums} .note{color:#6b5900;bac
 .chart text{font-size:12px;fill:#333} .sheet{display:flex;flex-wrap:wrap;gap:8px;margin:6px 0 14px}
 figure{margin:0;width:164px} figure img,figure .ph{width:160px;height:160px;object-fit:contain;background:#f3f3f3;border:1px solid #ddd;display:block}
 figure .ph{font-size:11px;color:#777;overflow:hidden;padding:4px;box-sizing:border-box;word-break:break-all}
-figcaption{font-size:11px;word-break:break-all;color:#333} .meta td:first-child{color:#555}
+figcaption{font-size:11px;color:#333} figcaption a.name{display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap} .meta td:first-child{color:#555}
 """
 
 
@@ -107,6 +109,8 @@ def throughput(parts: list[tuple[float, int]], started: float | None, bins: int 
 
 
 def _dur(s: float) -> str:
+    if s < 10:
+        return f"{s:.1f}s"
     if s < 120:
         return f"{s:.0f}s"
     if s < 7200:
@@ -125,11 +129,54 @@ def _ts_of(v) -> float | None:
         return None
 
 
+#: What the page says of a job in each state (the job's own words; nothing labelled is `failed`).
+STATE_WORDS = {
+    "done": "Done: every image was labelled.",
+    "done_with_errors": "Done with errors: the job ended, some images could not be labelled (see Errors by code).",
+    "failed": "Failed: the job ended with no image labelled.",
+    "cancelled": "Cancelled: the job was cancelled; the chunks that had not started were dropped.",
+    "abandoned": "Abandoned: the job stopped making progress and was given up.",
+}
+ENDED = set(STATE_WORDS)
+
+
+def short_name(uri: str) -> str:
+    """The last path segment of a URI (the file or key name), for a caption."""
+    tail = uri.rstrip("/").rsplit("/", 1)[-1]
+    return tail or uri
+
+
+def _link(uri: str, title: str | None = None) -> str:
+    t = f' title="{e(title)}"' if title else ""
+    href = re.sub(r"\s", lambda m: quote(m.group()), uri)   # whitespace percent-encoded, as a browser would
+    return f'<a class="name" href="{e(href)}"{t}>{e(short_name(uri))}</a>'
+
+
+def _message_without(uri: str, msg: str) -> str:
+    """An error message without the URI (or its local path) it repeats."""
+    for form in (uri, uri[len("file://"):] if uri.startswith("file://") else None):
+        if form:
+            msg = msg.replace(form, "")
+    msg = " ".join(msg.split()).strip(" :,-")
+    return msg or "(no message)"
+
+
 def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 25,
            sheet_classes: int = 6, thumbs: dict | None, pillow_missing: bool, thumbs_off: bool) -> str:
     info, m = view.info, view.manifest or {}
     opts = info.get("_options") or {}
     started = _ts_of(info.get("started_at") or m.get("started_at"))
+    submitted = _ts_of(info.get("submitted_at") or m.get("submitted_at"))
+    finished = _ts_of(info.get("finished_at") or m.get("finished_at"))
+    state = str(info.get("state") or m.get("state") or "unknown")
+    # the weights are the records' own: a job's options say only what was asked
+    if st.weights:
+        weights = [w for w, _ in st.weights.most_common()]
+    else:
+        weights = list(m.get("weights") or [])
+    weights_text = ", ".join(weights) or (f"{opts['weights']} (asked; no record says)" if opts.get("weights")
+                                          else "unknown (no records)")
+    sources = [str(x) for x in (info.get("_sources") or m.get("sources") or [])]
     q = []
     q.append("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
              "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
@@ -137,11 +184,33 @@ def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 2
              f"<title>hardnet report {e(view.job_id)}</title><style>{CSS}</style></head><body>")
     q.append(f'<h1>Job <span id="job-id">{e(view.job_id)}</span></h1>')
     q.append(f'<p>state <b id="state">{e(info.get("state"))}</b> · model {e(info.get("model"))} · '
-             f'weights {e(", ".join(m.get("weights", [])) or opts.get("weights") or "worker default")} · '
+             f'weights <span id="weights">{e(weights_text)}</span> · '
              f'format {e(view.fmt)} · top-k {e(opts.get("top_k", 5))}'
              f'{" · S3 tags written" if opts.get("tag") else ""} · destination {e(view.dest or "redis")}</p>')
-    if "random" in (m.get("weights") or []):
-        q.append('<p class="note">These records were made with <b>random weights</b>: the labels are meaningless.</p>')
+    if "random" in weights:
+        q.append('<p class="note" id="random-weights">These records were made with <b>random weights</b>: '
+                 'the labels are meaningless.</p>')
+    q.append('<table class="meta" id="times">')
+    if sources:
+        shown = ", ".join(e(x) for x in sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
+        q.append(f'<tr><td>sources</td><td id="sources" class="uri">{shown}</td></tr>')
+    for key, ts in (("submitted", submitted), ("started", started), ("finished", finished)):
+        q.append(f'<tr><td>{key}</td><td id="{key}-at">{e(_fmt_ts(ts) if ts else "-")}</td></tr>')
+    if finished and (started or submitted):
+        d = finished - (started or submitted)
+        q.append(f'<tr><td>duration</td><td id="duration">{e(_dur(max(d, 0.0)))}'
+                 f'{"" if started else " (from submission)"}</td></tr>')
+    q.append("</table>")
+    words = STATE_WORDS.get(state)
+    if words is None:
+        words = f"The job has not finished (state {state}): this page shows what was written so far."
+    q.append(f'<p id="state-words"><strong>{e(words)}</strong>')
+    if state == "cancelled":
+        dropped = max(0, int(info.get("total") or m.get("total") or 0) - st.total)
+        q.append(f' {st.total} images were done before the cancel, {dropped} were dropped unlabelled.')
+    if info.get("error") or m.get("error"):
+        q.append(f' <span id="job-error">{e(info.get("error") or m.get("error"))}</span>')
+    q.append("</p>")
 
     # counts: from the parts, beside the manifest's
     q.append("<h2>Counts</h2><table id=\"counts\"><tr><th></th><th>from the parts</th><th>manifest</th></tr>")
@@ -155,21 +224,25 @@ def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 2
     q.append(f'<tr><td>parts missing</td><td class="n" data-count="missing_parts">{missing}</td>'
              f'<td class="n" data-manifest="missing_parts">{len(m.get("missing_parts", [])) if m else "-"}</td></tr></table>')
     if not m:
-        q.append('<p class="note">No manifest yet: the job has not finished (or its manifest could not be written).</p>')
+        if state in ENDED:
+            q.append('<p class="note">No manifest: a job that ends this way writes none; the counts are the parts\'.</p>')
+        else:
+            q.append('<p class="note">No manifest yet: the job has not finished.</p>')
     if st.ok:
         q.append(f'<p>mean top-1 score <span id="mean-score">{st.score_sum / st.ok:.3f}</span> · '
                  f'<span id="n-classes">{len(st.classes)}</span> distinct top-1 classes</p>')
 
     # label distribution
     top = st.classes.most_common(top_classes)
-    q.append(f"<h2>Top-1 labels (the {len(top)} most frequent of {len(st.classes)})</h2>")
-    q.append(svg_bars([(st.names[i], n) for i, n in top], st.ok))
-
-    # score histogram
-    q.append("<h2>Top-1 score</h2>")
     labels = [f"{i / SCORE_BINS:.2f}–{(i + 1) / SCORE_BINS:.2f}" for i in range(SCORE_BINS)]
-    q.append(svg_columns([float(v) for v in st.score_bins], labels, id="score-chart",
-                         aria="histogram of top-1 scores", color="#7a5cc4"))
+    if st.ok:
+        q.append(f"<h2>Top-1 labels (the {len(top)} most frequent of {len(st.classes)})</h2>")
+        q.append(svg_bars([(st.names[i], n) for i, n in top], st.ok))
+        q.append("<h2>Top-1 score</h2>")
+        q.append(svg_columns([float(v) for v in st.score_bins], labels, id="score-chart",
+                             aria="histogram of top-1 scores", color="#7a5cc4"))
+    else:
+        q.append('<h2>Labels</h2><p id="no-labels">No image was labelled: there are no labels or scores to chart.</p>')
     q.append('<table id="score-bins" hidden>' + "".join(
         f'<tr><td>{labels[i]}</td><td data-bin="{i}">{v}</td></tr>' for i, v in enumerate(st.score_bins)) + "</table>")
 
@@ -178,13 +251,15 @@ def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 2
     all_codes = dict(st.codes)
     if st.tag_errors:
         all_codes["tag_error"] = st.tag_errors
-    if not all_codes:
+    if not all_codes and not st.total:
+        q.append('<p id="no-records">No records: no image was processed.</p>')
+    elif not all_codes:
         q.append('<p id="no-errors">No errors: every image was labelled.</p>')
     else:
         q.append('<table id="errors"><tr><th>code</th><th>images</th><th>examples</th></tr>')
         for code, n in sorted(all_codes.items(), key=lambda kv: -kv[1]):
             ex = st.code_examples.get(code)
-            items = "".join(f'<div><span class="uri">{e(u)}</span><br><small>{e(msg[:300])}</small></div>'
+            items = "".join(f'<div>{_link(u)}: <small>{e(_message_without(u, msg)[:300])}</small></div>'
                             for u, msg in (ex.items if ex else []))
             q.append(f'<tr><td>{e(code)}</td><td class="n" data-code="{e(code)}">{n}</td><td>{items}</td></tr>')
         q.append("</table>")
@@ -192,14 +267,19 @@ def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 2
     # throughput
     q.append("<h2>Throughput</h2>")
     values, tlabels, rate, span = throughput(st.parts, started)
-    if values:
+    if len(st.parts) == 1:
+        n1 = st.parts[0][1]
+        rate_txt = f", {n1 / (finished - started):.1f} images/s" if finished and started and finished > started else ""
+        q.append(f'<p id="one-part">One part ({n1} images{rate_txt}): no chart to draw.</p>')
+    elif values:
         q.append(f'<p>{sum(n for _, n in st.parts)} images in {len(st.parts)} parts over {_dur(span)} '
                  f'(<span id="rate">{rate:.1f}</span> images/s overall), from when each part was written</p>')
         q.append("<p><small>images per second</small></p>")
         q.append(svg_columns(values, tlabels, id="throughput-chart", aria="images per second over the job",
                              unit=" img/s"))
     else:
-        q.append('<p class="note">No part completion times known for this job.</p>')
+        q.append('<p id="no-parts">No part was written: nothing to chart.</p>' if not st.parts_read
+                 else '<p class="note">No part completion times known for this job.</p>')
 
     # contact sheets
     q.append("<h2>Contact sheets</h2>")
@@ -210,23 +290,25 @@ def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 2
                  "machine that made this report (pip install pillow, or hardnet-queue[worker]).</p>")
     thumbs = thumbs or {}
 
-    def figure(uri: str, caption: str) -> str:
+    def figure(uri: str, caption: str, tip: str) -> str:
         src, why = thumbs.get(uri, (None, None))
         if src:
             img = f'<img src="{e(src)}" alt="{e(caption)}">'
         else:
             img = f'<div class="ph">{e(why or "no thumbnail")}</div>'
-        return f'<figure>{img}<figcaption>{e(caption)}<br><span class="uri">{e(uri)}</span></figcaption></figure>'
+        return f'<figure title="{e(tip)}">{img}<figcaption>{e(caption)}<br>{_link(uri, tip)}</figcaption></figure>'
 
     for i, n in top[:sheet_classes]:
         res = st.class_examples.get(i)
         q.append(f'<h3>{e(st.names[i])} <small>({n} images)</small></h3><div class="sheet">')
-        q.append("".join(figure(u, f"{s:.3f}") for u, s in sorted(res.items if res else [], key=lambda x: -x[1])))
+        q.append("".join(figure(u, f"{s:.3f}", tip) for u, s, tip in sorted(res.items if res else [], key=lambda x: -x[1])))
         q.append("</div>")
-    low = st.lowest()
+    low = st.lowest_with_top5()
+    if not st.ok:
+        q.append('<p id="no-sheets">No image was labelled: no contact sheet.</p>')
     if low:
         q.append(f'<h3>Least confident ({len(low)} lowest top-1 scores)</h3><div class="sheet" id="low-sheet">')
-        q.append("".join(figure(u, f"{s:.3f} {label}") for s, u, label in low))
+        q.append("".join(figure(u, f"{s:.3f} {label}", tip) for s, u, label, tip in low))
         q.append("</div>")
     q.append(f'<p><small>made by hardnet report at {_fmt_ts(time.time())}</small></p></body></html>')
     return "".join(q)

@@ -36,7 +36,12 @@ def open_job(s, job_id: str, dest: str | None) -> JobView:
         ji = store.info(job_id)
         if ji is not None:
             info = ji.model_dump(mode="json")
-            info["_options"] = JobOptions.from_json(store.raw(job_id).get("options")).model_dump()
+            raw = store.raw(job_id)
+            info["_options"] = JobOptions.from_json(raw.get("options")).model_dump()
+            try:
+                info["_sources"] = json.loads(raw.get("sources") or "[]")
+            except ValueError:
+                info["_sources"] = []
     except Exception as e:  # noqa: BLE001 - Redis may be gone; storage may still have the job
         if not dest:
             raise
@@ -61,6 +66,11 @@ def open_job(s, job_id: str, dest: str | None) -> JobView:
             info["state"] = (manifest or {}).get("state", "unknown (Redis no longer knows it)")
         if info.get("chunks") is None:
             info["chunks"] = desc.get("chunks")
+        if not info.get("_sources"):
+            info["_sources"] = (manifest or {}).get("sources") or desc.get("sources") or []
+        for k in ("submitted_at", "started_at", "finished_at"):
+            if not info.get(k):
+                info[k] = (manifest or {}).get(k) or desc.get(k)
     elif info is None:
         raise ConfigError(f"unknown job {job_id}: Redis does not know it; give --out DEST, where its "
                           "results were written")

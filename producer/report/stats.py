@@ -63,8 +63,9 @@ class ReportStats:
     score_bins: list = field(default_factory=lambda: [0] * SCORE_BINS)
     codes: Counter = field(default_factory=Counter)
     code_examples: dict = field(default_factory=dict)          # code -> Reservoir of (uri, message)
-    class_examples: dict = field(default_factory=dict)         # index -> Reservoir of (uri, score)
-    low: list = field(default_factory=list)                    # heap of (-score, seq, uri, label)
+    class_examples: dict = field(default_factory=dict)         # index -> Reservoir of (uri, score, top-5)
+    low: list = field(default_factory=list)                    # heap of (-score, seq, uri, label, top-5)
+    weights: Counter = field(default_factory=Counter)          # the records' `weights` -> records
     parts: list = field(default_factory=list)                  # (finished at, records) per part
     parts_read: int = 0
     score_sum: float = 0.0
@@ -76,6 +77,8 @@ class ReportStats:
     def add(self, r) -> None:
         self.total += 1
         self._seq += 1
+        if getattr(r, "weights", None):
+            self.weights[str(r.weights)] += 1
         if r.tag_error is not None:
             self.tag_errors += 1
             self._example(str(getattr(r.tag_error.code, "value", r.tag_error.code)), r.uri, r.tag_error.message)
@@ -95,8 +98,9 @@ class ReportStats:
         res = self.class_examples.get(top.index)
         if res is None:
             res = self.class_examples[top.index] = Reservoir(self.per_class)
-        res.add((r.uri, s), self.rng)
-        item = (-s, self._seq, r.uri, top.label)
+        tip = " · ".join(f"{lab.label} {float(lab.score):.3f}" for lab in r.labels[:5])
+        res.add((r.uri, s, tip), self.rng)
+        item = (-s, self._seq, r.uri, top.label, tip)
         if len(self.low) < self.low_n:
             heapq.heappush(self.low, item)
         elif item > self.low[0]:         # lower score than the highest kept
@@ -109,7 +113,12 @@ class ReportStats:
         res.add((uri, message), self.rng)
 
     def lowest(self) -> list[tuple[float, str, str]]:
-        return sorted(((-ns, uri, label) for ns, _, uri, label in self.low))
+        """(score, uri, top-1 label), lowest score first."""
+        return [x[:3] for x in self.lowest_with_top5()]
+
+    def lowest_with_top5(self) -> list[tuple[float, str, str, str]]:
+        """(score, uri, top-1 label, top-5 text), lowest score first."""
+        return sorted(((-ns, uri, label, tip) for ns, _, uri, label, tip in self.low))
 
 
 def _part_times(d, job_id: str) -> dict[str, float]:

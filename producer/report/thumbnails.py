@@ -79,6 +79,6 @@ def thumb_uris(st: ReportStats, sheet_classes: int) -> list[str]:
     uris = []
     for i, _ in st.classes.most_common(sheet_classes):
         res = st.class_examples.get(i)
-        uris += [u for u, _ in (res.items if res else [])]
+        uris += [u for u, *_ in (res.items if res else [])]
     uris += [u for _, u, _ in st.lowest()]
     return uris
