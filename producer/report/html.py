@@ -224,7 +224,10 @@ def render(view: JobView, st: ReportStats, missing: int, *, top_classes: int = 2
     q.append(f'<tr><td>parts missing</td><td class="n" data-count="missing_parts">{missing}</td>'
              f'<td class="n" data-manifest="missing_parts">{len(m.get("missing_parts", [])) if m else "-"}</td></tr></table>')
     if not m:
-        if state in ENDED:
+        if not view.dest:
+            q.append('<p class="note" id="no-manifest">No manifest: this job\'s results are kept in Redis (no '
+                     'destination); the counts are the parts\'.</p>')
+        elif state in ENDED:
             q.append('<p class="note">No manifest: a job that ends this way writes none; the counts are the parts\'.</p>')
         else:
             q.append('<p class="note">No manifest yet: the job has not finished.</p>')

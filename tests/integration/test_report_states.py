@@ -132,6 +132,7 @@ def test_report_of_a_job_with_errors_kept_in_redis(cluster, tmp_path):
     assert '<span id="weights">random</span>' in page and 'id="random-weights"' in page
     _header_checks(page)
     # one part: a sentence, no chart
+    assert "results are kept in Redis (no destination)" in page
     assert 'id="one-part"' in page and "One part (6 images" in page and 'id="throughput-chart"' not in page
     errs = _error_messages(page)
     broken = (src / "broken.jpg").as_uri()
