@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from hnq.console import EXIT_OK, EXIT_SOME_FAILED, add_command, print_human
+from hnq.fleet import live_workers
 from hnq.jobs.store import JobStore
 from hnq.models import DEFAULT_MODEL, MODELS, RANDOM, weights_key
 from hnq.schema import ResultRecord
@@ -123,6 +124,15 @@ def run_demo(a) -> int:
     try:
         s = ProducerSettings(broker_url=url, queue=queue)
         _say(f"queue {queue} (its own)")
+        # Submit once the worker says it is live (its heartbeat, hnq.fleet): submit checks the job
+        # against the live workers and would otherwise say that none consumes the demo's queue.
+        r = JobStore.from_settings(s).r
+        deadline = time.monotonic() + 120
+        while not any(queue in w.queues for w in live_workers(r)):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                tail = (workdir / "worker.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the demo's worker did not start (exit {worker.poll()}); its log ends:\n{tail}")
+            time.sleep(0.2)
         job = submit(s, expand_sources(inputs), dest=None, model=a.model, chunk_size=4)
         _say(f"submitted job {job.job_id}: {job.total} images in {job.chunks} chunks")
         rc = wait_for(s, job.job_id, timeout=600, follow=False)   # Ctrl-C: the demo stops its worker
