@@ -66,8 +66,10 @@ def _parquet(bucket: str, rows: list[Row]) -> bytes:
 
 def put_inventory(s3, *, source_bucket: str, rows: list[Row], fmt: str = "CSV", inv_bucket: str = "inv",
                   config: str = "daily", when: str = "2026-12-01T00-00Z", files: int = 1,
-                  checksum: bool = True, corrupt_md5: bool = False) -> str:
-    """Write one report; returns its manifest URI (s3://inv_bucket/PREFIX/manifest.json)."""
+                  checksum: bool = True, corrupt_md5: bool = False, data_files=None) -> str:
+    """Write one report; returns its manifest URI (s3://inv_bucket/PREFIX/manifest.json).
+    ``data_files``: an iterable of data files already encoded in ``fmt`` (one report file each,
+    e.g. a benchmark's million rows made without a Row per object), instead of ``rows``."""
     try:
         s3.create_bucket(Bucket=inv_bucket)
     except s3.exceptions.BucketAlreadyOwnedByYou:
@@ -75,9 +77,11 @@ def put_inventory(s3, *, source_bucket: str, rows: list[Row], fmt: str = "CSV", 
     base = f"inventories/{source_bucket}/{config}"
     ext = {"CSV": "csv.gz", "Parquet": "parquet", "ORC": "orc"}[fmt]
     entries = []
-    for n in range(files):
-        part = rows[n::files]
-        data = _csv_gz(source_bucket, part) if fmt == "CSV" else (_parquet(source_bucket, part) if fmt == "Parquet" else b"ORC")
+    if data_files is None:
+        data_files = (_csv_gz(source_bucket, rows[n::files]) if fmt == "CSV" else
+                      (_parquet(source_bucket, rows[n::files]) if fmt == "Parquet" else b"ORC")
+                      for n in range(files))
+    for n, data in enumerate(data_files):
         key = f"{base}/data/{when}-{n}.{ext}"
         s3.put_object(Bucket=inv_bucket, Key=key, Body=data)
         md5 = hashlib.md5(data).hexdigest()
