@@ -25,10 +25,14 @@ redrive`` sends it again once they are upgraded): upgrade workers before produce
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+from json.encoder import encode_basestring as _jstr   # json.dumps' string escaping (ensure_ascii=False)
 from typing import Callable
 
 from hnq.errors import ConfigError, ErrorCode
-from hnq.schema import ResultRecord
+from hnq.logs import redact, redact_uri
+from hnq.schema import RecordError, ResultRecord
 
 #: storage classes whose objects must be restored before a GET (GLACIER_IR is not one of them)
 ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
@@ -100,31 +104,176 @@ def entry_uri(entry: str | dict) -> str:
     return entry if isinstance(entry, str) else entry["uri"]
 
 
+_ENTRY_KEYS = frozenset({"uri", "code", "message", "etag", "size"})
+
+
 def check_entry(entry) -> None:
     """ConfigError unless ``entry`` is a URI string or a well-formed precoded entry."""
     if isinstance(entry, str):
         return
-    if (not isinstance(entry, dict) or not isinstance(entry.get("uri"), str)
-            or entry.get("code") not in PRECODED_CODES or not isinstance(entry.get("message"), str)
-            or not set(entry) <= {"uri", "code", "message", "etag", "size"}
-            or not isinstance(entry.get("etag", ""), str)
-            or not isinstance(entry.get("size", 0), int)):
-        raise ConfigError("stored chunk inputs hold an entry that is neither a URI string nor a "
-                          f"precoded record: {str(entry)[:200]}")
+    if isinstance(entry, dict):
+        get = entry.get
+        code = get("code")
+        if (isinstance(get("uri"), str) and isinstance(code, str) and code in PRECODED_CODES
+                and isinstance(get("message"), str) and entry.keys() <= _ENTRY_KEYS
+                and isinstance(get("etag", ""), str) and isinstance(get("size", 0), int)):
+            return
+    raise ConfigError("stored chunk inputs hold an entry that is neither a URI string nor a "
+                      f"precoded record: {str(entry)[:200]}")
 
 
-def precoded_record(entry: dict, model: str, job_id: str | None, weights: str | None = None):
+# --- a precoded entry's record, without pydantic's validation --------------------------------
+# A chunk of archived objects is all precoded records: validating each through pydantic (two
+# models and their validators) was the largest part of a worker's cost per record
+# (benchmarks/bench_job_core.py). The values are checked here instead, as the models' validators
+# would (the same redaction of the URI and the message); anything unusual (a value of another
+# type) goes through the validating constructor, which decides as before.
+_CODES = {c: ErrorCode(c) for c in PRECODED_CODES}
+_PRECODED_SET = frozenset({"uri", "status", "error", "model", "job_id", "weights", "etag", "size"})
+_ERROR_SET = frozenset({"code", "message"})
+_setattr = object.__setattr__
+
+
+def _trusted(cls, values: dict, fields_set: frozenset):
+    """A model instance of already checked ``values`` (every field, in declaration order), as
+    pydantic's ``model_construct`` makes one, without its per-field loop."""
+    m = cls.__new__(cls)
+    _setattr(m, "__dict__", values)
+    _setattr(m, "__pydantic_fields_set__", set(fields_set))
+    _setattr(m, "__pydantic_extra__", None)
+    _setattr(m, "__pydantic_private__", None)
+    return m
+
+
+def _validated_record(entry: dict, model: str, job_id: str | None, weights: str | None) -> ResultRecord:
     return ResultRecord.failure(entry["uri"], entry["code"], entry["message"], model, job_id=job_id,
                                 weights=weights, etag=entry.get("etag"), size=entry.get("size"))
 
 
+def _fast_record(entry: dict, model: str, job_id: str | None, weights: str | None) -> ResultRecord:
+    uri, message, code = entry["uri"], entry["message"], _CODES.get(entry["code"])
+    etag, size = entry.get("etag"), entry.get("size")
+    if (type(uri) is not str or type(message) is not str or code is None or type(model) is not str
+            or (etag is not None and type(etag) is not str) or (size is not None and type(size) is not int)
+            or (job_id is not None and type(job_id) is not str)
+            or (weights is not None and type(weights) is not str)):
+        return _validated_record(entry, model, job_id, weights)
+    err = _trusted(RecordError, {"code": code, "message": redact(message)}, _ERROR_SET)
+    return _trusted(ResultRecord, {"uri": redact_uri(uri), "status": "error", "top5": None, "topk": None,
+                                   "error": err, "tag_error": None, "model": model, "weights": weights,
+                                   "job_id": job_id, "etag": etag, "size": size}, _PRECODED_SET)
+
+
+def _fast_path_agrees() -> bool:
+    """Whether :func:`_fast_record` makes what the validating constructor makes with this pydantic
+    (checked once, at import: a pydantic whose models keep other state gets the validated path)."""
+    e = {"uri": "s3://b/k.jpg", "code": "archived", "message": "m", "etag": "e", "size": 1}
+    try:
+        a, b = _fast_record(e, "hardnet68", "j", "random"), _validated_record(e, "hardnet68", "j", "random")
+        return (a == b and a.__dict__ == b.__dict__ and a.__pydantic_fields_set__ == b.__pydantic_fields_set__
+                and a.error.__dict__ == b.error.__dict__ and a.to_json() == b.to_json()
+                and type(a) is type(b))
+    except Exception:  # noqa: BLE001 - pydantic internals changed: the validated path
+        return False
+
+
+_FAST = _fast_path_agrees()
+
+
+def precoded_record(entry: dict, model: str, job_id: str | None, weights: str | None = None) -> ResultRecord:
+    """The record of a precoded entry (checked by :func:`check_entry`): the same record as
+    ``ResultRecord.failure`` makes (tests/unit/test_objects.py compares them)."""
+    if _FAST:
+        return _fast_record(entry, model, job_id, weights)
+    return _validated_record(entry, model, job_id, weights)
+
+
+class PrecodedRecords(Sequence):
+    """The records of a chunk whose entries are all precoded (a chunk of archived objects), as a
+    sequence of :class:`ResultRecord` made only when one is read (:func:`precoded_record`); what a
+    chunk does with all of them — its JSON Lines part (:meth:`jsonl`), its counts (:meth:`codes`,
+    :meth:`tally`) — is made from the entries directly, without a model object per record, so a
+    chunk of archived objects costs its worker a few microseconds per record
+    (benchmarks/bench_job_core.py). Every record is an error record without labels: the job's
+    top-k naming and ``--tag`` leave them as they are."""
+
+    def __init__(self, entries: list, model: str, job_id: str | None, weights: str | None):
+        self.entries, self.model, self.job_id, self.weights = entries, model, job_id, weights
+        self._records: list | None = None
+
+    @classmethod
+    def of(cls, entries: list, model: str, job_id: str | None, weights: str | None) -> "PrecodedRecords | None":
+        """The records of ``entries`` (precoded, checked by :func:`check_entry`), or None when one
+        of the values is of a type the direct encoding does not write (then the validated records)."""
+        if not _FAST or type(model) is not str or (job_id is not None and type(job_id) is not str) or (
+                weights is not None and type(weights) is not str):
+            return None
+        for e in entries:
+            if type(e) is not dict:
+                return None
+            etag, size = e.get("etag"), e.get("size")
+            if (type(e["uri"]) is not str or type(e["message"]) is not str
+                    or (etag is not None and type(etag) is not str) or (size is not None and type(size) is not int)):
+                return None
+        return cls(entries, model, job_id, weights)
+
+    def _all(self) -> list:
+        if self._records is None:
+            self._records = [_fast_record(e, self.model, self.job_id, self.weights) for e in self.entries]
+        return self._records
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def jsonl(self) -> bytes:
+        """The part's JSON Lines: the bytes hnq.jobs.parts.to_jsonl writes for these records
+        (tests/unit/test_objects.py compares them)."""
+        tail = f'}},"model":{_jstr(self.model)}'
+        for name, v in (("weights", self.weights), ("job_id", self.job_id)):
+            if v is not None:
+                tail += f',"{name}":{_jstr(v)}'
+        lines = []
+        add = lines.append
+        for e in self.entries:
+            line = (f'{{"uri":{_jstr(redact_uri(e["uri"]))},"status":"error","error":{{"code":'
+                    f'{_jstr(e["code"])},"message":{_jstr(redact(e["message"]))}{tail}')
+            etag, size = e.get("etag"), e.get("size")
+            if etag is not None:
+                line += f',"etag":{_jstr(etag)}'
+            if size is not None:
+                line += f',"size":{size}'
+            add(line + "}\n")
+        try:
+            return "".join(lines).encode()
+        except UnicodeEncodeError:     # a lone surrogate: what pydantic's serialiser makes of it
+            return "".join(r.to_json() + "\n" for r in self).encode()
+
+    def codes(self) -> Counter:
+        """Records per error code."""
+        return Counter(e["code"] for e in self.entries)
+
+    def tally(self) -> dict[tuple[str, str, str], int]:
+        """Records per (model, status, code), as worker.metrics counts them."""
+        return {(self.model, "error", c): n for c, n in self.codes().items()}
+
+
 def with_precoded(entries: list, model: str, job_id: str | None,
-                  label: Callable[[list[str]], list | None], weights: str | None = None) -> list | None:
+                  label: Callable[[list[str]], list | None], weights: str | None = None) -> Sequence | None:
     """One record per entry, in order: ``label(uris)`` makes the records of the entries to fetch
     (None = the chunk was dropped, passed on); precoded entries get theirs without a fetch (with
-    ``weights``, the worker's, like its other records)."""
+    ``weights``, the worker's, like its other records). A chunk of precoded entries only gets
+    :class:`PrecodedRecords`."""
     uris = [e for e in entries if isinstance(e, str)]
-    fetched = label(uris) if uris else []
+    if not uris:      # a chunk of archived / 0-byte objects only: nothing to fetch
+        return (PrecodedRecords.of(entries, model, job_id, weights)
+                or [precoded_record(e, model, job_id, weights) for e in entries])
+    fetched = label(uris)
     if fetched is None:
         return None
     if len(uris) == len(entries):

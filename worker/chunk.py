@@ -32,7 +32,7 @@ from hnq.jobs.inputs import load_chunk_entries
 from hnq.jobs.purge import note_credentials
 from hnq.jobs import parts
 from hnq.jobs.store import JobStore
-from hnq.objects import entry_uri, with_precoded
+from hnq.objects import PrecodedRecords, entry_uri, with_precoded
 from hnq.options import TOP_K_DEFAULT, JobOptions
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.storage.s3.tags import tag_records
@@ -231,7 +231,7 @@ class ChunkRunner:
             # records an earlier attempt finished (hnq.jobs.parts.keep_records): not fetched again
             kept = (parts.kept_records(store, task.job_id, task.chunk, [entry_uri(e) for e in entries])
                     if state != "missing" else {})
-            todo = [i for i in range(len(entries)) if i not in kept]
+            todo = [i for i in range(len(entries)) if i not in kept] if kept else range(len(entries))
             fetch_pos = [i for i in todo if isinstance(entries[i], str)]
             clf = None
             summary = f"{len(kept)} records kept from an earlier attempt, nothing fetched"
@@ -248,7 +248,7 @@ class ChunkRunner:
 
                 with self.context().lease(task.model, opts.weights) as engine:
                     # precoded entries (archived / 0-byte objects, hnq.objects) get their record unfetched
-                    fresh = with_precoded([entries[i] for i in todo], task.model, task.job_id,
+                    fresh = with_precoded([entries[i] for i in todo] if kept else entries, task.model, task.job_id,
                                           lambda uris: run_in_engine(engine, store, task, uris,
                                                                      watch=state != "missing", keep=keep),
                                           weights=engine.classifier.weights)
@@ -257,14 +257,18 @@ class ChunkRunner:
                 log.info("chunk %s/%d dropped in flight: job cancelled", task.job_id, task.chunk)
                 metrics.CHUNKS.labels("cancelled").inc()
                 return None
-            got = dict(zip(todo, fresh))
-            raw = [kept[i] if i in kept else got[i] for i in range(len(entries))]
+            if kept:
+                got = dict(zip(todo, fresh))
+                raw = [kept[i] if i in kept else got[i] for i in range(len(entries))]
+            else:
+                raw = fresh     # in the entries' order (PrecodedRecords for a chunk of archived objects)
             records = finish_records(raw, opts, tag_threads=settings.tag_threads,
                                      name=f"{task.job_id}/{task.chunk}",
                                      tag_buckets=settings.fetch_policy().source_buckets)
             # conditional: a complete part another attempt wrote stands, and is what gets counted
             records = write_part(store, task.dest, task.job_id, task.chunk, records, task.options)
-            ok = sum(r.status == "ok" for r in records)
+            extras = outcome_extras(records)
+            ok = extras.pop("ok")
             log.info("chunk %s/%d done: ok=%d failed=%d rss=%.0fMiB %s", task.job_id, task.chunk, ok,
                      len(records) - ok, rss_mb(), summary)
             if state != "missing" and clf is not None:
@@ -272,7 +276,7 @@ class ChunkRunner:
             # The last chunk hands the job to the finaliser (worker.lifecycle: its own leased
             # step, outside this chunk's message).
             if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
-                                                            **outcome_extras(records)):
+                                                            **extras):
                 self.job_complete(task.job_id)
             if state != "missing":
                 parts.drop_kept(store, task.job_id, task.chunk)
@@ -404,7 +408,10 @@ def name_labels(records: list[ResultRecord], top_k: int) -> list[ResultRecord]:
 def finish_records(records: list[ResultRecord], options: JobOptions, *, tag_threads: int = 16,
                    name: str = "", tag_buckets: tuple[str, ...] | None = None) -> list[ResultRecord]:
     """The top-k field name, then the S3 tag write-back (``--tag``; only objects of
-    ``tag_buckets``, HARDNET_SOURCE_BUCKETS, None = any)."""
+    ``tag_buckets``, HARDNET_SOURCE_BUCKETS, None = any). Records of precoded entries only (a chunk
+    of archived objects: error records, no labels) are left as they are."""
+    if isinstance(records, PrecodedRecords):
+        return records
     records = name_labels(records, options.top_k)
     if options.tag:
         records, counts = tag_records(records, threads=tag_threads, buckets=tag_buckets)
@@ -414,11 +421,14 @@ def finish_records(records: list[ResultRecord], options: JobOptions, *, tag_thre
 
 def outcome_extras(records: list[ResultRecord]) -> dict:
     """The keyword arguments of JobStore.complete_chunk beyond ok/failed: error records per code
-    and the weights the records were made with."""
+    and the weights the records were made with; and ``ok``, the records labelled."""
+    if isinstance(records, PrecodedRecords):   # all error records: counted from their entries
+        return {"codes": dict(records.codes()), "weights": records.weights or None, "ok": 0}
     codes = Counter(r.error.code for r in records if r.error is not None)
     codes.update(r.tag_error.code for r in records if r.tag_error is not None)
     weights = next((r.weights for r in records if r.weights), None)
-    return {"codes": {str(getattr(k, "value", k)): n for k, n in codes.items()}, "weights": weights}
+    return {"codes": {str(getattr(k, "value", k)): n for k, n in codes.items()}, "weights": weights,
+            "ok": sum(r.status == "ok" for r in records)}
 
 
 # --- the manifest's weights_sha256, noted once ---------------------------------------------------

@@ -100,6 +100,11 @@ def package_version() -> str:
 # -- recording ------------------------------------------------------------------------------------
 def count_records(records: Iterable) -> None:
     """Count written records by (model, status, code). One inc per distinct label set."""
+    counted = getattr(records, "tally", None)    # hnq.objects.PrecodedRecords: from its entries
+    if counted is not None:
+        for (model, status, code), n in counted().items():
+            IMAGES.labels(model, status, code).inc(n)
+        return
     tally = _Tally()
     for r in records:
         code = "" if r.error is None else str(getattr(r.error.code, "value", r.error.code))

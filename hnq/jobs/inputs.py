@@ -47,16 +47,35 @@ def digest_of(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:DIGEST_CHARS]
 
 
+def _parse_lines(text: str) -> list:
+    """The JSON value of each line of ``text`` (lines end with \\n; empty ones skipped). One parse
+    of the whole list when the lines are what :func:`encode_uris` writes (one value per line, no
+    empty line): a chunk's entries in one C call, not one ``json.loads`` each; otherwise line by
+    line (a line that is not one JSON value raises ValueError there). JSON strings hold no raw
+    \\n, so a line is a value; other line separators (U+2028, U+0085), which json.dumps leaves
+    raw inside strings, are part of their value."""
+    body = text[:-1] if text.endswith("\n") else text
+    if body and "\n\n" not in body and not body.startswith("\n"):
+        try:
+            entries = json.loads("[" + body.replace("\n", ",") + "]")
+        except ValueError:
+            entries = None
+        if entries is not None and len(entries) == body.count("\n") + 1:
+            return entries
+    return [json.loads(line) for line in text.split("\n") if line]
+
+
 def decode_entries(data: bytes) -> tuple[list, str]:
     """(entries, digest) of stored bytes: each entry a URI string or a precoded record's entry
     (:mod:`hnq.objects`); ConfigError when they are not a stored input list."""
     try:
         raw = gzip.decompress(data)
-        entries = [json.loads(line) for line in raw.decode("utf-8", "surrogatepass").splitlines() if line]
+        entries = _parse_lines(raw.decode("utf-8", "surrogatepass"))
     except (OSError, EOFError, ValueError) as e:
         raise ConfigError(f"stored chunk inputs are unreadable ({e})") from None
     for e in entries:
-        check_entry(e)
+        if type(e) is not str:
+            check_entry(e)
     return entries, digest_of(raw)
 
 

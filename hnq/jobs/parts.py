@@ -47,6 +47,7 @@ from hnq.errors import ConfigError, ErrorCode, TransientError
 from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.inputs import OutputPolicy, check_output, read_chunk_uris
 from hnq.jobs.store import JobStore
+from hnq.objects import PrecodedRecords
 from hnq.options import TOP_K_DEFAULT, JobOptions
 from hnq.schema import ChunkTask, ResultRecord
 from hnq.storage import open_destination
@@ -140,6 +141,8 @@ def _row(r: ResultRecord) -> dict:
 
 
 def to_jsonl(records: Iterable[ResultRecord]) -> bytes:
+    if isinstance(records, PrecodedRecords):     # a chunk of archived objects: its lines directly
+        return records.jsonl()
     return "".join(r.to_json() + "\n" for r in records).encode()
 
 
@@ -253,7 +256,6 @@ def write_part(store: JobStore | None, dest: str | None, job_id: str, chunk: int
 
         def get() -> tuple[bytes, str] | None:
             return store.get_part_versioned(job_id, chunk)
-    uris = [r.uri for r in records]
     for _ in range(8):
         if put(None):
             break
@@ -261,7 +263,7 @@ def write_part(store: JobStore | None, dest: str | None, job_id: str, chunk: int
         if got is None:
             continue          # deleted between the two calls: create it
         old, version = got
-        stands = complete_part(old, fmt, uris)
+        stands = complete_part(old, fmt, [r.uri for r in records])
         if stands is not None:
             log.info("part %s/%d: a complete part written by another attempt stands", job_id, chunk)
             return stands
