@@ -111,6 +111,11 @@ def check_entry(entry) -> None:
     """ConfigError unless ``entry`` is a URI string or a well-formed precoded entry."""
     if isinstance(entry, str):
         return
+    # what the producer writes for an archived object (every key, plain types): one test
+    if (type(entry) is dict and entry.keys() == _ENTRY_KEYS and type(entry["uri"]) is str
+            and type(entry["message"]) is str and type(entry["etag"]) is str
+            and type(entry["size"]) is int and type(entry["code"]) is str and entry["code"] in PRECODED_CODES):
+        return
     if isinstance(entry, dict):
         get = entry.get
         code = get("code")
@@ -238,17 +243,21 @@ class PrecodedRecords(Sequence):
         for name, v in (("weights", self.weights), ("job_id", self.job_id)):
             if v is not None:
                 tail += f',"{name}":{_jstr(v)}'
+        mid = {c: f',"status":"error","error":{{"code":{_jstr(c)},"message":' for c in PRECODED_CODES}
         lines = []
         add = lines.append
         for e in self.entries:
-            line = (f'{{"uri":{_jstr(redact_uri(e["uri"]))},"status":"error","error":{{"code":'
-                    f'{_jstr(e["code"])},"message":{_jstr(redact(e["message"]))}{tail}')
-            etag, size = e.get("etag"), e.get("size")
+            uri, msg = e["uri"], e["message"]
+            if not uri.startswith("s3://"):     # an s3:// URI is its key, never redacted
+                uri = redact_uri(uri)
+            if "=" in msg or ("@" in msg and "://" in msg):    # what redact() looks at first
+                msg = redact(msg)
+            line = f'{{"uri":{_jstr(uri)}{mid[e["code"]]}{_jstr(msg)}{tail}'
+            etag = e.get("etag")
             if etag is not None:
                 line += f',"etag":{_jstr(etag)}'
-            if size is not None:
-                line += f',"size":{size}'
-            add(line + "}\n")
+            size = e.get("size")
+            add(f'{line}}}\n' if size is None else f'{line},"size":{size}}}\n')
         try:
             return "".join(lines).encode()
         except UnicodeEncodeError:     # a lone surrogate: what pydantic's serialiser makes of it
