@@ -156,6 +156,8 @@ class JobInfo(BaseModel):
     error_codes: dict[str, int] = Field(default_factory=dict, description="error records per code")
     options: dict | None = Field(None, description="the job's non-default options (format, top_k, "
                                  "weights, tag), as submitted")
+    priority: Literal["high", "normal", "low"] = Field(
+        "normal", description="its share of the fleet (`submit --priority`; docs/operations.md)")
 
 
 class DeadChunk(BaseModel):

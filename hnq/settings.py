@@ -117,6 +117,11 @@ class CommonSettings(ClearErrors):
         "for a password, `rediss://…?ssl_cert_reqs=required` for TLS.",
     )
     queue: str = Field(QUEUE, description="Celery queue (= Redis list) that chunks go through.")
+    dispatch_ahead: int = Field(
+        4, ge=1, le=1000, description="Chunk messages kept in the Celery queue; the rest wait in "
+        "their job's ready list and are moved in by priority and in turn between jobs (fair share, "
+        "docs/operations.md). Larger = fewer waits for the dispatcher with many workers, but a new "
+        "job starts after that many more chunks.")
     visibility_timeout: int = Field(
         3600, ge=2,
         description="Seconds after which a chunk taken by a worker that died is given to another "

@@ -23,6 +23,7 @@ from hnq.storage import check_writable, open_destination, validate_destination
 from producer.args import check_output_file, int_range, job_id, job_id_type, setting_range, timeout_seconds
 from producer.connect import job_store, settings
 from producer.settings import ProducerSettings
+from hnq.jobs.dispatch import DEFAULT_PRIORITY, PRIORITIES
 from producer.intake import add_arguments as add_intake_options, intake
 from producer.joboptions import add_arguments as add_job_options
 from producer.joboptions import check_options, options_from_args, pyarrow_note
@@ -72,8 +73,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     it = intake(s, a, model=a.model or s.model, tag=options.tag)
     job = submit(s, it.items(), dest=a.out, model=a.model or s.model, chunk_size=a.chunk_size,
                  store=job_store(s), force=a.force, sources=it.sources, skip=it.skip, index=it.index,
-                 extensions=it.extensions,
-                 options=options)
+                 extensions=it.extensions, options=options, priority=a.priority)
     it.report(job)
     if a.json:
         print(json.dumps({"job_id": job.job_id, "total": job.total, "chunks": job.chunks,
@@ -278,6 +278,10 @@ def register(sub) -> None:
     s.add_argument("--chunk-size", type=setting_range("--chunk-size", ProducerSettings, "chunk_size"), metavar="N",
                    help="URIs per chunk (one queue message), 1..10000 as HARDNET_CHUNK_SIZE; unset: "
                    "HARDNET_CHUNK_SIZE")
+    s.add_argument("--priority", choices=PRIORITIES, default=DEFAULT_PRIORITY,
+                   help="the job's share of the fleet: jobs are served by priority first (high before "
+                   "normal before low), and in turn between jobs of one priority (docs/operations.md, "
+                   "'Several jobs at once'); default: normal")
     s.add_argument("--wait", action="store_true", help="show progress and wait for the end")
     s.add_argument("--timeout", type=timeout_seconds, metavar="S", help="with --wait: give up waiting after S seconds (exit 5)")
     s.add_argument("--force", action="store_true",

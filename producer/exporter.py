@@ -3,9 +3,10 @@
 The workers export what happens inside them (worker.metrics); what lives only in Redis — chunks
 waiting in the queue, chunks taken and not yet acknowledged, dead letters, each job's progress — is
 read here, at scrape time, by one small torch-free process (run one; KEDA's prometheus trigger and
-the dashboard read it). A scrape costs two Redis round trips whatever the fleet's size:
-LLEN per queue + HLEN of kombu's ``unacked`` hash + ZREVRANGE of the recent jobs, then one
-HMGET per recent job, pipelined. Jobs are bounded: the ``--jobs`` most recent ones (JobStore's
+the dashboard read it). A scrape costs three Redis round trips whatever the fleet's size:
+LLEN per queue + HLEN of kombu's ``unacked`` hash + ZREVRANGE of the recent jobs; one HMGET per
+recent job and the active jobs of each queue; the LLEN of their ready lists (the backlog, summed
+over the jobs: hnq.jobs.dispatch), pipelined. Jobs are bounded: the ``--jobs`` most recent ones (JobStore's
 ``hnq:jobs``), of which those queued, running, or finished less than ``--keep-finished`` seconds ago
 get per-job series (so a job's final counts reach Prometheus even when it ended between scrapes).
 
@@ -28,6 +29,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from hnq.console import add_command
 from hnq.errors import ConfigError
+from hnq.jobs.dispatch import active_key
 from hnq.jobs.store import PREFIX, JobStore
 from hnq.jobs.sweep import UNACKED_KEY
 from hnq.settings import redact_url
@@ -67,6 +69,12 @@ class QueueCollector:
             GaugeMetricFamily("hardnet_queue_messages", "Chunk messages waiting in the queue (LLEN of "
                               "the Celery queue's Redis list): started by no worker yet.",
                               labels=["queue"]),
+            GaugeMetricFamily("hardnet_queue_backlog_chunks", "Chunks no worker has started yet: the "
+                              "messages in the Celery queue plus the chunks waiting in the ready "
+                              "lists of its jobs (fair share: hnq.jobs.dispatch). What KEDA scales on.",
+                              labels=["queue"]),
+            GaugeMetricFamily("hardnet_queue_ready_jobs", "Jobs with chunks waiting for their turn "
+                              "in the queue (the fair-share rotation).", labels=["queue"]),
             GaugeMetricFamily("hardnet_queue_unacked_messages", "Messages taken by workers and not yet "
                               "acknowledged (HLEN of kombu's unacked hash): the chunks in flight, "
                               "fleet-wide."),
@@ -103,15 +111,27 @@ class QueueCollector:
         with r.pipeline(transaction=False) as p:
             for j in job_ids:
                 p.hmget(self.store.key(j), _FIELDS)
-            rows = p.execute() if job_ids else []
+            for q in self.queues:
+                p.zrange(active_key(q), 0, -1)
+            got = p.execute()
+        rows, active = got[:len(job_ids)], dict(zip(self.queues, got[len(job_ids):]))
         jobs = [(j, dict(zip(_FIELDS, row))) for j, row in zip(job_ids, rows) if row[0] is not None]
-        return lens, unacked, jobs
+        # the chunks waiting in the ready lists of each queue's active jobs
+        pairs = [(q, j) for q in self.queues for j in active[q]]
+        with r.pipeline(transaction=False) as p:
+            for _, j in pairs:
+                p.llen(self.store.key(j, "ready"))
+            waiting = p.execute() if pairs else []
+        ready = {q: [0, len(active[q])] for q in self.queues}
+        for (q, _), n in zip(pairs, waiting):
+            ready[q][0] += int(n)
+        return lens, ready, unacked, jobs
 
     def collect(self):
         m = self._families()
         t0 = time.monotonic()
         try:
-            lens, unacked, jobs = self._read()
+            lens, ready, unacked, jobs = self._read()
         except Exception as e:  # noqa: BLE001 - redis errors, and anything odd in what it holds
             log.warning("scrape: cannot read Redis: %s: %s", type(e).__name__, e)
             m["hardnet_exporter_redis_up"].add_metric([], 0)
@@ -120,6 +140,8 @@ class QueueCollector:
             return
         for q, n in lens.items():
             m["hardnet_queue_messages"].add_metric([q], n)
+            m["hardnet_queue_backlog_chunks"].add_metric([q], n + ready[q][0])
+            m["hardnet_queue_ready_jobs"].add_metric([q], ready[q][1])
         m["hardnet_queue_unacked_messages"].add_metric([], unacked)
         now = self.clock()
         dead_total = 0

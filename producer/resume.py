@@ -18,6 +18,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from hnq.errors import ConfigError
+from hnq.jobs.dispatch import DEFAULT_PRIORITY, Dispatcher
 from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.index import job_fields
 from hnq.jobs.liveness import seal_abandoned
@@ -75,6 +76,13 @@ def _part_outcome(data: bytes, expected: int, fmt: str = "jsonl") -> dict | None
 
 def resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None = None, app=None) -> dict:
     app = app or sender(s)
+    got = _resume(s, store, job_id, dest, app)
+    if got.get("sent"):       # idle workers start at once (hnq.jobs.dispatch)
+        Dispatcher(store, app, s.dispatch_ahead).top_up(store.raw(job_id).get("queue") or s.queue)
+    return got
+
+
+def _resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None, app) -> dict:
     info = store.info(job_id)
     if info is not None:
         return _resume_known(s, store, app, job_id, info, dest)
@@ -97,7 +105,7 @@ def resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None =
     d = open_destination(dest)
     store.create(job_id, model=model, dest=dest, queue=s.queue, sources=desc.get("sources"),
                  chunk_size=size, submitted_at=desc.get("submitted_at"), state="running",
-                 options=opts.to_json())
+                 options=opts.to_json(), priority=desc.get("priority") or DEFAULT_PRIORITY)
     extra = job_fields(int(desc.get("skipped") or 0), bool(desc.get("index")))  # --skip-labelled / --index
     extra.update({k: desc[k] for k in ("skipped_by_extension", "skipped_extensions") if desc.get(k)})
     if extra:

@@ -125,6 +125,7 @@ def status_lines(info: JobInfo, *, weights: list[str], dead=(), stalled=(), visi
     if info.error and info.state != "abandoned":     # the abandoned state line says it
         rows.append(("why", info.error))
     rows.append(("model", info.model or "-"))
+    rows.append(("priority", info.priority))
     rows.append(("weights", weights_text(weights, info.options)))
     options = {k: v for k, v in (info.options or {}).items() if k != "weights"}
     if options:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from hnq.console import err
 from hnq.errors import ConfigError
 from hnq.fleet import JobNeeds, check_job
+from hnq.jobs.dispatch import DEFAULT_PRIORITY, PRIORITIES, Dispatcher
 from hnq.jobs.finish import finalize_or_fail
 from hnq.jobs.index import job_fields
 from hnq.jobs.liveness import Heartbeat
@@ -126,7 +127,8 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
            chunk_size: int | None = None, store: JobStore | None = None, app: Celery | None = None,
            force: bool = False, sources: list[str] | None = None,
            options: JobOptions | None = None, skip: "SkipLabelled | None" = None,
-           index: bool = False, extensions: "ExtensionFilter | None" = None) -> Submitted:
+           index: bool = False, extensions: "ExtensionFilter | None" = None,
+           priority: str = DEFAULT_PRIORITY) -> Submitted:
     """``options``: the job's output options (hnq.options); ``skip``: a
     :class:`producer.incremental.SkipLabelled` filter (--skip-labelled, needs a destination);
     ``index``: build the job's labelled index when it ends (:mod:`hnq.jobs.index`);
@@ -134,6 +136,8 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     skipped is recorded for the manifest (``skipped_by_extension``)."""
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    if priority not in PRIORITIES:
+        raise ConfigError(f"--priority {priority!r}: choose one of {', '.join(PRIORITIES)}")
     options = options or DEFAULT_OPTIONS
     check_options(options, dest, sources)
     size = s.chunk_size if chunk_size is None else chunk_size
@@ -179,11 +183,11 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     job_id = new_job_id()
     now = time.time()
     meta = dict(model=model, dest=dest, queue=s.queue, chunk_size=size, sources=(sources or [])[:100],
-                submitted_at=now, options=options.model_dump())
+                submitted_at=now, options=options.model_dump(), priority=priority)
     if d is not None:
         write_descriptor(d, job_id, **meta)
     store.create(job_id, model=model, dest=dest, queue=s.queue, sources=sources, chunk_size=size,
-                 submitted_at=now, options=options.to_json())
+                 submitted_at=now, options=options.to_json(), priority=priority)
     # Until the job is sealed: if this process dies while listing, the job becomes `abandoned`.
     beat = Heartbeat(store, job_id, s.heartbeat_interval).__enter__()
     msg_options = options.for_message()
@@ -200,25 +204,29 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
     pending: deque = deque()
     pool = ThreadPoolExecutor(s.upload_threads, thread_name_prefix="hardnet-upload")
     try:
-        with app.producer_or_acquire() as prod:
-            def send_oldest() -> None:
-                c, n, fut = pending.popleft()
-                task = ChunkTask(job_id=job_id, chunk=c, count=n, digest=fut.result(), model=model, dest=dest,
-                                 options=msg_options)
-                send_chunk(app, store, s.queue, task, producer=prod)
+        dispatcher = Dispatcher(store, app, s.dispatch_ahead)
 
-            for chunk in chunked(map(to_entry, uris), size):   # precoded records: hnq.objects
-                if d is None and not force and total + len(chunk) > s.redis_results_max:
-                    raise _too_big_for_redis(s.redis_results_max)
-                # Inputs are written by a few threads; each message goes out, in chunk order, once
-                # its inputs are stored. At most `window` chunks are held in memory.
-                pending.append((chunks, len(chunk), pool.submit(store_chunk_uris, store, d, job_id, chunks, chunk)))
-                chunks += 1
-                total += len(chunk)
-                while pending and (len(pending) > window or pending[0][2].done()):
-                    send_oldest()
-            while pending:
+        def send_oldest() -> None:
+            c, n, fut = pending.popleft()
+            task = ChunkTask(job_id=job_id, chunk=c, count=n, digest=fut.result(), model=model, dest=dest,
+                             options=msg_options)
+            send_chunk(store, s.queue, task, priority)
+            if c == 0:      # idle workers (blocked on the empty queue) start at once
+                dispatcher.top_up(s.queue)
+
+        for chunk in chunked(map(to_entry, uris), size):   # precoded records: hnq.objects
+            if d is None and not force and total + len(chunk) > s.redis_results_max:
+                raise _too_big_for_redis(s.redis_results_max)
+            # Inputs are written by a few threads; each chunk is sent, in chunk order, once its
+            # inputs are stored. At most `window` chunks are held in memory.
+            pending.append((chunks, len(chunk), pool.submit(store_chunk_uris, store, d, job_id, chunks, chunk)))
+            chunks += 1
+            total += len(chunk)
+            while pending and (len(pending) > window or pending[0][2].done()):
                 send_oldest()
+        while pending:
+            send_oldest()
+        dispatcher.top_up(s.queue)
     except BaseException:
         # Listing failed half way (or Ctrl-C, or a refused size): what was sent will be dropped.
         for _, _, fut in pending:
@@ -269,4 +277,6 @@ def requeue_dead(s: ProducerSettings, store: JobStore, job_id: str, chunk: int |
         store.reset_attempts(job_id, d.chunk)
         if resend_chunk(app, store, queue, job_id, d.chunk, info.model or DEFAULT_MODEL, info.dest):
             n += 1
+    if n:
+        Dispatcher(store, app, s.dispatch_ahead).top_up(queue)
     return n

@@ -24,7 +24,7 @@ from celery import Celery, signals
 
 from hnq import logs
 from hnq.settings import celery_config, lean_messages
-from worker import shutdown, transport
+from worker import dispatcher, shutdown, transport
 from worker.admission import Admission
 from worker.settings import WorkerSettings
 
@@ -32,7 +32,7 @@ settings = WorkerSettings()
 #: told the images to hold once the engine (its batch size) is built: worker.chunk.Context
 admission = Admission(settings.chunks_in_flight, settings.pool_size)
 # A worker asked to stop takes nothing more, even before Celery has cancelled its consumer.
-transport.install(gate=lambda: not shutdown.stopping() and admission())
+transport.install(gate=lambda: not shutdown.stopping() and admission(), on_poll=dispatcher.wake)
 
 app = Celery("hardnet", include=["worker.tasks", "worker.lifecycle", "worker.sweeper"])
 app.conf.update(celery_config(settings))
@@ -49,6 +49,12 @@ if settings.log_format == "json":
 def _log_format(logger=None, **_):
     """Celery set up its handlers: redact them, and make them JSON with HARDNET_LOG_FORMAT=json."""
     logs.install(logger, settings.log_format)
+
+
+@signals.worker_ready.connect
+def _start_dispatcher(**_):
+    """Jobs' ready chunks into the queue, by priority and in turn (worker.dispatcher)."""
+    dispatcher.start(app, settings)
 
 
 @signals.celeryd_after_setup.connect

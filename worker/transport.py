@@ -9,6 +9,9 @@ already been popped by then, so the safe thing is to log it and go on: it is not
 Admission: before each BRPOP the channel asks its QoS ``can_consume()`` (the prefetch limit); ours
 also asks the worker's gate (worker/admission.py: enough images in flight already?).
 
+Dispatch: before each BRPOP the channel wakes the worker's dispatcher (worker/dispatcher.py), which
+tops the queue up from the jobs' ready lists (hnq.jobs.dispatch: fair share between jobs).
+
 Both of kombu's Redis channels get these: the plain one (``redis://``, ``rediss://``) and the
 Sentinel one (``sentinel://``: kombu's SentinelChannel subclasses the plain Channel, so patching only
 ``Transport.Channel`` would leave a Sentinel fleet without gate and guard)."""
@@ -23,6 +26,8 @@ log = logging.getLogger("hardnet.worker")
 
 #: worker.admission.Admission (or any callable -> bool) once installed; None = prefetch limit only
 _gate = None
+#: told the queues before each BRPOP (worker.dispatcher.wake: tops them up); None = nothing
+_on_poll = None
 
 
 class GatedQoS(kredis.QoS):
@@ -31,8 +36,17 @@ class GatedQoS(kredis.QoS):
 
 
 class _Hardened:
-    """The admission gate and the malformed-message guard, for either of kombu's Redis channels."""
+    """The admission gate, the dispatcher's wake-up and the malformed-message guard, for either of
+    kombu's Redis channels."""
     QoS = GatedQoS
+
+    def _brpop_start(self, timeout=None):
+        if _on_poll is not None:
+            try:
+                _on_poll(tuple(self.active_queues))
+            except Exception:  # noqa: BLE001 - a wake-up must never stop the consumer
+                log.exception("dispatcher wake-up failed")
+        return super()._brpop_start(timeout)
 
     def _brpop_read(self, **options):
         try:
@@ -76,11 +90,13 @@ class SafeSentinelChannel(_Hardened, kredis.SentinelChannel):
     """sentinel:// (master_name and sentinel_kwargs from the transport options)"""
 
 
-def install(gate=None) -> None:
+def install(gate=None, on_poll=None) -> None:
     """Make every redis:// and rediss:// connection of this process use :class:`SafeChannel`, and
     every sentinel:// one :class:`SafeSentinelChannel`; ``gate``: asked before each message is
-    taken (never raising; see worker.admission)."""
-    global _gate
+    taken (never raising; see worker.admission); ``on_poll``: told the queues before each BRPOP
+    (worker.dispatcher.wake)."""
+    global _gate, _on_poll
     kredis.Transport.Channel = SafeChannel
     kredis.SentinelTransport.Channel = SafeSentinelChannel
     _gate = gate
+    _on_poll = on_poll

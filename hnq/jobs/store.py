@@ -8,7 +8,8 @@ hash, and the job's counters are adjusted by the difference, atomically, in Lua.
 Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
   hnq:jobs                    ZSET job id -> submit time (for `hardnet status` without a job)
   hnq:job:ID                  HASH model, dest, state, total, chunks, sealed, succeeded, failed,
-                                   options (JSON, hnq.options: format, top_k, weights, tag), …
+                                   options (JSON, hnq.options: format, top_k, weights, tag),
+                                   priority, dwm (hnq.jobs.dispatch), …
   hnq:job:ID:done             HASH chunk -> "ok failed time" (time: when its part was written)
   hnq:job:ID:attempts         HASH chunk -> deliveries so far
   hnq:job:ID:lasterr          HASH chunk -> last error message
@@ -17,7 +18,12 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
   hnq:job:ID:errcodes         HASH code -> error records of the job (adjusted by difference)
   hnq:job:ID:weights          SET  weights the records were made with
   hnq:job:ID:wsha             HASH weights -> sha256 of their checkpoint (provenance)
-  hnq:job:ID:seen             HASH chunk -> "q TIME" (sent), "s TIME" (started) or "r TIME" (a
+  hnq:job:ID:ready            LIST "CHUNK COUNT DIGEST" of chunks sent and not yet dispatched into
+                                   the Celery queue (hnq.jobs.dispatch: fair share between jobs)
+  hnq:active:QUEUE            ZSET job -> priority rank x 1e13 + ms it was last served: the jobs
+                                   of QUEUE with ready chunks, in the order they are served
+  hnq:job:ID:seen             HASH chunk -> "p TIME" (sent: on the ready list), "q TIME"
+                                   (dispatched into the queue), "s TIME" (started) or "r TIME" (a
                                    retry due then), for the sweeper
   hnq:job:ID:lease            HASH chunk -> "EXPIRY TOKEN": the attempt running it (renewed while
                                    it runs; hnq.jobs.sweep: a chunk with a live lease is in flight)
@@ -25,7 +31,7 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
                                    before it failed (the next attempt fetches only the others)
   hnq:job:ID:final            STRING the finalisation lease (holder's token; expires if it dies)
   hnq:job:ID:hb               STRING the listing submit's heartbeat (expires when it is gone)
-  hnq:wm:QUEUE                STRING latest send time of a chunk taken from QUEUE (FIFO watermark)
+  hnq:wm:QUEUE                STRING latest dispatch time of a chunk taken from QUEUE (FIFO watermark)
   hnq:job:ID:in:N             STRING the chunk's stored URIs (gzip JSONL) when DEST is Redis
   hnq:job:ID:part:N           STRING the chunk's JSONL records when DEST is Redis
 """
@@ -105,10 +111,10 @@ if tonumber(redis.call('HGET', KEYS[1], 'chunks_done') or '0') >= tonumber(ARGV[
 return 0
 """
 
-# KEYS: job, attempts, seen ; ARGV: now, chunk, ttl.  Returns {state before, delivery number}.
-# Also the sweeper's bookkeeping: seen[chunk] = "s <now>" (started), and the job's queue watermark
-# (hnq:wm:QUEUE = the latest send time of a chunk taken from that queue: every chunk sent before it
-# has left the list, since the list is FIFO).
+# KEYS: job, attempts, seen, watermark ; ARGV: now, chunk, ttl.  Returns {state before, delivery
+# number}. Also the sweeper's bookkeeping: seen[chunk] = "s <now>" (started), and the watermark of
+# the queue the chunk came from (hnq:wm:QUEUE = the latest dispatch time of a chunk taken from that
+# queue: every chunk dispatched before it has left the list, since the list is FIFO).
 _START = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', 0} end
@@ -117,13 +123,9 @@ if state == 'queued' then
 end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 local prev = redis.call('HGET', KEYS[3], ARGV[2])
-if prev and string.sub(prev, 1, 1) == 'q' then
-  local q = redis.call('HGET', KEYS[1], 'queue')
-  if q then
-    local wk = 'hnq:wm:' .. q
-    local t = tonumber(string.sub(prev, 3))
-    if t and t > tonumber(redis.call('GET', wk) or '0') then redis.call('SET', wk, string.sub(prev, 3)) end
-  end
+if prev and string.sub(prev, 1, 2) == 'q ' then
+  local t = tonumber(string.sub(prev, 3))
+  if t and t > tonumber(redis.call('GET', KEYS[4]) or '0') then redis.call('SET', KEYS[4], string.sub(prev, 3)) end
 end
 redis.call('HSET', KEYS[3], ARGV[2], 's ' .. ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -326,8 +328,10 @@ class JobStore:
     # -- producer side --
     def create(self, job_id: str, *, model: str, dest: str | None, weights: str | None = None,
                queue: str | None = None, sources: list[str] | None = None, chunk_size: int | None = None,
-               submitted_at: float | None = None, state: str = "queued", options: str | None = None) -> None:
-        """``options``: the job's JobOptions as JSON (None / '' = the defaults)."""
+               submitted_at: float | None = None, state: str = "queued", options: str | None = None,
+               priority: str = "normal") -> None:
+        """``options``: the job's JobOptions as JSON (None / '' = the defaults); ``priority``: its
+        share of the fleet (hnq.jobs.dispatch)."""
         k = self.key(job_id)
         now = submitted_at or time.time()
         with self.r.pipeline() as p:
@@ -336,7 +340,8 @@ class JobStore:
                                "succeeded": 0, "failed": 0, "dead_chunks": 0,
                                "weights": weights or "", "queue": queue or "",
                                "sources": json.dumps((sources or [])[:100]),
-                               "chunk_size": chunk_size or 0, "options": options or ""})
+                               "chunk_size": chunk_size or 0, "options": options or "",
+                               "priority": priority})
             p.expire(k, self.ttl)
             p.zadd(f"{PREFIX}:jobs", {job_id: now})
             p.execute()
@@ -413,7 +418,7 @@ class JobStore:
             skipped=int(h.get("skipped", 0) or 0), skipped_by_extension=by_ext, skipped_extensions=exts,
             submitted_at=_iso(h.get("submitted_at")), started_at=_iso(h.get("started_at")),
             finished_at=_iso(h.get("finished_at")), rate=rate, eta_s=eta, error=h.get("error") or None,
-            options=_options(h.get("options")),
+            options=_options(h.get("options")), priority=h.get("priority") or "normal",
             error_codes={k: int(v) for k, v in sorted(codes.items()) if int(v) > 0})
 
     def weights_used(self, job_id: str) -> list[str]:
@@ -453,9 +458,12 @@ class JobStore:
         of a chunk whose job was cancelled while the chunk was in flight."""
         return self.r.hget(self.key(job_id), "state")
 
-    def start_chunk(self, job_id: str, chunk: int) -> tuple[str, int]:
-        """Mark the job running; returns (state before, this chunk's delivery number)."""
-        keys = [self.key(job_id), self.key(job_id, "attempts"), self.key(job_id, "seen")]
+    def start_chunk(self, job_id: str, chunk: int, queue: str | None = None) -> tuple[str, int]:
+        """Mark the job running; returns (state before, this chunk's delivery number). ``queue``:
+        the one the chunk came from (None: the job's)."""
+        queue = queue or self.r.hget(self.key(job_id), "queue") or "hardnet"
+        keys = [self.key(job_id), self.key(job_id, "attempts"), self.key(job_id, "seen"),
+                f"{PREFIX}:wm:{queue}"]
         state, n = self._start(keys=keys, args=[time.time(), chunk, self.ttl])
         return state, int(n)
 

@@ -9,9 +9,12 @@ a chunk of a live, sealed job may be sent again when it is
   * not done: no outcome in hnq:job:ID:done (a dead letter is an outcome: `hardnet redrive`),
   * not in flight: no live lease in hnq:job:ID:lease (the attempt running a chunk holds one and
     renews it while it runs; worker.chunk),
-  * not possibly queued: its last send (hnq:job:ID:seen "q TIME") is not newer than the queue's
-    watermark (hnq:wm:QUEUE, the latest send time of a chunk taken from that list, which is FIFO),
-    or the list is empty,
+  * not possibly waiting: a chunk is sent onto its job's ready list (seen "p TIME") and later
+    dispatched into the Celery queue (seen "q TIME"; hnq.jobs.dispatch). A "p" chunk may still
+    wait while the ready list is not empty and its push is not older than the job's ``dwm`` (the
+    push time of the latest chunk dispatched: the list is FIFO). A "q" chunk may still be queued
+    while the Celery queue is not empty and its dispatch is not older than the queue's watermark
+    (hnq:wm:QUEUE, the latest dispatch time of a chunk started from that list, which is FIFO),
   * and quiet for ``quiet_s``: that long since it was sent, or since its lease expired (the
     sweeper uses the visibility timeout, so kombu's own redelivery of a dead worker's chunk comes
     first; `hardnet resume`, an operator's order, a few seconds).
@@ -28,13 +31,12 @@ import logging
 import time
 from typing import Callable
 
+from hnq.jobs.dispatch import reactivate, ready_lists
 from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
 from hnq.jobs.inputs import read_chunk_uris
 from hnq.jobs.store import JobStore
-from hnq.options import JobOptions
 from hnq.models import DEFAULT_MODEL
 from hnq.schema import ChunkTask
-from hnq.settings import TASK_CLASSIFY
 
 log = logging.getLogger("hardnet.sweep")
 
@@ -48,26 +50,27 @@ LOCK_KEY = "hnq:sweep:lock"
 UNACKED_KEY = "unacked"
 
 
-def send_chunk(app, store: JobStore, queue: str, task: ChunkTask, producer=None) -> None:
-    """Enqueue one chunk's claim check (and note it for the sweeper)."""
-    store.mark_sent(task.job_id, [task.chunk])
-    app.send_task(TASK_CLASSIFY, args=[task.model_dump(exclude_none=True)], queue=queue, producer=producer)
+def send_chunk(store: JobStore, queue: str, task: ChunkTask, priority: str | None = None) -> None:
+    """Send one chunk: onto its job's ready list, from which the dispatchers move it into the Celery
+    queue in the job's turn (hnq.jobs.dispatch). ``priority``: the job's (None: read it)."""
+    if priority is None:
+        priority = store.r.hget(store.key(task.job_id), "priority")
+    ready_lists(store).push(task.job_id, queue, priority, [(task.chunk, task.count, task.digest)])
 
 
 def resend_chunk(app, store: JobStore, queue: str, job_id: str, chunk: int, model: str,
                  dest: str | None) -> bool:
     """Send a chunk again from its stored inputs (redrive, sweep, resume), with a fresh attempt
-    budget. False if the inputs are gone."""
+    budget. False if the inputs are gone. (``app``, ``model``: kept for the callers; the message is
+    built when the chunk is dispatched, from the job's fields.)"""
     got = read_chunk_uris(store, dest, job_id, chunk)
     if got is None:
         log.error("chunk %s/%d cannot be sent again: its stored inputs are missing", job_id, chunk)
         return False
     uris, digest = got
-    # The job's options travel with every send (a re-sent Parquet chunk stays Parquet).
-    opts = JobOptions.from_json(store.r.hget(store.key(job_id), "options")).for_message()
     store.forget_attempts(job_id, [chunk])
-    send_chunk(app, store, queue, ChunkTask(job_id=job_id, chunk=chunk, count=len(uris), digest=digest,
-                                            model=model, dest=dest, options=opts))
+    send_chunk(store, queue, ChunkTask(job_id=job_id, chunk=chunk, count=len(uris), digest=digest,
+                                       model=model, dest=dest))
     return True
 
 
@@ -82,6 +85,8 @@ def lost_chunks(store: JobStore, job_id: str, quiet_s: float, *, now: float | No
     queue = h.get("queue") or "hardnet"
     qlen = store.r.llen(queue)
     wm = store.watermark(queue)
+    ready = ready_lists(store).waiting(job_id)
+    dwm = float(h.get("dwm") or 0)
     done = store.done_chunks(job_id)
     seen = store.seen(job_id)
     leases = store.chunk_leases(job_id)
@@ -94,7 +99,10 @@ def lost_chunks(store: JobStore, job_id: str, quiet_s: float, *, now: float | No
         lease = leases.get(c)
         if lease is not None and lease + SKEW_S > now:
             continue                              # in flight: its attempt renews the lease
-        if kind == "q":
+        if kind == "p":
+            if now - at <= quiet_s or (ready > 0 and dwm <= at + SKEW_S):
+                continue                          # just pushed, or still on its job's ready list
+        elif kind == "q":
             if now - at <= quiet_s or (qlen > 0 and wm <= at + SKEW_S):
                 continue                          # just sent, or may still be waiting in the list
         elif kind == "r":
@@ -123,6 +131,9 @@ def sweep(store: JobStore, app, visibility_timeout: float, jobs: list[str] | Non
     sent: dict[str, list[int]] = {}
     for job in jobs if jobs is not None else store.recent(500):
         try:
+            h = store.raw(job)
+            if h.get("state") in ("queued", "running", "abandoned") and reactivate(store, job, h):
+                log.warning("job %s: its ready chunks had lost their turn; put back", job)
             if is_complete_unfinished(store, job):
                 log.warning("job %s: every chunk is done but it was not finalised; finalising", job)
                 finalize_or_fail(store, job)
@@ -130,7 +141,6 @@ def sweep(store: JobStore, app, visibility_timeout: float, jobs: list[str] | Non
             stalled = stalled_chunks(store, job, visibility_timeout)
             if not stalled:
                 continue
-            h = store.raw(job)
             queue, model, dest = h.get("queue") or "hardnet", h.get("model") or DEFAULT_MODEL, h.get("dest") or None
             for c in stalled:
                 if (send or resend_chunk)(app, store, queue, job, c, model, dest):

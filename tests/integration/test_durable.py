@@ -46,8 +46,9 @@ def env(redis_url, tmp_path):
 
 # ------------------------------------------------------------------------------ claim check
 def test_redis_bytes_per_queued_uri_at_the_default_chunk_size(env, redis_url, tmp_path):
-    """100,000 URIs submitted with no worker: what Redis holds is the small messages (and a few
-    hashes), not the URIs. Asserted as a size: <= 4 bytes per queued URI."""
+    """100,000 URIs submitted with no worker: what Redis holds is a few small messages, the job's
+    ready list (about 40 bytes per chunk: hnq.jobs.dispatch) and a few hashes, not the URIs.
+    Asserted as a size: <= 4 bytes per queued URI (issue 19; 5.3 before the ready lists)."""
     n = 100_000
     listing = tmp_path / "uris.txt"
     listing.write_text("".join(f"s3://photos-archive/2026/05/17/camera-{i % 97:02d}/IMG_{i:08d}.jpg\n"
@@ -61,10 +62,14 @@ def test_redis_bytes_per_queued_uri_at_the_default_chunk_size(env, redis_url, tm
     queue = r.memory_usage("hardnet", samples=0)
     keys = {k.decode(): r.memory_usage(k, samples=0) for k in r.scan_iter(count=1000)}
     chunks = sub["chunks"]
+    ready = r.memory_usage(f"hnq:job:{sub['job_id']}:ready", samples=0)
     print(f"\nMEASURED {n} URIs in {chunks} chunks: queue list {queue} B = {queue / n:.2f} B/URI; "
+          f"ready list {ready} B; "
           f"all keys {sum(keys.values())} B = {sum(keys.values()) / n:.2f} B/URI ({len(keys)} keys); "
           f"used_memory delta {after - before} B (includes fixed costs: clients, scripts)")
-    assert r.llen("hardnet") == chunks == -(-n // 512)
+    # HARDNET_DISPATCH_AHEAD (4) messages in the Celery queue, the rest on the job's ready list
+    assert chunks == -(-n // 512)
+    assert r.llen("hardnet") == 4 and r.llen(f"hnq:job:{sub['job_id']}:ready") == chunks - 4
     assert queue / n <= 4.0 and sum(keys.values()) / n <= 4.0, keys
     # the message is a claim check: no URI in it, and it verifies against the stored list
     msg = json.loads(r.lindex("hardnet", 0))
@@ -120,9 +125,16 @@ def test_queue_list_deleted_mid_job_sweeper_heals_it(env, redis_url, tmp_path):
         job = sub["job_id"]
         w.wait_log(f"chunk {job}/1 done", timeout=180)
         r = redis.Redis.from_url(redis_url)
-        lost = r.llen("hardnet")
-        r.delete("hardnet")
-        assert lost >= 3, lost
+        # the chunks no worker took: a few messages in the Celery list, the rest on the job's ready
+        # list (hnq.jobs.dispatch); both lists are lost
+        ready = f"hnq:job:{job}:ready"
+        with r.pipeline() as p:
+            p.llen("hardnet")
+            p.llen(ready)
+            p.delete("hardnet", ready)
+            in_queue, waiting, _ = p.execute()
+        lost = in_queue + waiting
+        assert lost >= 3, (in_queue, waiting)
         deleted_at = time.monotonic()
         # status shows the lost chunks as stalled once they have been quiet for the visibility timeout
         st = {}
@@ -135,7 +147,7 @@ def test_queue_list_deleted_mid_job_sweeper_heals_it(env, redis_url, tmp_path):
         log = w.log()
     finally:
         w.stop()
-    print(f"\nMEASURED queue list deleted with {lost} chunks in it: job {st_final['state']} "
+    print(f"\nMEASURED queue and ready lists deleted with {in_queue}+{waiting} chunks in them: job {st_final['state']} "
           f"{time.monotonic() - deleted_at:.1f}s later")
     assert st.get("stalled_chunks"), st
     assert "re-sent" in log

@@ -827,7 +827,8 @@ def test_keda_prometheus_trigger_counts_queued_and_in_flight_chunks():
     assert set(md) <= PROMETHEUS_TRIGGER_KEYS, set(md) - PROMETHEUS_TRIGGER_KEYS
     assert re.fullmatch(r"https?://[^/\s]+(:\d+)?/?", md["serverAddress"]), md["serverAddress"]
     names = promql_metric_names(md["query"])
-    assert names == {"hardnet_queue_messages", "hardnet_queue_unacked_messages"}, names
+    # the backlog: the list plus every job's ready list (fair share, hnq.jobs.dispatch)
+    assert names == {"hardnet_queue_backlog_chunks", "hardnet_queue_unacked_messages"}, names
     assert names <= exported_series(), "the query must use what `hardnet exporter` exports"
     assert f'queue="{QUEUE}"' in md["query"] and f'namespace="{NAMESPACE}"' in md["query"]
     # one worker keeps HARDNET_CHUNKS_IN_FLIGHT chunks busy: that is the target per replica
