@@ -111,11 +111,6 @@ def check_entry(entry) -> None:
     """ConfigError unless ``entry`` is a URI string or a well-formed precoded entry."""
     if isinstance(entry, str):
         return
-    # what the producer writes for an archived object (every key, plain types): one test
-    if (type(entry) is dict and entry.keys() == _ENTRY_KEYS and type(entry["uri"]) is str
-            and type(entry["message"]) is str and type(entry["etag"]) is str
-            and type(entry["size"]) is int and type(entry["code"]) is str and entry["code"] in PRECODED_CODES):
-        return
     if isinstance(entry, dict):
         get = entry.get
         code = get("code")
@@ -125,6 +120,20 @@ def check_entry(entry) -> None:
             return
     raise ConfigError("stored chunk inputs hold an entry that is neither a URI string nor a "
                       f"precoded record: {str(entry)[:200]}")
+
+
+def check_entries(entries: list) -> None:
+    """:func:`check_entry` of every entry; a URI string or the producer's own entry of an
+    archived object (every key, plain types) is accepted without a call."""
+    keys, codes = _ENTRY_KEYS, PRECODED_CODES
+    for e in entries:
+        if type(e) is str:
+            continue
+        if (type(e) is dict and e.keys() == keys and type(e["uri"]) is str and type(e["message"]) is str
+                and type(e["etag"]) is str and type(e["size"]) is int and type(e["code"]) is str
+                and e["code"] in codes):
+            continue
+        check_entry(e)
 
 
 # --- a precoded entry's record, without pydantic's validation --------------------------------
@@ -205,6 +214,7 @@ class PrecodedRecords(Sequence):
     def __init__(self, entries: list, model: str, job_id: str | None, weights: str | None):
         self.entries, self.model, self.job_id, self.weights = entries, model, job_id, weights
         self._records: list | None = None
+        self._codes: Counter | None = None
 
     @classmethod
     def of(cls, entries: list, model: str, job_id: str | None, weights: str | None) -> "PrecodedRecords | None":
@@ -265,7 +275,9 @@ class PrecodedRecords(Sequence):
 
     def codes(self) -> Counter:
         """Records per error code."""
-        return Counter(e["code"] for e in self.entries)
+        if self._codes is None:
+            self._codes = Counter(e["code"] for e in self.entries)
+        return Counter(self._codes)
 
     def tally(self) -> dict[tuple[str, str, str], int]:
         """Records per (model, status, code), as worker.metrics counts them."""

@@ -229,10 +229,9 @@ class ChunkRunner:
             if opts.format == "parquet":
                 parts.require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
             # records an earlier attempt finished (hnq.jobs.parts.keep_records): not fetched again
-            kept = (parts.kept_records(store, task.job_id, task.chunk, [entry_uri(e) for e in entries])
+            kept = (parts.kept_records(store, task.job_id, task.chunk, lambda: [entry_uri(e) for e in entries])
                     if state != "missing" else {})
             todo = [i for i in range(len(entries)) if i not in kept] if kept else range(len(entries))
-            fetch_pos = [i for i in todo if isinstance(entries[i], str)]
             clf = None
             summary = f"{len(kept)} records kept from an earlier attempt, nothing fetched"
             fresh: list | None = []
@@ -243,6 +242,7 @@ class ChunkRunner:
 
                 def keep(partial: list) -> None:   # storage down: keep what the engine finished
                     if state != "missing":
+                        fetch_pos = [i for i in todo if isinstance(entries[i], str)]
                         parts.keep_records(store, task.job_id, task.chunk,
                                            {fetch_pos[j]: r for j, r in enumerate(partial) if r is not None})
 

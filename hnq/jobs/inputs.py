@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 
 from hnq.errors import ConfigError
-from hnq.objects import check_entry, entry_uri
+from hnq.objects import check_entries, entry_uri
 from hnq.storage import Destination, open_destination, validate_destination
 from hnq.storage.file import within_roots
 from hnq.uris import file_uri_to_path
@@ -73,9 +73,7 @@ def decode_entries(data: bytes) -> tuple[list, str]:
         entries = _parse_lines(raw.decode("utf-8", "surrogatepass"))
     except (OSError, EOFError, ValueError) as e:
         raise ConfigError(f"stored chunk inputs are unreadable ({e})") from None
-    for e in entries:
-        if type(e) is not str:
-            check_entry(e)
+    check_entries(entries)
     return entries, digest_of(raw)
 
 

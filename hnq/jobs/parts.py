@@ -187,13 +187,18 @@ def keep_records(store: JobStore | None, job_id: str, chunk: int, records: dict[
     return len(keep)
 
 
-def kept_records(store: JobStore | None, job_id: str, chunk: int, uris: list[str]) -> dict[int, ResultRecord]:
+def kept_records(store: JobStore | None, job_id: str, chunk: int,
+                 uris: list[str] | Callable[[], list[str]]) -> dict[int, ResultRecord]:
     """The records an earlier attempt kept, by position; only those whose URI is still the one at
-    that position of ``uris`` (the stored inputs)."""
+    that position of ``uris`` (the stored inputs; a callable that makes them is called only when
+    records were kept)."""
     if store is None:
         return {}
     out = {}
-    for i, raw in store.kept_records(job_id, chunk).items():
+    stored = store.kept_records(job_id, chunk)
+    if stored and callable(uris):
+        uris = uris()
+    for i, raw in stored.items():
         try:
             r = ResultRecord.model_validate_json(raw)
         except ValueError:

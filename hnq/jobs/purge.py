@@ -45,11 +45,19 @@ def marker_relpath(job_id: str) -> str:
     return f"{job_id}/inputs/CREDENTIALS"
 
 
+def _any_credentials(entries: list) -> bool:
+    for e in entries:
+        u = e if type(e) is str else entry_uri(e)
+        # a credential needs "=" or "@" in the URI: most URIs have neither (one test per entry)
+        if ("=" in u or "@" in u) and has_credentials(u):
+            return True
+    return False
+
+
 def note_credentials(dest: str | None, job_id: str, entries: list) -> bool:
     """Mark the job when a URI of ``entries`` (a chunk's stored entries) holds a credential.
     Returns whether it does. Only jobs with a destination are marked (see the module doc)."""
-    # a credential needs "=" or "@" in the URI: most URIs have neither (one test per entry)
-    if not dest or not any(has_credentials(u) for u in map(entry_uri, entries) if "=" in u or "@" in u):
+    if not dest or not _any_credentials(entries):
         return False
     key = (dest, job_id)
     with _marked_lock:
@@ -94,7 +102,7 @@ def purge_after_end(store, job_id: str, dest: str | None, chunks: int, keep: set
     except Exception as e:  # noqa: BLE001 - the manifest and state stand
         log.error("job %s: its stored inputs could not be deleted (%s: %s); they may hold credentials: "
                   "delete %s yourself", job_id, type(e).__name__, e,
-                  f"{dest}{job_id}/inputs/" if dest else f"the Redis keys hnq:job:{job_id}:in:*")
+                  f"{dest}{job_id}/inputs/" if dest else f"the Redis keys {store.key(job_id, 'in')}:*")
         return
     if n:
         log.info("job %s: stored inputs of %d chunk(s) deleted%s", job_id, n,
