@@ -16,6 +16,7 @@ from hnq.console import (EXIT_JOB_FAILED, EXIT_OK, EXIT_SOME_FAILED, EXIT_TIMEOU
 from hnq.errors import ConfigError
 from hnq.jobs.liveness import abandon_zombies
 from hnq.jobs.parts import part_jsonl_lines
+from hnq.jobs.purge import purge_cancelled
 from hnq.jobs.sweep import stalled_chunks, sweep
 from hnq.options import JobOptions
 from hnq.schema import FINAL_STATES, MODELS
@@ -202,7 +203,8 @@ def missing_why(info) -> str:
 
 def cmd_cancel(a: argparse.Namespace) -> int:
     s = settings()
-    state = job_store(s).cancel(a.job)
+    store = job_store(s)
+    state = store.cancel(a.job)
     if state == "missing":
         err(f"unknown job {a.job}")
         return EXIT_JOB_FAILED
@@ -210,6 +212,7 @@ def cmd_cancel(a: argparse.Namespace) -> int:
         err(f"job {a.job} already ended ({state}): nothing changed")
         return EXIT_OK
     err(f"job {a.job} cancelled: chunks not yet started will be dropped")
+    purge_cancelled(store, a.job)    # its stored inputs that may hold credentials (hnq.jobs.purge)
     return EXIT_OK
 
 

@@ -117,7 +117,10 @@ def _wait(s, store, job_id: str, *, json_out: bool, timeout: float | None, tty: 
         if msg:
             say(msg)
             last = ""     # draw the bar again below the notice
-        time.sleep(s.poll_interval)
+        # the progress is redrawn every poll interval; the end is seen at once (the scripts that
+        # end a job push its state: JobStore.wait_ended)
+        left = s.poll_interval if not timeout else min(s.poll_interval, max(0.01, timeout - (time.monotonic() - start)))
+        store.wait_ended(job_id, left)
     if bar["open"]:
         print(file=sys.stderr)
         bar["open"] = False

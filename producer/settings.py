@@ -26,7 +26,8 @@ class ProducerSettings(CommonSettings):
         Path.home() / ".local" / "state" / "hardnet",
         description="Where the producer remembers the jobs it submitted, so that `hardnet status` can "
         "tell a job whose state Redis lost from a job id that never existed.")
-    poll_interval: float = Field(1.0, gt=0, description="Seconds between progress polls of --wait.")
+    poll_interval: float = Field(1.0, gt=0, description="Seconds between progress updates of --wait "
+                                 "(the job's end is seen at once, not at the next update).")
     no_worker_notice: float = Field(
         30.0, ge=0, description="Seconds a wait (`submit --wait`, `wait`, `resume --wait`) watches a job "
         "that does not move before it asks the workers (Celery's remote control, about 2 s) whether any "

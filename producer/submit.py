@@ -26,6 +26,7 @@ from hnq.jobs.finish import finalize_or_fail
 from hnq.jobs.index import job_fields
 from hnq.jobs.liveness import Heartbeat
 from hnq.jobs.inputs import store_chunk_uris
+from hnq.jobs.purge import note_credentials
 from hnq.jobs.store import JobStore, new_job_id
 from hnq.options import DEFAULT_OPTIONS, JobOptions
 from hnq.objects import to_entry
@@ -219,7 +220,7 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
                 raise _too_big_for_redis(s.redis_results_max)
             # Inputs are written by a few threads; each chunk is sent, in chunk order, once its
             # inputs are stored. At most `window` chunks are held in memory.
-            pending.append((chunks, len(chunk), pool.submit(store_chunk_uris, store, d, job_id, chunks, chunk)))
+            pending.append((chunks, len(chunk), pool.submit(_store_inputs, store, d, job_id, chunks, chunk)))
             chunks += 1
             total += len(chunk)
             while pending and (len(pending) > window or pending[0][2].done()):
@@ -257,6 +258,15 @@ def submit(s: ProducerSettings, uris: Iterable[str], *, dest: str | None, model:
             # Every chunk finished before we had counted them: no worker saw a "last" chunk.
             app.send_task(TASK_FINALIZE, args=[job_id, dest], queue=s.queue)
     return Submitted(job_id=job_id, total=total, chunks=chunks, dest=dest, model=model, skipped=skipped)
+
+
+def _store_inputs(store: JobStore, d, job_id: str, chunk: int, entries: list) -> str:
+    """A chunk's claim check; the job is marked first when a URI holds a credential, so that its
+    inputs are deleted when it ends or is cancelled, even if no worker ever loaded a chunk
+    (hnq.jobs.purge)."""
+    if d is not None:
+        note_credentials(d.dest, job_id, entries)
+    return store_chunk_uris(store, d, job_id, chunk, entries)
 
 
 def requeue_dead(s: ProducerSettings, store: JobStore, job_id: str, chunk: int | None = None,

@@ -19,7 +19,8 @@ outlive their use in the shared results prefix.
 * A job whose results stay in Redis (no ``--out``): its inputs are Redis keys that nothing reads
   after the end, so those of its completed chunks are always deleted then (they expire with the job
   anyway, HARDNET_RESULTS_TTL_DAYS; this frees the broker's memory sooner).
-* A cancelled job is neither resumed nor redriven: when it is ended here, all its inputs go.
+* A cancelled job is neither resumed nor redriven: `hardnet cancel` deletes all its inputs that the
+  rules above delete (:func:`purge_cancelled`).
 
 A deletion that fails is logged (saying what to delete by hand) and never changes the job's
 outcome: its manifest and state are already written.
@@ -30,6 +31,7 @@ import logging
 import threading
 
 from hnq.jobs.inputs import inputs_relpath
+from hnq.jobs.liveness import stored_chunks
 from hnq.logs import has_credentials
 from hnq.objects import entry_uri
 from hnq.storage import open_destination
@@ -95,6 +97,18 @@ def purge_inputs(store, job_id: str, dest: str | None, chunks: int, keep: set[in
     return gone
 
 
+def purge_cancelled(store, job_id: str) -> None:
+    """`hardnet cancel`: a cancelled job is neither resumed nor redriven, and never finalised, so
+    what the module doc says is done now, for every chunk whose inputs were stored (a chunk that
+    a worker takes after the cancel is dropped before its inputs are read: worker.chunk)."""
+    h = store.raw(job_id)
+    dest = h.get("dest") or None
+    chunks = int(h.get("chunks") or 0)
+    if not chunks:      # cancelled while its submit was still listing: what it stored so far
+        chunks = max(stored_chunks(store, dest, job_id), default=-1) + 1
+    purge_after_end(store, job_id, dest, chunks, set())
+
+
 def purge_after_end(store, job_id: str, dest: str | None, chunks: int, keep: set[int]) -> None:
     """:func:`purge_inputs`, logged, never raising (the job's end is already written)."""
     try:
@@ -109,4 +123,4 @@ def purge_after_end(store, job_id: str, dest: str | None, chunks: int, keep: set
                  f", {len(keep)} kept for redrive/resume (dead-lettered or without a part)" if keep else "")
 
 
-__all__ = ["note_credentials", "purge_inputs", "purge_after_end", "marker_relpath"]
+__all__ = ["note_credentials", "purge_inputs", "purge_after_end", "purge_cancelled", "marker_relpath"]

@@ -5,7 +5,11 @@ Every update is idempotent, because at-least-once delivery means a chunk can fin
 redelivered chunk, or two workers racing past the visibility timeout): per-chunk outcomes live in a
 hash, and the job's counters are adjusted by the difference, atomically, in Lua.
 
-Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
+Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write). A job's keys are
+``hnq:job:{ID}...`` (written ``hnq:job:ID`` below): the braces are a Redis Cluster hash tag. Every
+Lua script here (and in hnq.jobs.dispatch) declares its keys and touches the keys of one job only,
+or one key of no job: a Redis Cluster could run them. kombu has no Cluster transport today, so a
+fleet runs on one Redis (with replicas and Sentinel: hnq.redis_conn), not on a Cluster.
   hnq:jobs                    ZSET job id -> submit time (for `hardnet status` without a job)
   hnq:job:ID                  HASH model, dest, state, total, chunks, sealed, succeeded, failed,
                                    options (JSON, hnq.options: format, top_k, weights, tag),
@@ -31,6 +35,7 @@ Keys (all under ``hnq:``, expiring ``results_ttl_days`` after the last write):
                                    before it failed (the next attempt fetches only the others)
   hnq:job:ID:final            STRING the finalisation lease (holder's token; expires if it dies)
   hnq:job:ID:hb               STRING the listing submit's heartbeat (expires when it is gone)
+  hnq:job:ID:ended            LIST   the final state, pushed when the job ends (waiting CLIs BLPOP it)
   hnq:wm:QUEUE                STRING latest dispatch time of a chunk taken from QUEUE (FIFO watermark)
   hnq:job:ID:in:N             STRING the chunk's stored URIs (gzip JSONL) when DEST is Redis
   hnq:job:ID:part:N           STRING the chunk's JSONL records when DEST is Redis
@@ -111,32 +116,38 @@ if tonumber(redis.call('HGET', KEYS[1], 'chunks_done') or '0') >= tonumber(ARGV[
 return 0
 """
 
-# KEYS: job, attempts, seen, watermark ; ARGV: now, chunk, ttl.  Returns {state before, delivery
-# number}. Also the sweeper's bookkeeping: seen[chunk] = "s <now>" (started), and the watermark of
-# the queue the chunk came from (hnq:wm:QUEUE = the latest dispatch time of a chunk taken from that
-# queue: every chunk dispatched before it has left the list, since the list is FIFO).
+# KEYS: job, attempts, seen ; ARGV: now, chunk, ttl.  Returns {state before, delivery number,
+# the job's queue, the time the chunk was dispatched ('' if it was not "q")}: the caller moves the
+# queue's watermark with it (_WATERMARK: a key of no job, so not in this script). seen[chunk] =
+# "s <now>" (started), for the sweeper.
 _START = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', 0} end
+if not state then return {'missing', 0, '', ''} end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
 end
 local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 local prev = redis.call('HGET', KEYS[3], ARGV[2])
-if prev and string.sub(prev, 1, 2) == 'q ' then
-  local t = tonumber(string.sub(prev, 3))
-  if t and t > tonumber(redis.call('GET', KEYS[4]) or '0') then redis.call('SET', KEYS[4], string.sub(prev, 3)) end
-end
+local sent = ''
+if prev and string.sub(prev, 1, 2) == 'q ' then sent = string.sub(prev, 3) end
 redis.call('HSET', KEYS[3], ARGV[2], 's ' .. ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
-return {state, n}
+return {state, n, redis.call('HGET', KEYS[1], 'queue') or '', sent}
 """
 
-# KEYS: job, final lease ; ARGV: state, now, error, lease token ('' = none).  A final state only
-# from queued/running (monotonic: done, failed, cancelled or abandoned stay; `resume`/`redrive`
-# reopen a job first), and only by the holder of the finalisation lease when one is given.
+# KEYS: watermark (hnq:wm:QUEUE) ; ARGV: time.  The latest dispatch time of a chunk taken from the
+# queue: every chunk dispatched before it has left the list, since the list is FIFO.
+_WATERMARK = """
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: job, final lease, ended ; ARGV: state, now, error, lease token ('' = none), ttl.  A final
+# state only from queued/running (monotonic: done, failed, cancelled or abandoned stay;
+# `resume`/`redrive` reopen a job first), and only by the holder of the finalisation lease when one
+# is given. The state is pushed onto hnq:job:ID:ended, which waiting CLIs BLPOP (producer.progress).
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -144,15 +155,22 @@ if state ~= 'queued' and state ~= 'running' then return state end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return 'lease_lost' end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) else redis.call('HDEL', KEYS[1], 'error') end
+redis.call('DEL', KEYS[3])
+redis.call('LPUSH', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 return ARGV[1]
 """
 
-# KEYS: job ; ARGV: now.  Cancel only a job that is still queued or running; returns its state.
+# KEYS: job, ended ; ARGV: now, ttl.  Cancel only a job that is still queued or running; returns
+# its state.
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'queued' or state == 'running' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+  redis.call('DEL', KEYS[2])
+  redis.call('LPUSH', KEYS[2], 'cancelled')
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
   return 'cancelled'
 end
 return state
@@ -166,14 +184,18 @@ if ARGV[2] == 'renew' then return redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return redis.call('DEL', KEYS[1])
 """
 
-# KEYS: job, heartbeat ; ARGV: now.  A live job whose submit had a heartbeat, never sealed, whose
-# heartbeat expired: abandoned (its producer is gone; `hardnet resume` seals what was stored).
+# KEYS: job, heartbeat, ended ; ARGV: now, ttl.  A live job whose submit had a heartbeat, never
+# sealed, whose heartbeat expired: abandoned (its producer is gone; `hardnet resume` seals what was
+# stored).
 _ABANDON = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'sealed', 'hb')
 if (h[1] ~= 'queued' and h[1] ~= 'running') or h[2] == '1' or h[3] ~= '1' then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'abandoned', 'finished_at', ARGV[1], 'error',
            'its submit stopped listing (no heartbeat): hardnet resume seals and finishes what was stored')
+redis.call('DEL', KEYS[3])
+redis.call('LPUSH', KEYS[3], 'abandoned')
+redis.call('EXPIRE', KEYS[3], ARGV[2])
 return 1
 """
 
@@ -289,6 +311,7 @@ class JobStore:
         self._complete = self.r.register_script(_COMPLETE)
         self._seal = self.r.register_script(_SEAL)
         self._start = self.r.register_script(_START)
+        self._watermark = self.r.register_script(_WATERMARK)
         self._finish = self.r.register_script(_FINISH)
         self._cancel = self.r.register_script(_CANCEL)
         self._lease = self.r.register_script(_LEASE)
@@ -323,7 +346,9 @@ class JobStore:
     # -- keys --
     @staticmethod
     def key(job_id: str, *parts: str) -> str:
-        return ":".join((PREFIX, "job", job_id) + parts)
+        """``hnq:job:{ID}:PART...``: the braces are a Redis Cluster hash tag, so that all of a job's
+        keys live in one slot and the Lua scripts (which touch one job's keys) could run there."""
+        return ":".join((PREFIX, "job", "{" + job_id + "}") + parts)
 
     # -- producer side --
     def create(self, job_id: str, *, model: str, dest: str | None, weights: str | None = None,
@@ -391,7 +416,7 @@ class JobStore:
     def cancel(self, job_id: str) -> str:
         """'cancelled', or the state that made cancelling pointless ('done', 'failed', ...), or
         'missing'. A finished job is never changed."""
-        return self._cancel(keys=[self.key(job_id)], args=[time.time()])
+        return self._cancel(keys=[self.key(job_id), self.key(job_id, "ended")], args=[time.time(), self.ttl])
 
     def recent(self, n: int = 20) -> list[str]:
         return list(self.r.zrevrange(f"{PREFIX}:jobs", 0, n - 1))
@@ -450,6 +475,7 @@ class JobStore:
             p.hdel(self.key(job_id, "attempts"), chunk)
             p.hset(self.key(job_id), "state", "running")
             p.hdel(self.key(job_id), "finished_at", "error")
+            p.delete(self.key(job_id, "ended"))
             p.execute()
 
     # -- worker side --
@@ -458,13 +484,13 @@ class JobStore:
         of a chunk whose job was cancelled while the chunk was in flight."""
         return self.r.hget(self.key(job_id), "state")
 
-    def start_chunk(self, job_id: str, chunk: int, queue: str | None = None) -> tuple[str, int]:
-        """Mark the job running; returns (state before, this chunk's delivery number). ``queue``:
-        the one the chunk came from (None: the job's)."""
-        queue = queue or self.r.hget(self.key(job_id), "queue") or "hardnet"
-        keys = [self.key(job_id), self.key(job_id, "attempts"), self.key(job_id, "seen"),
-                f"{PREFIX}:wm:{queue}"]
-        state, n = self._start(keys=keys, args=[time.time(), chunk, self.ttl])
+    def start_chunk(self, job_id: str, chunk: int) -> tuple[str, int]:
+        """Mark the job running and move its queue's watermark; returns (state before, this
+        chunk's delivery number)."""
+        keys = [self.key(job_id), self.key(job_id, "attempts"), self.key(job_id, "seen")]
+        state, n, queue, sent = self._start(keys=keys, args=[time.time(), chunk, self.ttl])
+        if sent:
+            self._watermark(keys=[f"{PREFIX}:wm:{queue or 'hardnet'}"], args=[sent])
         return state, int(n)
 
     def note_error(self, job_id: str, chunk: int, message: str) -> None:
@@ -510,8 +536,8 @@ class JobStore:
         """Set the final state of a queued or running job (an ended, cancelled or abandoned one is
         never changed); with ``lease`` only while that finalisation lease is held ('lease_lost'
         otherwise). Returns the state the job is in."""
-        return self._finish(keys=[self.key(job_id), self.key(job_id, "final")],
-                            args=[state, time.time(), error or "", lease or ""])
+        return self._finish(keys=[self.key(job_id), self.key(job_id, "final"), self.key(job_id, "ended")],
+                            args=[state, time.time(), error or "", lease or "", self.ttl])
 
     # -- finalisation lease and producer heartbeat (hnq.jobs.finish, hnq.jobs.liveness) --
     def take_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
@@ -532,19 +558,45 @@ class JobStore:
             p.hset(self.key(job_id), "hb", "1")
             p.execute()
 
+    def wait_ended(self, job_id: str, timeout_s: float) -> str | None:
+        """Block up to ``timeout_s`` for the job to reach a final state (hnq:job:ID:ended, pushed
+        by the scripts that end a job); its state, or None. The state is pushed back, for the
+        other waiters: call :meth:`info` to see whether it still holds (a resume reopens a job)."""
+        t0 = time.monotonic()
+        try:
+            got = self.r.blpop([self.key(job_id, "ended")], timeout=max(0.01, timeout_s))
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Redis restarting or failing over: wait out the interval; the caller's next read
+            # (JobStore.info) rides it out with the store's patient retry
+            time.sleep(max(0.0, timeout_s - (time.monotonic() - t0)))
+            return None
+        if got is None:
+            return None
+        if self.r.hget(self.key(job_id), "state") != got[1]:
+            # stale: the job was reopened since (resume, redrive); dropped, and the wait goes on
+            time.sleep(max(0.0, timeout_s - (time.monotonic() - t0)))
+            return None
+        with self.r.pipeline(transaction=False) as p:
+            p.lpush(self.key(job_id, "ended"), got[1])
+            p.expire(self.key(job_id, "ended"), self.ttl)
+            p.execute()
+        return got[1]
+
     def end_heartbeat(self, job_id: str) -> None:
         self.r.delete(self.key(job_id, "hb"))
 
     def abandon_if_gone(self, job_id: str) -> bool:
         """A queued/running job that has a heartbeat, is not sealed and whose heartbeat expired:
         now 'abandoned' (True). Atomic against a seal or a heartbeat arriving meanwhile."""
-        return bool(self._abandon(keys=[self.key(job_id), self.key(job_id, "hb")], args=[time.time()]))
+        return bool(self._abandon(keys=[self.key(job_id), self.key(job_id, "hb"), self.key(job_id, "ended")],
+                                  args=[time.time(), self.ttl]))
 
     def reopen(self, job_id: str) -> None:
         """`hardnet resume` of an abandoned job: running again, so that it can end."""
         with self.r.pipeline() as p:
             p.hset(self.key(job_id), "state", "running")
             p.hdel(self.key(job_id), "finished_at", "error")
+            p.delete(self.key(job_id, "ended"))
             p.expire(self.key(job_id), self.ttl)
             p.execute()
 

@@ -62,14 +62,14 @@ def test_redis_bytes_per_queued_uri_at_the_default_chunk_size(env, redis_url, tm
     queue = r.memory_usage("hardnet", samples=0)
     keys = {k.decode(): r.memory_usage(k, samples=0) for k in r.scan_iter(count=1000)}
     chunks = sub["chunks"]
-    ready = r.memory_usage(f"hnq:job:{sub['job_id']}:ready", samples=0)
+    ready = r.memory_usage(f"hnq:job:{{{sub['job_id']}}}:ready", samples=0)
     print(f"\nMEASURED {n} URIs in {chunks} chunks: queue list {queue} B = {queue / n:.2f} B/URI; "
           f"ready list {ready} B; "
           f"all keys {sum(keys.values())} B = {sum(keys.values()) / n:.2f} B/URI ({len(keys)} keys); "
           f"used_memory delta {after - before} B (includes fixed costs: clients, scripts)")
     # HARDNET_DISPATCH_AHEAD (4) messages in the Celery queue, the rest on the job's ready list
     assert chunks == -(-n // 512)
-    assert r.llen("hardnet") == 4 and r.llen(f"hnq:job:{sub['job_id']}:ready") == chunks - 4
+    assert r.llen("hardnet") == 4 and r.llen(f"hnq:job:{{{sub['job_id']}}}:ready") == chunks - 4
     assert queue / n <= 4.0 and sum(keys.values()) / n <= 4.0, keys
     # the message is a claim check: no URI in it, and it verifies against the stored list
     msg = json.loads(r.lindex("hardnet", 0))
@@ -116,18 +116,19 @@ def test_queue_list_deleted_mid_job_sweeper_heals_it(env, redis_url, tmp_path):
     n = 96
     _images(tmp_path / "in", n)
     out = tmp_path / "out"
-    # at most 4 chunks held (worker.admission would take all 12 small ones): the rest wait in the list
-    env = dict(env, HARDNET_SWEEP_INTERVAL="2", HARDNET_MAX_CHUNKS_IN_FLIGHT="4")
+    # 24 chunks of 4, at most 4 held (worker.admission would take all the small ones): the rest wait
+    # in the Celery list (HARDNET_DISPATCH_AHEAD above the job's chunks: all of them are dispatched)
+    env = dict(env, HARDNET_SWEEP_INTERVAL="2", HARDNET_MAX_CHUNKS_IN_FLIGHT="4", HARDNET_DISPATCH_AHEAD="100")
     w = Worker(env, "sweeper", tmp_path)
     try:
         w.wait_ready()
-        rc, sub = cli_json(["submit", str(tmp_path / "in"), "--out", str(out), "--chunk-size", "8", "--json"], env)
+        rc, sub = cli_json(["submit", str(tmp_path / "in"), "--out", str(out), "--chunk-size", "4", "--json"], env)
         job = sub["job_id"]
         w.wait_log(f"chunk {job}/1 done", timeout=180)
         r = redis.Redis.from_url(redis_url)
         # the chunks no worker took: a few messages in the Celery list, the rest on the job's ready
         # list (hnq.jobs.dispatch); both lists are lost
-        ready = f"hnq:job:{job}:ready"
+        ready = f"hnq:job:{{{job}}}:ready"
         with r.pipeline() as p:
             p.llen("hardnet")
             p.llen(ready)
@@ -170,7 +171,7 @@ def test_dead_letter_after_completion_keeps_the_part(env, redis_url, tmp_path):
         job = sub["job_id"]
         part = (out / job / "part-00000.jsonl").read_bytes()
         r = redis.Redis.from_url(redis_url)
-        r.hset(f"hnq:job:{job}:attempts", 0, 5)          # as if five deliveries had been made
+        r.hset(f"hnq:job:{{{job}}}:attempts", 0, 5)          # as if five deliveries had been made
         from hnq.jobs.store import JobStore
         from hnq.jobs.sweep import resend_chunk
         from producer.settings import ProducerSettings
@@ -255,11 +256,11 @@ def test_redis_destination_size_limit_cancel_and_redrive_rules(env, redis_url, t
     p = cli(["redrive", sub["job_id"]], env)
     assert p.returncode == 2 and "cancelled" in p.stderr
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    r.hset(f"hnq:job:{sub['job_id']}", mapping={"state": "done", "finished_at": "1"})
-    before = r.hgetall(f"hnq:job:{sub['job_id']}")
+    r.hset(f"hnq:job:{{{sub['job_id']}}}", mapping={"state": "done", "finished_at": "1"})
+    before = r.hgetall(f"hnq:job:{{{sub['job_id']}}}")
     p = cli(["cancel", sub["job_id"]], env)
     assert p.returncode == 0 and "already ended (done)" in p.stderr
-    assert r.hgetall(f"hnq:job:{sub['job_id']}") == before
+    assert r.hgetall(f"hnq:job:{{{sub['job_id']}}}") == before
 
 
 def test_unreachable_broker_cli_gives_up_within_10s(tmp_path):

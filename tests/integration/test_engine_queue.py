@@ -99,7 +99,7 @@ def test_one_never_served_object_is_one_coded_record(redis_url, s3, proxy, tmp_p
     assert rec["uri"] == bad and rec["error"]["code"] in ("throttled", "fetch_error"), rec
     assert "gave up after 3 attempts" in rec["error"]["message"]
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    assert r.hget(f"hnq:job:{job}:attempts", "0") == "1", "the chunk itself must not be retried"
+    assert r.hget(f"hnq:job:{{{job}}}:attempts", "0") == "1", "the chunk itself must not be retried"
     # 3 engine attempts x 2 requests (boto's own retry) for that object alone
     assert proxy.stats()["by_mode"]["503"] == 6
 
@@ -126,7 +126,7 @@ def test_storage_fully_down_retries_the_chunk(redis_url, s3, proxy, tmp_path):
     finally:
         w.stop()
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    attempts = int(r.hget(f"hnq:job:{job}:attempts", "0"))
+    attempts = int(r.hget(f"hnq:job:{{{job}}}:attempts", "0"))
     print(f"\nMEASURED storage down 6 s: chunk attempts {attempts}, job {st['state']} "
           f"ok={st['succeeded']} failed={st['failed']}")
     assert "storage looks down" in log, log[-3000:]

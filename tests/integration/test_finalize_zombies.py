@@ -59,14 +59,14 @@ def test_two_finalisers_at_once_one_manifest_one_state(redis_url, s3, moto_serve
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             r = redis.Redis.from_url(redis_url, decode_responses=True)
-            lease_a = _wait(lambda: r.get(f"hnq:job:{job}:final"), 60, "finaliser A never took the lease")
+            lease_a = _wait(lambda: r.get(f"hnq:job:{{{job}}}:final"), 60, "finaliser A never took the lease")
             os.kill(a.pid, signal.SIGSTOP)        # A holds the lease, frozen inside a slow request
             b = cli(["resume", job], env, timeout=120)
             # B left the job to A: nothing written, no state set, A's lease untouched
             assert b.returncode == 0, b.stderr
             assert "finalised" not in b.stderr, b.stderr
-            assert r.get(f"hnq:job:{job}:final") == lease_a
-            assert r.hget(f"hnq:job:{job}", "state") == "running"
+            assert r.get(f"hnq:job:{{{job}}}:final") == lease_a
+            assert r.hget(f"hnq:job:{{{job}}}", "state") == "running"
             assert s3.list_objects_v2(Bucket="out", Prefix=f"run/{job}/manifest")["KeyCount"] == 0
             os.kill(a.pid, signal.SIGCONT)
             out_a, err_a = a.communicate(timeout=120)
@@ -77,7 +77,7 @@ def test_two_finalisers_at_once_one_manifest_one_state(redis_url, s3, moto_serve
         proxy.clear()
         manifest = s3.get_object(Bucket="out", Key=f"run/{job}/manifest.json")["Body"].read()
         assert json.loads(manifest)["state"] == "done"
-        assert r.hget(f"hnq:job:{job}", "state") == "done" and r.get(f"hnq:job:{job}:final") is None
+        assert r.hget(f"hnq:job:{{{job}}}", "state") == "done" and r.get(f"hnq:job:{{{job}}}:final") is None
         # a late finaliser (a duplicate, the sweeper) changes nothing: same manifest, same state
         c = cli(["resume", job], env, timeout=60)
         assert c.returncode == 0 and "already done" in c.stderr, c.stderr
@@ -113,7 +113,7 @@ def test_submit_killed_mid_listing_is_abandoned_then_resumed(redis_url, s3, moto
             r = redis.Redis.from_url(redis_url, decode_responses=True)
             try:
                 # killed once a few chunks were sent, long before the 30 folders are listed
-                job = _wait(lambda: next((k.split(":")[2] for k in r.scan_iter("hnq:job:*:seen")
+                job = _wait(lambda: next((k.split(":")[2].strip("{}") for k in r.scan_iter("hnq:job:*:seen")
                                           if r.hlen(k) >= 3), None), 120, "no chunk sent")
                 os.killpg(sub.pid, signal.SIGKILL)
                 sub.wait(10)
@@ -121,7 +121,7 @@ def test_submit_killed_mid_listing_is_abandoned_then_resumed(redis_url, s3, moto
                 if sub.poll() is None:
                     os.killpg(sub.pid, signal.SIGKILL)
             proxy.clear()
-            assert r.hget(f"hnq:job:{job}", "sealed") == "0"
+            assert r.hget(f"hnq:job:{{{job}}}", "sealed") == "0"
             st = wait_state(penv, job, ("abandoned",), timeout=120)
             assert "no heartbeat" in st["error"]
             p = cli(["status", job], penv)

@@ -439,7 +439,7 @@ def test_parquet_job_resumed_from_storage_keeps_its_options(cluster, redis_serve
     (out / job / "part-00001.parquet").unlink()
     (out / job / "manifest.json").unlink()
     r = redis.Redis.from_url(redis_server.url)
-    r.delete(*list(r.scan_iter(f"hnq:job:{job}*")))
+    r.delete(*list(r.scan_iter(f"hnq:job:{{{job}}}*")))
     p = cli(["resume", job, "--out", str(out), "--wait", "--timeout", "240"], env, timeout=300)
     assert p.returncode == 0 and "state rebuilt from storage" in p.stderr, p.stderr
     again = pq.read_table(out / job / "part-00001.parquet")
@@ -450,7 +450,7 @@ def test_parquet_job_resumed_from_storage_keeps_its_options(cluster, redis_serve
     assert m["format"] == "parquet" and m["top_k"] == 3 and m["parts"] == ["part-00000.parquet", "part-00001.parquet"]
     assert m["state"] == "done" and m["succeeded"] == 8
     # and a report from storage alone, once Redis forgot the job again
-    r.delete(*list(r.scan_iter(f"hnq:job:{job}*")))
+    r.delete(*list(r.scan_iter(f"hnq:job:{{{job}}}*")))
     p = cli(["report", job, "--out", str(out), "--no-thumbnails"], env, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == str(out / job / "report.html"), p.stderr
     page = _Page()

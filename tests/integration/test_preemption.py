@@ -126,5 +126,5 @@ def test_sigterm_hands_chunks_back_and_the_job_ends_within_a_minute(redis_url, s
     # the hand-back did not count as an attempt: every chunk's attempts are 1 (done by one
     # attempt) or 1 for the survivor's run of a handed-back chunk
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    attempts = {int(c): int(n) for c, n in r.hgetall(f"hnq:job:{job}:attempts").items()}
+    attempts = {int(c): int(n) for c, n in r.hgetall(f"hnq:job:{{{job}}}:attempts").items()}
     assert set(attempts.values()) <= {1}, attempts

@@ -86,7 +86,7 @@ def test_worker_sigkilled_mid_chunk_is_redelivered(env, redis_url, tmp_path):
         chunk = in_flight.pop()
         # Redelivery: the chunk's delivery count in Redis goes to 2 when the survivor takes it.
         r = redis.Redis.from_url(redis_url, decode_responses=True)
-        while int(r.hget(f"hnq:job:{job}:attempts", chunk) or 0) < 2:
+        while int(r.hget(f"hnq:job:{{{job}}}:attempts", chunk) or 0) < 2:
             assert time.monotonic() - killed_at < VT + 30, "chunk not redelivered"
             time.sleep(0.1)
         redelivery_s = time.monotonic() - killed_at

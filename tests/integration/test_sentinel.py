@@ -128,10 +128,10 @@ def test_master_killed_a_third_of_the_way_through(sentinels, tmp_path):
             assert submit.poll() is None, submit.communicate()
             ids = watch.zrevrange("hnq:jobs", 0, 0)
             job = ids[0] if ids else None
-            if job and int(watch.hget(f"hnq:job:{job}", "chunks_done") or 0) >= N // CHUNK // 3:
+            if job and int(watch.hget(f"hnq:job:{{{job}}}", "chunks_done") or 0) >= N // CHUNK // 3:
                 break
             time.sleep(0.1)
-        done_at_kill = int(watch.hget(f"hnq:job:{job}", "chunks_done"))
+        done_at_kill = int(watch.hget(f"hnq:job:{{{job}}}", "chunks_done"))
         master.kill()
         t_kill = time.monotonic()
 

@@ -107,3 +107,31 @@ def test_start_keeps_the_sweeper_bookkeeping(store):
     seen = store.seen("j8")
     assert seen[0] == ("q", 100.0) and seen[1][0] == "s"
     assert store.watermark("qq") == 100.0
+
+
+def test_a_wait_sees_the_end_at_once_and_every_waiter_sees_it(store):
+    """`--wait` blocks on hnq:job:ID:ended (pushed by the scripts that end a job) instead of
+    sleeping a whole poll interval; two waiters both see it; a stale end (job reopened) is not."""
+    import threading
+    import time
+
+    store.create("w1", model="hardnet68", dest=None)
+    assert store.wait_ended("w1", 0.05) is None
+    got = []
+    waiters = [threading.Thread(target=lambda: got.append(store.wait_ended("w1", 10))) for _ in range(2)]
+    t0 = time.monotonic()
+    for t in waiters:
+        t.start()
+    time.sleep(0.2)
+    assert store.finish("w1", "done") == "done"
+    for t in waiters:
+        t.join()
+    assert got == ["done", "done"] and time.monotonic() - t0 < 2.0
+    store.reopen("w1")                      # resume: running again, the old end is gone
+    assert store.wait_ended("w1", 0.05) is None
+    assert store.cancel("w1") == "cancelled" and store.wait_ended("w1", 1) == "cancelled"
+    # an end pushed, then the job reopened by a path that did not clear it: dropped, not a busy loop
+    store.r.hset(store.key("w1"), "state", "running")
+    t0 = time.monotonic()
+    assert store.wait_ended("w1", 0.3) is None and time.monotonic() - t0 >= 0.25
+    assert store.wait_ended("w1", 0.05) is None

@@ -96,7 +96,7 @@ def test_job_store_through_a_real_sentinel(sentinel_pair):
     assert st.get_inputs("j1", 0) == b"\x1f\x8b binary"        # the binary client: same master, same DB
     assert st.info("j1").state == "queued"
     direct = redis.Redis(port=rport, password="pw", db=2, decode_responses=True)
-    assert direct.hget("hnq:job:j1", "state") == "queued"          # it is the master, DB 2 of the URL
+    assert direct.hget("hnq:job:{j1}", "state") == "queued"          # it is the master, DB 2 of the URL
     bad = JobStore.from_settings(CommonSettings(broker_url=f"sentinel://:pw@127.0.0.1:{sport}/2",
                                                 sentinel_master="nosuch", sentinel_password="spw"))
     with pytest.raises(redis.ConnectionError, match="No master found for 'nosuch'"):

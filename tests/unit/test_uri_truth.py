@@ -149,6 +149,54 @@ def test_inputs_with_credentials_go_at_the_end_except_what_redrive_needs(tmp_pat
     assert dest.list("j2/inputs/") == []
 
 
+def test_cancel_deletes_the_inputs_that_hold_credentials(tmp_path, redis_url, monkeypatch):
+    """A cancelled job is never finalised: `hardnet cancel` deletes its inputs (issue 19, item 7),
+    those of a job still being listed included; a job without credentials keeps them."""
+    from hnq.jobs.purge import marker_relpath, note_credentials
+    from hnq.jobs.store import JobStore
+    from producer.cli import main
+
+    store = JobStore(redis_url)
+    dest = open_destination(str(tmp_path / "out"))
+    secret = ["https://h/a.jpg?X-Amz-Signature=f00"]
+    for job, sealed in (("c1", True), ("c2", False)):
+        store.create(job, model="hardnet68", dest=dest.dest)
+        _stored(dest, job, 3, secret)
+        if sealed:
+            store.seal(job, 3, 3)
+        assert note_credentials(dest.dest, job, secret) and dest.exists(marker_relpath(job))
+    store.create("c3", model="hardnet68", dest=dest.dest)
+    _stored(dest, "c3", 2, ["s3://b/k.jpg"])
+    monkeypatch.setenv("HARDNET_BROKER_URL", redis_url)
+    for job in ("c1", "c2", "c3"):
+        assert main(["cancel", job]) == 0
+    assert dest.list("c1/inputs/") == [] and dest.list("c2/inputs/") == []
+    assert len(dest.list("c3/inputs/")) == 2
+
+
+def test_submit_marks_a_job_whose_uris_hold_credentials(tmp_path, redis_url, monkeypatch):
+    """No worker has to load a chunk first: `submit` marks the job, so a cancel right after it
+    deletes the inputs (through the real CLI entry point, in-process)."""
+    from hnq.jobs.purge import marker_relpath
+    from hnq.jobs.store import JobStore
+    from producer.cli import main
+
+    monkeypatch.setenv("HARDNET_BROKER_URL", redis_url)
+    monkeypatch.setenv("HARDNET_CHECK_WORKERS", "0")
+    monkeypatch.setenv("HARDNET_STATE_DIR", str(tmp_path / "state"))
+    out = tmp_path / "out"
+    listing = tmp_path / "uris.txt"
+    listing.write_text("https://h.example/a.jpg?X-Amz-Signature=f00\nhttps://h.example/b.jpg\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("https://h.example/c.jpg\n")
+    assert main(["submit", "--from-file", str(listing), "--out", str(out)]) == 0
+    assert main(["submit", "--from-file", str(plain), "--out", str(out)]) == 0
+    secret_job, plain_job = JobStore(redis_url).recent()[1], JobStore(redis_url).recent()[0]
+    dest = open_destination(str(out))
+    assert dest.exists(marker_relpath(secret_job)) and not dest.exists(marker_relpath(plain_job))
+    assert main(["cancel", secret_job]) == 0 and dest.list(f"{secret_job}/inputs/") == []
+
+
 def test_inputs_on_s3_and_in_redis_are_deleted(s3, redis_url):
     from hnq.jobs.purge import note_credentials, purge_inputs
     from hnq.jobs.store import JobStore

@@ -16,10 +16,17 @@ import os
 import threading
 from typing import Callable
 
-import boto3
-from botocore.config import Config
+from typing import TYPE_CHECKING
 
 from hnq.settings import S3Settings
+
+if TYPE_CHECKING:
+    import boto3
+    from botocore.config import Config
+
+# boto3 itself is imported when the first client or session is made, not with this module: every
+# `hardnet` command imports the storage layer, and boto3 + botocore.config cost about 0.5 s of CPU
+# at start-up that `status`, `wait`, `cancel` and a local-file job never use.
 
 # boto3's own variables that shape the client, and ours (every S3Settings field)
 _ENV_KEYS = (
@@ -62,6 +69,8 @@ def s3_settings() -> S3Settings:
 
 
 def client_config() -> Config:
+    from botocore.config import Config
+
     st = s3_settings()
     s3_cfg = {"addressing_style": st.addressing_style} if st.addressing_style else {}
     return Config(
@@ -86,6 +95,8 @@ def boto3_session() -> boto3.session.Session:
     s3_client()  # creates the session (and drops a stale one after a fork)
     session = _session
     if session is None:  # reset concurrently: make one of our own
+        import boto3
+
         with _lock:
             if _session is None:
                 _session = boto3.session.Session()
@@ -112,6 +123,8 @@ def s3_client():
                 # One session per process (it caches the loaded service model: a client from a
                 # fresh session costs ~1 s of CPU); a new client when the environment changed.
                 if _session is None:
+                    import boto3
+
                     _session = boto3.session.Session()
                 client = _session.client("s3", config=client_config())
                 _clients.clear()  # the environment changed: drop the stale client
