@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from hnq.console import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, BrokerUnreachable, HelpFormatter, err
 from hnq.errors import ConfigError, HardnetError
@@ -19,6 +18,8 @@ from producer import commands, demo, exporter, report
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version   # ~40 ms: only for --version
+
     try:
         v = version("hardnet-queue")
     except PackageNotFoundError:  # running from a source tree that was never installed

@@ -24,9 +24,6 @@ import sys
 import threading
 import time
 
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import CollectorRegistry
-
 from hnq.console import add_command
 from hnq.errors import ConfigError
 from hnq.jobs.dispatch import active_key
@@ -64,7 +61,11 @@ class QueueCollector:
         self.clock = clock
 
     @staticmethod
-    def _families() -> dict[str, GaugeMetricFamily]:
+    def _families() -> dict:
+        # prometheus_client is imported here, not with the module: every `hardnet` command loads
+        # this module to register `exporter`, and the import is ~55 ms of each one's start-up
+        from prometheus_client.core import GaugeMetricFamily
+
         f = [
             GaugeMetricFamily("hardnet_queue_messages", "Chunk messages waiting in the queue (LLEN of "
                               "the Celery queue's Redis list): started by no worker yet.",
@@ -188,10 +189,12 @@ def make_store(broker_url: str, ttl_days: int = 14, sentinel=None) -> JobStore:
     return JobStore(broker_url, ttl_days, client=client, sentinel=sentinel)
 
 
-def build_registry(store: JobStore, queues: list[str], **kw) -> CollectorRegistry:
-    # Its own registry: the exporter's scrape is about Redis, plus the process's own figures
-    # (process_*: its CPU and memory), without the default registry's Python GC/platform series.
+def build_registry(store: JobStore, queues: list[str], **kw):
+    """A prometheus_client CollectorRegistry: its own registry: the exporter's scrape is about
+    Redis, plus the process's own figures (process_*: its CPU and memory), without the default
+    registry's Python GC/platform series."""
     from prometheus_client.process_collector import ProcessCollector
+    from prometheus_client.registry import CollectorRegistry
 
     reg = CollectorRegistry()
     reg.register(QueueCollector(store, queues, **kw))
