@@ -4,44 +4,36 @@ ends, then a summary; the exit code follows the job's final state.
 
 Two things a person waiting must be told: Ctrl-C stops the waiting, not the job (the lines to
 follow or cancel it, exit 130); and when the job has not moved for HARDNET_NO_WORKER_NOTICE seconds
-and no worker answers for its queue, that nobody consumes it and how to start one (once)."""
+and no live worker of its queue has a heartbeat (hnq.fleet), that nobody consumes it and how to
+start one (once)."""
 from __future__ import annotations
 
 import json
 import sys
 import time
 
+from hnq.fleet import live_workers
 from hnq.console import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_EXIT, err
 from hnq.schema import FINAL_STATES, JobInfo
 from producer.connect import job_store
 from producer.show import codes_text, dropped, duration, rate_text
 
-#: seconds the workers have to answer "which queues do you consume?". The broadcast listens that
-#: long whatever comes (measured on loopback: 1.0 s with 1 s, an idle worker's answer inside it;
-#: Celery's import adds 0.5 s), once per stall; a busy worker answers from its consumer, not its pool.
-INSPECT_TIMEOUT_S = 2.0
-
-
-def queue_consumers(s, queue: str) -> list[str] | None:
-    """The workers that answer that they consume ``queue`` (Celery's remote control, one broadcast
-    and INSPECT_TIMEOUT_S of listening); None when the question could not be asked."""
-    # Celery loaded here, only when a wait has stalled: `hardnet wait` and `status` never load it
-    from producer.submit import sender
-
+def queue_consumers(store, queue: str) -> list[str] | None:
+    """The live workers that consume ``queue``: their heartbeats in Redis (hnq.fleet, refreshed
+    every 5 s by every worker, busy or not); None when they could not be read."""
     try:
-        replies = sender(s).control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
+        return sorted(f"{w.hostname}:{w.pid}" for w in live_workers(store.r) if queue in w.queues)
     except Exception:  # noqa: BLE001 -- a notice, never a reason to stop waiting
         return None
-    return sorted(w for w, qs in replies.items() if any(q.get("name") == queue for q in qs or ()))
 
 
 class NoWorkerNotice:
     """Says once that no worker consumes the job's queue: after ``after`` seconds in which the job
-    did not move (no chunk started or finished), when no worker answers for its queue. A worker
-    that answers restarts the count (it may be busy with chunks of earlier jobs)."""
+    did not move (no chunk started or finished), when no live worker of its queue has a heartbeat.
+    A live worker restarts the count (it may be busy with chunks of earlier jobs)."""
 
-    def __init__(self, s, queue: str, after: float):
-        self.s, self.queue, self.after = s, queue, after
+    def __init__(self, store, queue: str, after: float):
+        self.store, self.queue, self.after = store, queue, after
         self.seen: tuple | None = None
         self.since = time.monotonic()
         self.said = False
@@ -56,13 +48,14 @@ class NoWorkerNotice:
             return None
         if now - self.since < self.after:
             return None
-        consumers = queue_consumers(self.s, self.queue)
+        consumers = queue_consumers(self.store, self.queue)
         self.since = time.monotonic()
         if consumers is None or consumers:
             return None
         self.said = True
-        return (f"no worker consumes queue {self.queue!r} (the job has not moved for {self.after:.0f}s and "
-                "no worker answered): start one with `hardnet worker` (same HARDNET_BROKER_URL"
+        return (f"no worker consumes queue {self.queue!r} (the job has not moved for {self.after:.0f}s "
+                "and no live worker of that queue has a heartbeat in Redis): start one with "
+                "`hardnet worker` (same HARDNET_BROKER_URL"
                 + (f", HARDNET_QUEUE={self.queue}" if self.queue != "hardnet" else "")
                 + "); the job waits in the queue until then")
 
@@ -96,7 +89,7 @@ def wait_for(s, job_id: str, *, json_out: bool = False, timeout: float | None = 
 def _wait(s, store, job_id: str, *, json_out: bool, timeout: float | None, tty: bool, bar: dict, say) -> int:
     start = time.monotonic()
     last = ""
-    notice = NoWorkerNotice(s, store.raw(job_id).get("queue") or s.queue,
+    notice = NoWorkerNotice(store, store.raw(job_id).get("queue") or s.queue,
                             getattr(s, "no_worker_notice", 0.0))
     while True:
         info = store.info(job_id)

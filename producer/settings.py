@@ -30,8 +30,8 @@ class ProducerSettings(CommonSettings):
                                  "(the job's end is seen at once, not at the next update).")
     no_worker_notice: float = Field(
         30.0, ge=0, description="Seconds a wait (`submit --wait`, `wait`, `resume --wait`) watches a job "
-        "that does not move before it asks the workers (Celery's remote control, about 2 s) whether any "
-        "consumes the job's queue; if none answers it says so once, with how to start one. 0 = never.")
+        "that does not move before it looks for a live worker of the job's queue (the workers' "
+        "heartbeats in Redis); if there is none it says so once, with how to start one. 0 = never.")
     heartbeat_interval: float = Field(
         5.0, gt=0, le=300, description="Seconds between the refreshes of a listing `submit`'s heartbeat "
         "in Redis; 6 intervals without one (the process killed) and the workers' sweeper marks the "

@@ -249,8 +249,8 @@ def test_a_wait_on_a_queue_nobody_consumes_says_so_once(env, src):
     job = _queued_job(env, src)
     p = cli(["wait", job, "--timeout", "6"], {**env, "HARDNET_NO_WORKER_NOTICE": "1"}, timeout=60)
     assert p.returncode == 5, p.stderr
-    notice = ("hardnet: no worker consumes queue 'hardnet' (the job has not moved for 1s and no worker "
-              "answered): start one with `hardnet worker` (same HARDNET_BROKER_URL); the job waits in the "
+    notice = ("hardnet: no worker consumes queue 'hardnet' (the job has not moved for 1s and no live "
+              "worker of that queue has a heartbeat in Redis): start one with `hardnet worker` (same HARDNET_BROKER_URL); the job waits in the "
               "queue until then")
     assert p.stderr.splitlines().count(notice) == 1, p.stderr
     assert p.stderr.splitlines()[-1] == f"hardnet: gave up waiting after 6.0s; the job goes on (hardnet wait {job})"
