@@ -4,7 +4,7 @@ by priority and in turn between jobs (the rule: hnq.jobs.dispatch).
 It runs in a thread of its own, woken before each BRPOP of the consumer (worker.transport calls
 :func:`wake`, which never blocks the event loop) and every half second; each wake moves chunks in
 until the queue holds ``HARDNET_DISPATCH_AHEAD`` messages. Every worker dispatches: there is no
-dispatcher process to run or to lose, and two dispatchers never serve the same turn (ZPOPMIN)."""
+dispatcher process to run or to lose, and two dispatchers never serve the same turn (hnq.jobs.dispatch)."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +18,8 @@ log = logging.getLogger("hardnet.dispatch")
 
 #: seconds between dispatches when nothing wakes the thread (a consumer blocked in BRPOP)
 TICK_S = 0.5
+#: seconds between looks for chunks a dead dispatcher took and never sent
+RECOVER_EVERY_S = 2.0
 
 _wake = threading.Event()
 _queues: dict[str, None] = {}
@@ -36,12 +38,18 @@ def _loop(app, settings) -> None:
     store = JobStore.from_settings(settings)
     d = Dispatcher(store, app, settings.dispatch_ahead)
     failing_since = None
+    next_recover = 0.0
     while True:
         _wake.wait(TICK_S)
         _wake.clear()
         try:
+            recover = time.monotonic() >= next_recover
             for q in list(_queues) or [settings.queue]:
+                if recover:         # chunks a dead dispatcher took and never sent (hnq.jobs.dispatch)
+                    d.recover(q)
                 d.top_up(q)
+            if recover:
+                next_recover = time.monotonic() + RECOVER_EVERY_S
             if failing_since is not None:
                 log.warning("dispatch works again (after %.0fs)", time.monotonic() - failing_since)
                 failing_since = None

@@ -13,9 +13,10 @@ The rule (docs/operations.md, "Several jobs at once"):
   message envelope for a chunk that waits), and the job joins ``hnq:active:QUEUE`` (a sorted set:
   score = priority rank x 1e13 + the time it was last served, in ms).
 * **Dispatch** moves chunks from the ready lists into the Celery queue (the Redis list QUEUE)
-  until it holds ``HARDNET_DISPATCH_AHEAD`` messages: take the job at the head of the sorted set
-  (ZPOPMIN: two dispatchers never serve the same turn), pop its oldest ready chunk, publish its
-  message, put the job back with a new score while it has more. Every worker dispatches before
+  until it holds ``HARDNET_DISPATCH_AHEAD`` messages: take the turn of the job at the head of the
+  sorted set (a script moves it to the back of its priority at once: two dispatchers never serve
+  the same turn, and one that dies holding a turn loses nothing), pop its oldest ready chunk,
+  publish its message; a job without ready chunks leaves the set. Every worker dispatches before
   each BRPOP of its consumer and every half second (worker.dispatcher); `submit` dispatches once
   after its first chunk, so that idle workers start at once.
 * Workers keep prefetch 1 and late acks: the Celery queue stays short, the order is decided here.
@@ -23,8 +24,12 @@ The rule (docs/operations.md, "Several jobs at once"):
 What this changes for the other rules: the sweeper's "possibly queued" (hnq.jobs.sweep) knows a
 fourth kind of chunk, ``p`` (pushed, not yet dispatched: waiting while its job's ready list is
 not empty and no later-pushed chunk of the job was dispatched, the job's ``dwm``). A dispatcher
-that dies between taking a job's turn and giving it back leaves the job out of the sorted set; the
-sweeper puts back every live job whose ready list is not empty (:func:`reactivate`). `cancel` needs
+that dies between popping a chunk and publishing it: the chunk is in ``hnq:sending:QUEUE`` from
+just after the pop until it is published, and any dispatcher pushes back what stayed there longer
+than ``RECOVER_S`` (5 s; worker.dispatcher checks every few seconds); if the dispatcher died in the
+one round trip between the pop and that note, the sweeper re-sends the chunk at its next pass
+(``LOST_DISPATCH_S`` after it, hnq.jobs.sweep). The sweeper also puts back any live job whose ready list
+is not empty but which is missing from the sorted set (:func:`reactivate`: a lost write). `cancel` needs
 nothing: a cancelled job's ready chunks are dropped by the next dispatch.
 
 Redis Cluster: the Lua scripts here touch one job's keys only (declared, under the job's hash tag);
@@ -88,6 +93,28 @@ return {e, redis.call('LLEN', KEYS[1])}
 """
 
 
+# KEYS: active (hnq:active:QUEUE) ; ARGV: now in ms.  The job whose turn it is (the head: highest
+# priority, served least recently), moved to the back of its priority; nil when none. The job stays
+# in the set: a dispatcher that dies holding a turn loses nothing.
+_TURN = """
+local h = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #h == 0 then return false end
+local rank = math.floor(tonumber(h[2]) / 1e13)
+redis.call('ZADD', KEYS[1], string.format('%.0f', rank * 1e13 + tonumber(ARGV[1])), h[1])
+return h[1]
+"""
+
+
+def sending_key(queue: str) -> str:
+    """The sorted set of the chunks being published to ``queue`` ("JOB ENTRY" -> when taken): one a
+    dispatcher took and died before publishing is pushed back by any dispatcher after RECOVER_S."""
+    return f"{PREFIX}:sending:{queue}"
+
+
+#: seconds after which a chunk still in hnq:sending:QUEUE is taken to be lost (publishing takes ms)
+RECOVER_S = 5.0
+
+
 def active_key(queue: str) -> str:
     """The sorted set of the jobs of ``queue`` that have ready chunks."""
     return f"{PREFIX}:active:{queue}"
@@ -116,6 +143,7 @@ class ReadyLists:
         self.store = store
         self._push = store.r.register_script(_PUSH)
         self._take = store.r.register_script(_TAKE)
+        self._turn = store.r.register_script(_TURN)
 
     def keys(self, job_id: str) -> list[str]:
         s = self.store
@@ -139,6 +167,19 @@ class ReadyLists:
         """(entry or None, chunks left; -1: the job is not live, its ready chunks were dropped)."""
         e, left = self._take(keys=self.keys(job_id), args=[f"{time.time():.3f}"])
         return (e or None), int(left)
+
+    def turn(self, queue: str) -> str | None:
+        """The job to serve next on ``queue`` (moved to the back of its priority), or None."""
+        return self._turn(keys=[active_key(queue)], args=[int(time.time() * 1000)]) or None
+
+    def leave(self, job_id: str, queue: str, priority: str | None) -> None:
+        """The job had no ready chunk: out of the turn, unless a push came meanwhile (a push
+        LPUSHes before its ZADD NX, so either that ZADD comes after this ZREM, or the LLEN sees
+        the chunk)."""
+        r = self.store.r
+        r.zrem(active_key(queue), job_id)
+        if r.llen(self.store.key(job_id, "ready")):
+            r.zadd(active_key(queue), {job_id: _score(priority, time.time())}, nx=True)
 
     def put_back(self, job_id: str, queue: str, priority: str | None, e: str) -> None:
         """A taken chunk that could not be published goes back to the head of its job's list."""
@@ -201,34 +242,56 @@ class Dispatcher:
         dispatcher's) or no job has a ready chunk. Returns how many were moved."""
         want = (ahead or self.ahead) - int(self.store.r.llen(queue))
         moved = 0
-        akey = active_key(queue)
+        akey, skey = active_key(queue), sending_key(queue)
         while want > 0:
-            got = self.store.r.zpopmin(akey, 1)
-            if not got:
+            job_id = self.ready.turn(queue)
+            if job_id is None:
                 break
-            job_id = got[0][0]
             e, left = self.ready.take(job_id)
-            if e is not None:
-                f = self._fields(job_id)
-                if f is None:      # Redis lost the job between the two calls: nothing to send
-                    log.warning("job %s: Redis no longer knows it; its chunk %s is not sent "
-                                "(hardnet resume JOB --out DEST rebuilds it)", job_id, e.split(" ")[0])
-                    continue
-                if left > 0:
-                    # back in the turn before publishing: a publish that fails leaves the rest served
-                    self.store.r.zadd(akey, {job_id: _score(f.priority, time.time())})
-                chunk, count, digest = e.split(" ")
-                task = ChunkTask(job_id=job_id, chunk=int(chunk), count=int(count), digest=digest,
-                                 model=f.model, dest=f.dest, options=f.options)
-                try:
-                    self.app.send_task(TASK_CLASSIFY, args=[task.model_dump(exclude_none=True)],
-                                       queue=queue, producer=producer)
-                except Exception:
-                    self.ready.put_back(job_id, queue, f.priority, e)
-                    raise
-                moved += 1
-                want -= 1
+            if e is None:
+                if left == 0:
+                    self.ready.leave(job_id, queue, self.store.r.hget(self.store.key(job_id), "priority"))
+                else:       # cancelled or lost: its ready chunks were dropped
+                    self.store.r.zrem(akey, job_id)
+                continue
+            f = self._fields(job_id)
+            if f is None:      # Redis lost the job between the two calls: nothing to send
+                log.warning("job %s: Redis no longer knows it; its chunk %s is not sent "
+                            "(hardnet resume JOB --out DEST rebuilds it)", job_id, e.split(" ")[0])
+                continue
+            chunk, count, digest = e.split(" ")
+            task = ChunkTask(job_id=job_id, chunk=int(chunk), count=int(count), digest=digest,
+                             model=f.model, dest=f.dest, options=f.options)
+            sending = f"{job_id} {e}"
+            self.store.r.zadd(skey, {sending: time.time()})
+            try:
+                self.app.send_task(TASK_CLASSIFY, args=[task.model_dump(exclude_none=True)],
+                                   queue=queue, producer=producer)
+            except Exception:
+                self.ready.put_back(job_id, queue, f.priority, e)
+                self.store.r.zrem(skey, sending)
+                raise
+            self.store.r.zrem(skey, sending)
+            moved += 1
+            want -= 1
         return moved
+
+
+    def recover(self, queue: str, older_than_s: float = RECOVER_S) -> int:
+        """Push back the chunks a dispatcher took and did not publish (it died in between): each
+        goes to the head of its job's ready list. One that was published after all is sent twice
+        (a duplicate delivery is acknowledged without work). Returns how many were pushed back."""
+        r, skey = self.store.r, sending_key(queue)
+        n = 0
+        for member in r.zrangebyscore(skey, 0, time.time() - older_than_s, start=0, num=100):
+            if not r.zrem(skey, member):
+                continue                 # another dispatcher recovers it
+            job_id, e = member.split(" ", 1)
+            self.ready.put_back(job_id, queue, r.hget(self.store.key(job_id), "priority"), e)
+            log.warning("job %s: chunk %s was taken by a dispatcher that stopped before sending it; "
+                        "sent again", job_id, e.split(" ")[0])
+            n += 1
+        return n
 
 
 def ready_lists(store: JobStore) -> ReadyLists:

@@ -42,6 +42,11 @@ log = logging.getLogger("hardnet.sweep")
 
 #: seconds of clock skew tolerated between producers and workers
 SKEW_S = 5.0
+#: a chunk dispatched (seen "q") that is no longer possibly in the list and has not started for this
+#: long is lost (its dispatcher died before publishing, or the message was lost): a worker starts a
+#: chunk it took at once, and kombu's restore of a dead worker's message is covered by the lease
+#: rule of started chunks
+LOST_DISPATCH_S = 30.0
 #: `hardnet resume`'s quiet period: seconds since a chunk was sent (or its lease expired)
 RESUME_QUIET_S = 10.0
 LOCK_KEY = "hnq:sweep:lock"
@@ -103,8 +108,10 @@ def lost_chunks(store: JobStore, job_id: str, quiet_s: float, *, now: float | No
             if now - at <= quiet_s or (ready > 0 and dwm <= at + SKEW_S):
                 continue                          # just pushed, or still on its job's ready list
         elif kind == "q":
-            if now - at <= quiet_s or (qlen > 0 and wm <= at + SKEW_S):
-                continue                          # just sent, or may still be waiting in the list
+            if qlen > 0 and wm <= at + SKEW_S:
+                continue                          # may still be waiting in the list
+            if now - at <= min(quiet_s, LOST_DISPATCH_S):
+                continue                          # just dispatched (or taken by a worker, not started yet)
         elif kind == "r":
             if now - at <= quiet_s:
                 continue                          # a failed attempt's retry, due at `at`

@@ -138,3 +138,39 @@ def test_exporter_counts_the_backlog_across_jobs(store, app):
     assert got[("hardnet_queue_messages", (("queue", Q),))] == 2
     assert got[("hardnet_queue_backlog_chunks", (("queue", Q),))] == 8
     assert got[("hardnet_queue_ready_jobs", (("queue", Q),))] == 2
+
+
+def test_a_turn_stays_when_its_dispatcher_dies_and_a_lost_dispatch_is_resent(store, app):
+    """The turn is a rotation of the sorted set (the job never leaves it while it has chunks); a
+    chunk popped by a dispatcher that died before publishing is lost only until LOST_DISPATCH_S."""
+    from hnq.jobs.sweep import LOST_DISPATCH_S
+
+    _job(store, "j", 3)
+    rl = ready_lists(store)
+    assert rl.turn(Q) == "j" and store.r.zrange(active_key(Q), 0, -1) == ["j"]
+    e, left = rl.take("j")                       # popped; the dispatcher dies here
+    assert e == "0 8 00000000" and left == 2
+    now = time.time()
+    assert lost_chunks(store, "j", 3600, now=now + 5) == []
+    assert lost_chunks(store, "j", 3600, now=now + LOST_DISPATCH_S + 1) == [0]
+    assert Dispatcher(store, app, ahead=4).top_up(Q) == 2          # the others were never lost
+    assert _queued(store) == [("j", 1), ("j", 2)]
+    assert store.r.zcard(active_key(Q)) == 0
+
+
+def test_a_chunk_taken_by_a_dispatcher_that_died_is_pushed_back(store, app):
+    """Between the pop and the publish a chunk is in hnq:sending:QUEUE; a dispatcher that finds one
+    there for RECOVER_S puts it back at the head of its job's ready list."""
+    from hnq.jobs.dispatch import sending_key
+
+    _job(store, "j", 2)
+    rl = ready_lists(store)
+    rl.turn(Q)
+    e, _ = rl.take("j")                                 # taken ...
+    store.r.zadd(sending_key(Q), {f"j {e}": time.time() - 60})   # ... noted, then the process died
+    d = Dispatcher(store, app, ahead=1)
+    assert d.recover(Q) == 1 and store.r.zcard(sending_key(Q)) == 0
+    assert d.top_up(Q) == 1 and _queued(store) == [("j", 0)]
+    # a chunk being sent right now (younger than RECOVER_S) is left alone
+    store.r.zadd(sending_key(Q), {"j 1 8 00000001": time.time()})
+    assert d.recover(Q) == 0
