@@ -276,7 +276,6 @@ class Dispatcher:
             want -= 1
         return moved
 
-
     def recover(self, queue: str, older_than_s: float = RECOVER_S) -> int:
         """Push back the chunks a dispatcher took and did not publish (it died in between): each
         goes to the head of its job's ready list. One that was published after all is sent twice
