@@ -61,12 +61,12 @@ from hnq.schema import JobInfo
 
 PREFIX = "hnq"
 
-# KEYS: job, done, dead, codes, errcodes, weights, seen, attempts
+# KEYS: job, done, dead, codes, errcodes, weights, seen
 # ARGV: chunk, ok, failed, now, ttl, codes (JSON object code -> n), weights, mode ('ok'|'dead'), dead entry
 # Returns 1 when the job is now complete, 0 when not, -1 when mode 'dead' found the chunk completed
 # by an earlier attempt (nothing changed: its part and counts stand). A completed chunk's sweeper
-# bookkeeping (seen, attempts) is deleted: nothing reads it once the chunk is done, and at ~80 bytes
-# an entry it was half of what a finished chunk kept in Redis (docs/scaling.md).
+# bookkeeping (its seen entry) is deleted: nothing reads it once the chunk is done (its attempts
+# stay: they say whether it was retried).
 _COMPLETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- Redis lost the job: `hardnet resume` rebuilds it
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
@@ -99,10 +99,7 @@ elseif dead_now then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'dead_chunks', -1)
 end
-if ARGV[8] == 'ok' then
-  redis.call('HDEL', KEYS[7], ARGV[1])
-  redis.call('HDEL', KEYS[8], ARGV[1])
-end
+if ARGV[8] == 'ok' then redis.call('HDEL', KEYS[7], ARGV[1]) end
 for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return 0 end  -- ended (or cancelled, abandoned): no finaliser
@@ -510,7 +507,7 @@ class JobStore:
     def _outcome_keys(self, job_id: str) -> list[str]:
         return [self.key(job_id), self.key(job_id, "done"), self.key(job_id, "dead"),
                 self.key(job_id, "codes"), self.key(job_id, "errcodes"), self.key(job_id, "weights"),
-                self.key(job_id, "seen"), self.key(job_id, "attempts")]
+                self.key(job_id, "seen")]
 
     def complete_chunk(self, job_id: str, chunk: int, ok: int, failed: int,
                        codes: dict[str, int] | None = None, weights: str | None = None) -> bool:

@@ -113,8 +113,10 @@ def test_submit_killed_mid_listing_is_abandoned_then_resumed(redis_url, s3, moto
             r = redis.Redis.from_url(redis_url, decode_responses=True)
             try:
                 # killed once a few chunks were sent, long before the 30 folders are listed
-                job = _wait(lambda: next((k.split(":")[2].strip("{}") for k in r.scan_iter("hnq:job:*:seen")
-                                          if r.hlen(k) >= 3), None), 120, "no chunk sent")
+                # (sent: in its seen hash until done, then in its done hash)
+                job = _wait(lambda: next((j for j in r.zrevrange("hnq:jobs", 0, 0)
+                                          if r.hlen(f"hnq:job:{{{j}}}:seen") + r.hlen(f"hnq:job:{{{j}}}:done") >= 3),
+                                         None), 120, "no chunk sent")
                 os.killpg(sub.pid, signal.SIGKILL)
                 sub.wait(10)
             finally:
