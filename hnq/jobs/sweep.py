@@ -100,17 +100,19 @@ def lost_chunks(store: JobStore, job_id: str, quiet_s: float, *, now: float | No
     for c in range(int(h.get("chunks") or 0)):
         if c in done:
             continue
-        kind, at = seen.get(c, ("q", submitted))
+        kind, at = seen.get(c, ("?", submitted))
         lease = leases.get(c)
         if lease is not None and lease + SKEW_S > now:
             continue                              # in flight: its attempt renews the lease
         if kind == "p":
             if now - at <= quiet_s or (ready > 0 and dwm <= at + SKEW_S):
                 continue                          # just pushed, or still on its job's ready list
-        elif kind == "q":
+        elif kind in ("q", "?"):
             if qlen > 0 and wm <= at + SKEW_S:
                 continue                          # may still be waiting in the list
-            if now - at <= min(quiet_s, LOST_DISPATCH_S):
+            # a dispatched chunk is started at once by the worker that takes it; one without any
+            # record (sent by an older producer, or its record lost) waits the whole quiet period
+            if now - at <= (min(quiet_s, LOST_DISPATCH_S) if kind == "q" else quiet_s):
                 continue                          # just dispatched (or taken by a worker, not started yet)
         elif kind == "r":
             if now - at <= quiet_s:
