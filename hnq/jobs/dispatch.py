@@ -113,6 +113,8 @@ def sending_key(queue: str) -> str:
 
 #: seconds after which a chunk still in hnq:sending:QUEUE is taken to be lost (publishing takes ms)
 RECOVER_S = 5.0
+#: a publish slower than this is logged (the chunk may reach the queue after later ones)
+SLOW_S = 1.0
 
 
 def active_key(queue: str) -> str:
@@ -263,7 +265,8 @@ class Dispatcher:
             task = ChunkTask(job_id=job_id, chunk=int(chunk), count=int(count), digest=digest,
                              model=f.model, dest=f.dest, options=f.options)
             sending = f"{job_id} {e}"
-            self.store.r.zadd(skey, {sending: time.time()})
+            taken = time.time()
+            self.store.r.zadd(skey, {sending: taken})
             try:
                 self.app.send_task(TASK_CLASSIFY, args=[task.model_dump(exclude_none=True)],
                                    queue=queue, producer=producer)
@@ -272,6 +275,11 @@ class Dispatcher:
                 self.store.r.zrem(skey, sending)
                 raise
             self.store.r.zrem(skey, sending)
+            if time.time() - taken > SLOW_S:
+                # meanwhile other dispatchers published later chunks of the job: order is per
+                # dispatcher, and this one was slow (a starved thread, a reconnect)
+                log.warning("job %s: chunk %s took %.1fs from its turn to the queue", job_id, chunk,
+                            time.time() - taken)
             moved += 1
             want -= 1
         return moved
