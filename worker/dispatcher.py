@@ -39,30 +39,21 @@ def _loop(app, settings) -> None:
     d = Dispatcher(store, app, settings.dispatch_ahead)
     failing_since = None
     next_recover = 0.0
-    producer = None     # one held producer: no pool round trip, no new connection per wake
     while True:
         _wake.wait(TICK_S)
         _wake.clear()
         try:
             recover = time.monotonic() >= next_recover
-            if producer is None:
-                producer = app.producer_pool.acquire(block=True)
             for q in list(_queues) or [settings.queue]:
                 if recover:         # chunks a dead dispatcher took and never sent (hnq.jobs.dispatch)
                     d.recover(q)
-                d.top_up(q, producer=producer)
+                d.top_up(q)
             if recover:
                 next_recover = time.monotonic() + RECOVER_EVERY_S
             if failing_since is not None:
                 log.warning("dispatch works again (after %.0fs)", time.monotonic() - failing_since)
                 failing_since = None
         except Exception as e:  # noqa: BLE001 - Redis away: try again, say so once
-            if producer is not None:     # back to the pool; acquired again on the next wake
-                try:
-                    producer.release()
-                except Exception:  # noqa: BLE001
-                    pass
-                producer = None
             if failing_since is None:
                 failing_since = time.monotonic()
                 log.warning("dispatch failed (will try again): %s: %s", type(e).__name__, e)
