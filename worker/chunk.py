@@ -9,7 +9,7 @@ Long: one chunk's whole protocol in a worker (claim, lease, label, keep, write, 
 reads best in one place.
 
 Idempotent deliveries (docs/reliability.md, "One delivery, one effect"): before anything else a
-delivery claims the chunk in Redis (JobStore.claim_chunk): a chunk already done is acknowledged
+delivery claims the chunk in Redis (JobStore.claim_and_start): a chunk already done is acknowledged
 without reading or fetching anything; one whose lease another attempt holds waits for that lease
 (the delivery is retried when it expires, without counting an attempt); otherwise this attempt
 holds the lease, renewed while it runs (:class:`Leases`). Records finished by an attempt that
@@ -17,6 +17,8 @@ then fails (storage down, a part write that failed) are kept (hnq.jobs.parts.kee
 the next attempt fetches only the others."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import random
@@ -97,6 +99,7 @@ class Context:
         t0 = time.monotonic()
         clf = Classifier(model, weights, device=s.device, batch_size=s.batch_size or None,
                          amp=s.amp, fast_jpeg=s.fast_jpeg, max_pixels=s.max_pixels)
+        release_freed_memory()   # the weights' loading temporaries, before the trace adds its own
         eng = build_engine(clf, s.fetch_policy(), fetch_threads=s.fetch_threads,
                            decode_threads=s.decode_threads, batch_wait_s=s.batch_wait_ms / 1000,
                            retry=s.retry_policy(), compile=s.compile, cuda_graphs=s.cuda_graphs,
@@ -104,6 +107,7 @@ class Context:
                            decode=s.decode, gc_threshold=s.gc_threshold, torch_threads=s.torch_threads,
                            bytes_in_flight=s.bytes_in_flight, memory_limit_mb=s.max_memory_per_child_mb,
                            warm_up=clf.device.type == "cuda" or s.compile)
+        release_freed_memory()   # the trace's
         metrics.instrument(eng, model)
         metrics.engine_loaded(model, clf.device, time.monotonic() - t0)
         log.info("engine for %s: weights=%s sha256=%s", model, clf.weights, clf.weights_sha256)
@@ -180,7 +184,8 @@ class ChunkRunner:
                                       "worker is stopping")
         token = uuid.uuid4().hex[:16]
         lease_s = max(2, min(settings.chunk_lease_s, settings.visibility_timeout))
-        verdict, at = store.claim_chunk(task.job_id, task.chunk, token, lease_s)
+        # the claim and, when it takes the lease, the chunk's start: one script (hnq.jobs.store)
+        verdict, at, started = store.claim_and_start(task.job_id, task.chunk, token, lease_s)
         if verdict == "done":
             log.info("chunk %s/%d was completed by an earlier attempt: delivery acknowledged, nothing "
                      "fetched", task.job_id, task.chunk)
@@ -197,14 +202,24 @@ class ChunkRunner:
         if verdict != "ok":
             return self._run(store, task, retry)          # cancelled, or a job Redis lost
         self.leases.hold(task.job_id, task.chunk, token, lease_s)
+        lease = _Lease(token)
         try:
-            return self._run(store, task, retry)
+            return self._run(store, task, retry, started, lease)
         finally:
-            self.leases.drop(task.job_id, task.chunk, token)
+            # released already when the chunk's completion did it (JobStore.complete_chunk)
+            self.leases.drop(task.job_id, task.chunk, token, release=not lease.released)
 
-    def _run(self, store: JobStore, task: ChunkTask, retry: Callable[..., BaseException]) -> dict | None:
+    def _run(self, store: JobStore, task: ChunkTask, retry: Callable[..., BaseException],
+             started: tuple[str, int, bool] | None = None, lease: "_Lease | None" = None) -> dict | None:
+        """``started``: (state before, delivery number, whether records were kept) when the claim
+        started the chunk (JobStore.claim_and_start), else None (started here); ``lease``: the
+        attempt's lease, released by the chunk's completion."""
         settings = self.settings
-        state, attempt = store.start_chunk(task.job_id, task.chunk)
+        if started is None:
+            state, attempt = store.start_chunk(task.job_id, task.chunk)
+            any_kept = True          # not known: read them
+        else:
+            state, attempt, any_kept = started
         if state == "cancelled":
             log.info("chunk %s/%d dropped: job cancelled", task.job_id, task.chunk)
             metrics.CHUNKS.labels("cancelled").inc()
@@ -230,7 +245,7 @@ class ChunkRunner:
                 parts.require_pyarrow()   # a worker without pyarrow: a configuration error, before any labelling
             # records an earlier attempt finished (hnq.jobs.parts.keep_records): not fetched again
             kept = (parts.kept_records(store, task.job_id, task.chunk, lambda: [entry_uri(e) for e in entries])
-                    if state != "missing" else {})
+                    if state != "missing" and any_kept else {})
             todo = [i for i in range(len(entries)) if i not in kept] if kept else range(len(entries))
             clf = None
             summary = f"{len(kept)} records kept from an earlier attempt, nothing fetched"
@@ -274,12 +289,15 @@ class ChunkRunner:
             if state != "missing" and clf is not None:
                 note_weights_once(store, task.job_id, clf.weights, clf.weights_sha256)
             # The last chunk hands the job to the finaliser (worker.lifecycle: its own leased
-            # step, outside this chunk's message).
-            if state != "missing" and store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok,
-                                                            **extras):
-                self.job_complete(task.job_id)
+            # step, outside this chunk's message). The same script drops the kept records (the
+            # part is written) and releases this attempt's lease.
             if state != "missing":
-                parts.drop_kept(store, task.job_id, task.chunk)
+                done = store.complete_chunk(task.job_id, task.chunk, ok, len(records) - ok, **extras,
+                                            drop_kept=True, lease=lease.token if lease else None)
+                if lease is not None:
+                    lease.released = True
+                if done:
+                    self.job_complete(task.job_id)
             metrics.CHUNKS.labels("done").inc()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
         except shutdown.HandedBack as e:
@@ -348,6 +366,14 @@ def write_part(store: JobStore, dest: str | None, job_id: str, chunk: int, recor
     return parts.write_part(store, dest, job_id, chunk, records, options, observe=metrics.part_written)
 
 
+class _Lease:
+    """One attempt's chunk lease: its token, and whether the chunk's completion released it."""
+    __slots__ = ("token", "released")
+
+    def __init__(self, token: str):
+        self.token, self.released = token, False
+
+
 class Leases:
     """The chunk leases this process holds (hnq:job:ID:lease), renewed by one daemon thread every
     third of their length while their chunks run; a lease that is no longer ours (it expired and
@@ -368,10 +394,14 @@ class Leases:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="hardnet-leases")
                 self._thread.start()
 
-    def drop(self, job_id: str, chunk: int, token: str) -> None:
+    def drop(self, job_id: str, chunk: int, token: str, release: bool = True) -> None:
+        """No longer renewed; and released in Redis unless ``release`` is False (the chunk's
+        completion released it)."""
         with self._lock:
             if self._held.get((job_id, chunk), ("",))[0] == token:
                 del self._held[(job_id, chunk)]
+        if not release:
+            return
         try:
             self._store().release_chunk_lease(job_id, chunk, token)
         except Exception as e:  # noqa: BLE001 - it expires by itself
@@ -448,6 +478,21 @@ def note_weights_once(store: JobStore, job_id: str, weights: str, sha256: str) -
         _noted[key] = None
         while len(_noted) > 1024:
             del _noted[next(iter(_noted))]
+
+
+def release_freed_memory() -> None:
+    """Give the memory that building an engine freed back to the kernel: a collection, then
+    glibc's ``malloc_trim(0)``. The `hardnet` torch commands raise glibc's trim threshold so that
+    a batch's activation buffers stay in the process (worker/commands.py), which also kept the
+    weights' loading temporaries and the trace's (55 and 8 MiB of hardnet39ds here) resident for
+    the worker's life; and each came before the next step's allocations, so the worker's peak
+    RSS held both. Nothing where the C library has no malloc_trim (not glibc)."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def rss_mb() -> float:

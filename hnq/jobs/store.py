@@ -61,13 +61,23 @@ from hnq.schema import JobInfo
 
 PREFIX = "hnq"
 
-# KEYS: job, done, dead, codes, errcodes, weights, seen
-# ARGV: chunk, ok, failed, now, ttl, codes (JSON object code -> n), weights, mode ('ok'|'dead'), dead entry
+# KEYS: job, done, dead, codes, errcodes, weights, seen, kept (hnq:job:ID:kept:N), lease
+# ARGV: chunk, ok, failed, now, ttl, codes (JSON object code -> n), weights, mode ('ok'|'dead'), dead entry,
+#       lease token ('' = none), '1' to drop the kept records
 # Returns 1 when the job is now complete, 0 when not, -1 when mode 'dead' found the chunk completed
 # by an earlier attempt (nothing changed: its part and counts stand). A completed chunk's sweeper
 # bookkeeping (its seen entry) is deleted: nothing reads it once the chunk is done (its attempts
-# stay: they say whether it was retried).
+# stay: they say whether it was retried). In mode 'ok', first and whatever the outcome, what the
+# worker did after its completion in round trips of their own: the chunk's kept records dropped
+# (its part is written) and the attempt's lease released (only while it is the token's).
 _COMPLETE = """
+if ARGV[8] == 'ok' then
+  if ARGV[11] == '1' then redis.call('DEL', KEYS[8]) end
+  if ARGV[10] ~= '' then
+    local cur = redis.call('HGET', KEYS[9], ARGV[1])
+    if cur and string.match(cur, '^%S+ (%S+)$') == ARGV[10] then redis.call('HDEL', KEYS[9], ARGV[1]) end
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- Redis lost the job: `hardnet resume` rebuilds it
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local dead_now = redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1
@@ -223,6 +233,40 @@ redis.call('EXPIRE', KEYS[4], ARGV[5])
 return {'ok', ARGV[3]}
 """
 
+# KEYS: job, done, dead, lease, attempts, seen, kept (hnq:job:ID:kept:N) ; ARGV: chunk, now, expiry,
+# token, ttl, now (unrounded).  _CLAIM, then (only when the lease is taken) _START in the same
+# script: {'ok', expiry, state before, delivery number, the job's queue, the dispatch time ('' if
+# the chunk was not "q"), 1 when an earlier attempt kept records (0: none to read)}; any other
+# verdict as _CLAIM returns it, nothing started. One round trip where a delivery made two (three
+# with the kept records' read).
+_CLAIM_START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', '0'} end
+if state == 'cancelled' then return {'cancelled', '0'} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
+  return {'done', '0'}
+end
+local cur = redis.call('HGET', KEYS[4], ARGV[1])
+if cur then
+  local exp, tok = string.match(cur, '^(%S+) (%S+)$')
+  if tok ~= ARGV[4] and tonumber(exp) and tonumber(exp) > tonumber(ARGV[2]) then return {'busy', exp} end
+end
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[6])
+end
+local n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+local prev = redis.call('HGET', KEYS[6], ARGV[1])
+local sent = ''
+if prev and string.sub(prev, 1, 2) == 'q ' then sent = string.sub(prev, 3) end
+redis.call('HSET', KEYS[6], ARGV[1], 's ' .. ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+redis.call('EXPIRE', KEYS[6], ARGV[5])
+return {'ok', ARGV[3], state, n, redis.call('HGET', KEYS[1], 'queue') or '', sent, redis.call('EXISTS', KEYS[7])}
+"""
+
 # KEYS: lease ; ARGV: chunk, token, 'renew'|'release', expiry.  Only the holder renews or releases.
 _CHUNK_LEASE = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -320,6 +364,7 @@ class JobStore:
         self._lease = self.r.register_script(_LEASE)
         self._abandon = self.r.register_script(_ABANDON)
         self._claim = self.r.register_script(_CLAIM)
+        self._claim_start = self.r.register_script(_CLAIM_START)
         self._chunk_lease = self.r.register_script(_CHUNK_LEASE)
         self._put_part_if = self.r.register_script(_PUT_PART_IF)
 
@@ -492,9 +537,12 @@ class JobStore:
         chunk's delivery number)."""
         keys = [self.key(job_id), self.key(job_id, "attempts"), self.key(job_id, "seen")]
         state, n, queue, sent = self._start(keys=keys, args=[time.time(), chunk, self.ttl])
+        self._move_watermark(queue, sent)
+        return state, int(n)
+
+    def _move_watermark(self, queue: str, sent: str) -> None:
         if sent:
             self._watermark(keys=[f"{PREFIX}:wm:{queue or 'hardnet'}"], args=[sent])
-        return state, int(n)
 
     def note_error(self, job_id: str, chunk: int, message: str) -> None:
         k = self.key(job_id, "lasterr")
@@ -504,17 +552,22 @@ class JobStore:
     def last_error(self, job_id: str, chunk: int) -> str | None:
         return self.r.hget(self.key(job_id, "lasterr"), chunk)
 
-    def _outcome_keys(self, job_id: str) -> list[str]:
+    def _outcome_keys(self, job_id: str, chunk: int) -> list[str]:
         return [self.key(job_id), self.key(job_id, "done"), self.key(job_id, "dead"),
                 self.key(job_id, "codes"), self.key(job_id, "errcodes"), self.key(job_id, "weights"),
-                self.key(job_id, "seen")]
+                self.key(job_id, "seen"), self.key(job_id, "kept", str(chunk)), self.key(job_id, "lease")]
 
     def complete_chunk(self, job_id: str, chunk: int, ok: int, failed: int,
-                       codes: dict[str, int] | None = None, weights: str | None = None) -> bool:
+                       codes: dict[str, int] | None = None, weights: str | None = None, *,
+                       drop_kept: bool = False, lease: str | None = None) -> bool:
         """Record a chunk's outcome (idempotent; ``codes``: error records per code). True when
-        every chunk of a sealed job is done: the caller then finalises the job."""
-        args = [chunk, ok, failed, time.time(), self.ttl, json.dumps(codes or {}), weights or "", "ok", ""]
-        return self._complete(keys=self._outcome_keys(job_id), args=args) == 1
+        every chunk of a sealed job is done: the caller then finalises the job. In the same round
+        trip, whatever the outcome: ``drop_kept`` deletes the records earlier attempts kept
+        (:meth:`drop_kept`), ``lease`` releases that token's lease of the chunk
+        (:meth:`release_chunk_lease`)."""
+        args = [chunk, ok, failed, time.time(), self.ttl, json.dumps(codes or {}), weights or "", "ok", "",
+                lease or "", "1" if drop_kept else ""]
+        return self._complete(keys=self._outcome_keys(job_id, chunk), args=args) == 1
 
     def complete_dead(self, job_id: str, chunk: int, count: int, error: str, attempts: int, *,
                       ok: int = 0, codes: dict[str, int] | None = None) -> int | None:
@@ -524,8 +577,8 @@ class JobStore:
         returned (its part must be kept). Else 1 if the job is now complete, 0 if not."""
         entry = json.dumps({"count": count, "error": error[:2000], "attempts": attempts, "at": time.time()})
         codes = codes if codes is not None else {"chunk_failed": count - ok}
-        args = [chunk, ok, count - ok, time.time(), self.ttl, json.dumps(codes), "", "dead", entry]
-        res = self._complete(keys=self._outcome_keys(job_id), args=args)
+        args = [chunk, ok, count - ok, time.time(), self.ttl, json.dumps(codes), "", "dead", entry, "", ""]
+        res = self._complete(keys=self._outcome_keys(job_id, chunk), args=args)
         return None if res == -1 else int(res)
 
     def is_completed(self, job_id: str, chunk: int) -> bool:
@@ -641,6 +694,21 @@ class JobStore:
         keys = [self.key(job_id), self.key(job_id, "done"), self.key(job_id, "dead"), self.key(job_id, "lease")]
         verdict, at = self._claim(keys=keys, args=[chunk, f"{now:.3f}", f"{now + lease_s:.3f}", token, self.ttl])
         return verdict, float(at)
+
+    def claim_and_start(self, job_id: str, chunk: int, token: str,
+                        lease_s: float) -> tuple[str, float, tuple[str, int, bool] | None]:
+        """:meth:`claim_chunk` and, when the lease is taken, :meth:`start_chunk` in one script:
+        (verdict, time, started), where started is (state before, delivery number, whether an
+        earlier attempt kept records) for 'ok' and None for any other verdict (nothing started)."""
+        now = time.time()
+        keys = [self.key(job_id), self.key(job_id, "done"), self.key(job_id, "dead"), self.key(job_id, "lease"),
+                self.key(job_id, "attempts"), self.key(job_id, "seen"), self.key(job_id, "kept", str(chunk))]
+        got = self._claim_start(keys=keys, args=[chunk, f"{now:.3f}", f"{now + lease_s:.3f}", token, self.ttl, now])
+        if got[0] != "ok":
+            return got[0], float(got[1]), None
+        _, at, state, n, queue, sent, kept = got
+        self._move_watermark(queue, sent)
+        return "ok", float(at), (state, int(n), bool(kept))
 
     def renew_chunk_lease(self, job_id: str, chunk: int, token: str, lease_s: float) -> bool:
         """Push the lease's expiry on; False when it is no longer ours."""

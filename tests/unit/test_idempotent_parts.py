@@ -197,6 +197,37 @@ def test_claim_done_busy_and_lease_expiry(store):
     assert store.claim_chunk("nope", 0, "d", 30)[0] == "missing"
 
 
+def test_claim_and_start_is_the_claim_then_the_start_in_one_script(store):
+    """JobStore.claim_and_start: the claim's verdicts as claim_chunk gives them, and only when the
+    lease is taken the start of start_chunk (state, delivery, seen "s", the queue's watermark)
+    plus whether an earlier attempt kept records; complete_chunk then drops those and releases
+    the lease (its token's only) with the outcome."""
+    store.create("S", model="m", dest=None, queue="qs")
+    store.r.hset(store.key("S", "seen"), "0", "q 1700.5")
+    verdict, expiry, started = store.claim_and_start("S", 0, "a", 30)
+    assert verdict == "ok" and expiry > time.time() + 20 and started == ("queued", 1, False)
+    h = store.raw("S")
+    assert h["state"] == "running" and float(h["started_at"]) > expiry - 31
+    assert store.r.hget(store.key("S", "seen"), "0").startswith("s ")
+    assert store.r.get("hnq:wm:qs") == "1700.5"                       # the dispatch time, moved
+    assert store.claim_and_start("S", 0, "b", 30)[::2] == ("busy", None)    # nothing started
+    assert store.r.hget(store.key("S", "attempts"), "0") == "1"
+    store.keep_records("S", 0, {1: "{}"})
+    store.r.hset(store.key("S", "lease"), "0", f"{time.time() - 1:.3f} a")   # a's lease expired
+    assert store.claim_and_start("S", 0, "b", 30)[2] == ("running", 2, True)  # b's, records kept
+    assert not store.complete_chunk("S", 0, 1, 0, drop_kept=True, lease="a")  # not a's lease now
+    assert store.kept_records("S", 0) == {} and store.chunk_leases("S") != {}
+    store.keep_records("S", 0, {1: "{}"})
+    store.complete_chunk("S", 0, 1, 0, drop_kept=True, lease="b")     # counted once; b's released
+    assert store.kept_records("S", 0) == {} and store.chunk_leases("S") == {}
+    assert store.claim_and_start("S", 0, "c", 30) == ("done", 0.0, None)
+    store.complete_dead("S", 1, 1, "x", 5)
+    assert store.claim_and_start("S", 1, "d", 30)[0] == "ok"          # dead-lettered: redrive runs it
+    store.cancel("S")
+    assert store.claim_and_start("S", 2, "d", 30) == ("cancelled", 0.0, None)
+    assert store.claim_and_start("nope", 0, "d", 30) == ("missing", 0.0, None)
+
+
 def test_one_resend_rule_from_our_own_state(store):
     """Chunks 0-5 of a sealed job: done, in flight (live lease), queued behind the watermark, a
     retry due soon, lost (sent before the watermark), started with an expired lease."""
