@@ -98,8 +98,8 @@ def _wait(s, store, job_id: str, *, json_out: bool, timeout: float | None, tty: 
             return EXIT_JOB_FAILED
         line = progress_line(info)
         if line != last:
+            bar["open"] = tty      # before the print: a Ctrl-C right after it still ends the line
             print(("\r" if tty else "") + line + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
-            bar["open"] = tty
             last = line
         if info.state in FINAL_STATES:
             break

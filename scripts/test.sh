@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python -m pytest -q -ra "$@"
+# --durations: the slowest tests named in every run (CI included), to keep the suite within its budget
+exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"

@@ -200,13 +200,21 @@ def _drain(fd: int) -> bytes:
     return buf
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C as on a terminal. A suite started in the background by a shell without
+    job control (`scripts/test.sh &`) passes SIGINT on ignored, and Python then leaves it ignored:
+    seen as both Ctrl-C tests timing out in such a run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_wait_on_a_terminal(env, src):
     """stderr on a terminal: the bar is redrawn in place; Ctrl-C ends it with a newline, then says
     that the job goes on and how to follow or cancel it; exit 130; the job is untouched."""
     job = _queued_job(env, src)
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "wait", job], env=env, cwd=ROOT,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                            preexec_fn=_interruptible)
     os.close(slave)
     try:
         seen = _read_until(master, b"queued ok=0", proc)
@@ -231,7 +239,7 @@ def test_ctrl_c_during_wait_on_a_terminal(env, src):
 def test_ctrl_c_during_submit_wait(env, src):
     proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "submit", str(src), "--wait"], env=env,
                             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_interruptible)
     job = proc.stdout.readline().strip()              # the job id, printed before the wait
     before = []
     while not before or " queued ok=0 " not in before[-1]:   # up to the first progress line
