@@ -172,6 +172,11 @@ def live_workers(r) -> list[WorkerCaps]:
     return out
 
 
+def consumers_of(r, queue: str) -> list[WorkerCaps]:
+    """The live workers that consume ``queue`` (their heartbeats)."""
+    return [w for w in live_workers(r) if queue in w.queues]
+
+
 # --------------------------------------------------------------------------------- weights rule
 def check_job_weights(weights: str | None, allow: tuple[str, ...] | list[str] | None, own: str | None) -> None:
     """ConfigError unless a worker may load ``weights`` for a job: 'official' and 'random' always;
@@ -309,7 +314,7 @@ def check_job(r, queue: str, needs: JobNeeds) -> str | None:
     start one with, and what the live workers accept now. Returns a note for the user when no
     worker of ``queue`` is live (the job waits for one), else None."""
     workers = live_workers(r)
-    mine = [w for w in workers if queue in w.queues]
+    mine = [w for w in workers if queue in w.queues]     # consumers_of, with the others kept for the note
     if not mine:
         others = sorted({q for w in workers for q in w.queues})
         return (f"no live worker consumes queue {queue!r} now"
@@ -327,5 +332,6 @@ def check_job(r, queue: str, needs: JobNeeds) -> str | None:
         f"({len(mine)} live on queue {queue!r}; workers now accept: {' | '.join(accept[:2])}{more})")
 
 
-__all__ = ["PREFIX", "INTERVAL_S", "TTL_S", "WorkerCaps", "Heartbeat", "live_workers", "check_job_weights",
+__all__ = ["PREFIX", "INTERVAL_S", "TTL_S", "WorkerCaps", "Heartbeat", "live_workers", "consumers_of",
+           "check_job_weights",
            "JobNeeds", "Refusal", "refusals", "check_job", "package_version"]

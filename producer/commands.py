@@ -230,12 +230,10 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from producer.submit import sender
-
     s = settings()
     store = job_store(s)
     abandon_zombies(store, jobs=[a.job] if a.job else None)
-    sent = sweep(store, sender(s), s.visibility_timeout, jobs=[a.job] if a.job else None)
+    sent = sweep(store, s.visibility_timeout, jobs=[a.job] if a.job else None)
     for job, chunks in sent.items():
         print(f"{job}: re-sent {len(chunks)} stalled chunk(s) {chunks[:50]}")
     if not sent:

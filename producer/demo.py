@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from hnq.console import EXIT_OK, EXIT_SOME_FAILED, add_command, print_human
-from hnq.fleet import live_workers
+from hnq.fleet import consumers_of
 from hnq.jobs.store import JobStore
 from hnq.models import DEFAULT_MODEL, MODELS, RANDOM, weights_key
 from hnq.schema import ResultRecord
@@ -128,7 +128,7 @@ def run_demo(a) -> int:
         # against the live workers and would otherwise say that none consumes the demo's queue.
         r = JobStore.from_settings(s).r
         deadline = time.monotonic() + 120
-        while not any(queue in w.queues for w in live_workers(r)):
+        while not consumers_of(r, queue):
             if worker.poll() is not None or time.monotonic() > deadline:
                 tail = (workdir / "worker.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the demo's worker did not start (exit {worker.poll()}); its log ends:\n{tail}")

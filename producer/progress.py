@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from hnq.fleet import live_workers
+from hnq.fleet import consumers_of
 from hnq.console import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_EXIT, err
 from hnq.schema import FINAL_STATES, JobInfo
 from producer.connect import job_store
@@ -22,7 +22,7 @@ def queue_consumers(store, queue: str) -> list[str] | None:
     """The live workers that consume ``queue``: their heartbeats in Redis (hnq.fleet, refreshed
     every 5 s by every worker, busy or not); None when they could not be read."""
     try:
-        return sorted(f"{w.hostname}:{w.pid}" for w in live_workers(store.r) if queue in w.queues)
+        return sorted(f"{w.hostname}:{w.pid}" for w in consumers_of(store.r, queue))
     except Exception:  # noqa: BLE001 -- a notice, never a reason to stop waiting
         return None
 

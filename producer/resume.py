@@ -132,7 +132,7 @@ def _resume(s: ProducerSettings, store: JobStore, job_id: str, dest: str | None,
     if store.seal(job_id, total, chunks):
         finalize_or_fail(store, job_id)
         return {"rebuilt": True, "complete": complete, "sent": []}
-    sent = [c for c in to_send if resend_chunk(app, store, s.queue, job_id, c, model, dest)]
+    sent = [c for c in to_send if resend_chunk(store, s.queue, job_id, c, model, dest)]
     gone = sorted(set(to_send) - set(sent))
     return {"rebuilt": True, "complete": complete, "sent": sent,
             "note": f"{len(gone)} chunks have no stored inputs: {gone[:20]}" if gone else ""}
@@ -158,7 +158,7 @@ def _resume_known(s, store: JobStore, app, job_id: str, info, dest: str | None) 
     h = store.raw(job_id)
     queue = h.get("queue") or s.queue
     todo = lost_chunks(store, job_id, RESUME_QUIET_S, h=h)
-    sent = [c for c in todo if resend_chunk(app, store, queue, job_id, c, info.model or DEFAULT_MODEL, info.dest)]
+    sent = [c for c in todo if resend_chunk(store, queue, job_id, c, info.model or DEFAULT_MODEL, info.dest)]
     return {"rebuilt": False, "complete": len(done), "sent": sent}
 
 
@@ -174,7 +174,7 @@ def _resume_abandoned(s, store: JobStore, app, job_id: str) -> dict:
             write_descriptor(open_destination(dest), job_id, **{k: v for k, v in desc.items() if k != "job_id"},
                              total=got["total"], chunks=got["chunks"])
     queue = raw.get("queue") or s.queue
-    sent = [c for c in got["unsent"] if resend_chunk(app, store, queue, job_id, c, model, dest)]
+    sent = [c for c in got["unsent"] if resend_chunk(store, queue, job_id, c, model, dest)]
     note = f"sealed with the {got['chunks']} chunks ({got['total']} URIs) its submit had stored"
     if got["complete"] or is_complete_unfinished(store, job_id):
         finalize_or_fail(store, job_id)

@@ -285,7 +285,7 @@ def requeue_dead(s: ProducerSettings, store: JobStore, job_id: str, chunk: int |
         if chunk is not None and d.chunk != chunk:
             continue
         store.reset_attempts(job_id, d.chunk)
-        if resend_chunk(app, store, queue, job_id, d.chunk, info.model or DEFAULT_MODEL, info.dest):
+        if resend_chunk(store, queue, job_id, d.chunk, info.model or DEFAULT_MODEL, info.dest):
             n += 1
     if n:
         Dispatcher(store, app, s.dispatch_ahead).top_up(queue)

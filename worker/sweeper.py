@@ -14,7 +14,7 @@ from celery import signals
 from hnq.jobs.liveness import abandon_zombies
 from hnq.jobs.store import JobStore
 from hnq.jobs.sweep import LOCK_KEY, sweep
-from worker.app import app, settings
+from worker.app import settings
 
 log = logging.getLogger("hardnet.sweep")
 _started = threading.Event()
@@ -28,7 +28,7 @@ def _loop(interval: int) -> None:
         try:
             if store.r.set(LOCK_KEY, me, nx=True, ex=max(2, int(interval * 0.8))):
                 abandon_zombies(store)     # unsealed jobs whose submit is gone (hnq.jobs.liveness)
-                sent = sweep(store, app, settings.visibility_timeout)
+                sent = sweep(store, settings.visibility_timeout)
                 if sent:
                     log.warning("sweep re-sent stalled chunks: %s", {j: len(c) for j, c in sent.items()})
         except Exception as e:  # noqa: BLE001 - never let the sweeper die

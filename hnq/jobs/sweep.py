@@ -63,11 +63,10 @@ def send_chunk(store: JobStore, queue: str, task: ChunkTask, priority: str | Non
     ready_lists(store).push(task.job_id, queue, priority, [(task.chunk, task.count, task.digest)])
 
 
-def resend_chunk(app, store: JobStore, queue: str, job_id: str, chunk: int, model: str,
-                 dest: str | None) -> bool:
+def resend_chunk(store: JobStore, queue: str, job_id: str, chunk: int, model: str, dest: str | None) -> bool:
     """Send a chunk again from its stored inputs (redrive, sweep, resume), with a fresh attempt
-    budget. False if the inputs are gone. (``app``, ``model``: kept for the callers; the message is
-    built when the chunk is dispatched, from the job's fields.)"""
+    budget: onto its job's ready list (the message is built when it is dispatched, from the job's
+    fields). False if the inputs are gone."""
     got = read_chunk_uris(store, dest, job_id, chunk)
     if got is None:
         log.error("chunk %s/%d cannot be sent again: its stored inputs are missing", job_id, chunk)
@@ -133,7 +132,7 @@ def stalled_chunks(store: JobStore, job_id: str, visibility_timeout: float, *,
     return lost_chunks(store, job_id, visibility_timeout, now=now)
 
 
-def sweep(store: JobStore, app, visibility_timeout: float, jobs: list[str] | None = None,
+def sweep(store: JobStore, visibility_timeout: float, jobs: list[str] | None = None,
           send: Callable | None = None) -> dict[str, list[int]]:
     """One pass over the recent live jobs: re-send stalled chunks, finalise jobs whose every chunk
     is done but which have no final state. Returns {job: chunks re-sent}."""
@@ -152,7 +151,7 @@ def sweep(store: JobStore, app, visibility_timeout: float, jobs: list[str] | Non
                 continue
             queue, model, dest = h.get("queue") or "hardnet", h.get("model") or DEFAULT_MODEL, h.get("dest") or None
             for c in stalled:
-                if (send or resend_chunk)(app, store, queue, job, c, model, dest):
+                if (send or resend_chunk)(store, queue, job, c, model, dest):
                     sent.setdefault(job, []).append(c)
             log.warning("job %s: re-sent %d stalled chunk(s) %s", job, len(sent.get(job, [])), sent.get(job, [])[:20])
         except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the sweep

@@ -176,13 +176,8 @@ def test_dead_letter_after_completion_keeps_the_part(env, redis_url, tmp_path):
         r.hset(f"hnq:job:{{{job}}}:attempts", 0, 5)          # as if five deliveries had been made
         from hnq.jobs.store import JobStore
         from hnq.jobs.sweep import resend_chunk
-        from producer.settings import ProducerSettings
-        from producer.submit import sender
 
-        import os
-        os.environ["HARDNET_BROKER_URL"] = redis_url
-        s = ProducerSettings()
-        assert resend_chunk(sender(s), JobStore(redis_url), "hardnet", job, 0, "hardnet39ds", f"file://{out}/")
+        assert resend_chunk(JobStore(redis_url), "hardnet", job, 0, "hardnet39ds", f"file://{out}/")
         w.wait_log("was completed by an earlier attempt", timeout=60)
         rc2, st = cli_json(["status", job, "--json"], env)
     finally:

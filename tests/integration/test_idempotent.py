@@ -9,7 +9,6 @@ redis-server and moto's S3 server behind the fault proxy, which counts every req
 tests/unit/test_idempotent_parts.py.)"""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -55,14 +54,10 @@ def test_a_duplicate_of_a_done_chunk_fetches_nothing_and_keeps_its_part(redis_ur
         assert len(_gets(proxy, "/src-in/")) == 8
         proxy.reset_stats()
         # the same chunk's message again (an ack lost, a restore, a false positive of the sweeper)
-        os.environ["HARDNET_BROKER_URL"] = redis_url
         from hnq.jobs.store import JobStore
         from hnq.jobs.sweep import resend_chunk
-        from producer.settings import ProducerSettings
-        from producer.submit import sender
 
-        assert resend_chunk(sender(ProducerSettings()), JobStore(redis_url), "hardnet", job, 0,
-                            "hardnet39ds", "s3://dst-out/r/")
+        assert resend_chunk(JobStore(redis_url), "hardnet", job, 0, "hardnet39ds", "s3://dst-out/r/")
         w.wait_log("was completed by an earlier attempt: delivery acknowledged, nothing fetched", timeout=60)
         stats = proxy.stats()
         log = w.log()

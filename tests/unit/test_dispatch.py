@@ -110,7 +110,7 @@ def test_sweep_puts_back_a_job_that_lost_its_turn(store, app):
     _job(store, "j", 3)
     store.r.zrem(active_key(Q), "j")           # a dispatcher died between ZPOPMIN and giving it back
     assert Dispatcher(store, app).top_up(Q) == 0
-    sweep(store, app, visibility_timeout=3600, jobs=["j"])
+    sweep(store, visibility_timeout=3600, jobs=["j"])
     assert store.r.zrange(active_key(Q), 0, -1) == ["j"]
     assert Dispatcher(store, app, ahead=3).top_up(Q) == 3
 
