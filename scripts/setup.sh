@@ -34,3 +34,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e '.[worker,test,parquet,monitor]'
   echo "$want" > "$stamp"
 fi
+# Our own modules' bytecode, as `pip install` gives an installed package: an editable install
+# writes none where PYTHONDONTWRITEBYTECODE is set (this machine, CI), and then every `hardnet`
+# process compiled them again (0.33 -> 0.27 s for `hardnet status` here). Stale files are ignored.
+.venv/bin/python -m compileall -q -j 0 hnq producer worker >/dev/null || true
