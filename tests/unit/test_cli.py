@@ -7,12 +7,7 @@ import shutil
 
 import pytest
 
-from cluster import base_env, cli, image_bytes, read_jsonl
-
-
-@pytest.fixture
-def env(redis_url, tmp_path):
-    return base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"))
+from cluster import cli, image_bytes, read_jsonl
 
 
 def test_classify_json_reports_every_input_and_exits_3_on_failures(env, samples_dir, tmp_path):

@@ -15,21 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from cluster import ROOT, base_env, cli, image_bytes, read_jsonl
-
-
-@pytest.fixture
-def env(redis_url, tmp_path):
-    return base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"))
-
-
-@pytest.fixture
-def src(tmp_path):
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for i in range(3):
-        (d / f"{i}.jpg").write_bytes(image_bytes(i))
-    return d
+from cluster import ROOT, cli, image_bytes, read_jsonl
 
 
 def one_line_exit_2(p, *needles: str) -> str:

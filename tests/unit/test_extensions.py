@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from cluster import base_env, cli, image_bytes, read_jsonl
+from cluster import cli, image_bytes, read_jsonl
 from hnq.formats import IMAGE_EXTENSIONS, NO_EXTENSION, ExtensionFilter
 from hnq.sources import expand_sources, read_uri_list
 from hnq.storage.s3.inventory import InventoryStats, iter_inventory
@@ -127,11 +127,6 @@ def test_inventory_report(s3):
 
 
 # ------------------------------------------------------------------------------------- the CLI
-@pytest.fixture
-def env(redis_url, tmp_path):
-    return base_env(redis_url, HARDNET_STATE_DIR=str(tmp_path / "state"))
-
-
 @pytest.mark.parametrize("value,why", [("", "give 'any'"), ("jpg,,png", "empty extension"),
                                        ("any,jpg", "stands alone"), ("tar.gz", "not a file extension")])
 def test_submit_refuses_a_bad_extensions_value_before_anything_exists(env, redis_url, tree, tmp_path, value, why):
