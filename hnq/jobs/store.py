@@ -129,24 +129,32 @@ if tonumber(redis.call('HGET', KEYS[1], 'chunks_done') or '0') >= tonumber(ARGV[
 return 0
 """
 
+# A chunk starts (a Lua function of _START and _CLAIM_START): the job running, one more delivery,
+# seen[chunk] = "s <now>" (started, for the sweeper); returns the delivery number and the time the
+# chunk was dispatched ('' if it was not "q").
+_START_FN = """
+local function start_chunk(state, job, attempts, seen, chunk, now, ttl)
+  if state == 'queued' then
+    redis.call('HSET', job, 'state', 'running', 'started_at', now)
+  end
+  local n = redis.call('HINCRBY', attempts, chunk, 1)
+  local prev = redis.call('HGET', seen, chunk)
+  local sent = ''
+  if prev and string.sub(prev, 1, 2) == 'q ' then sent = string.sub(prev, 3) end
+  redis.call('HSET', seen, chunk, 's ' .. now)
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', attempts, ttl)
+  redis.call('EXPIRE', seen, ttl)
+  return n, sent
+end
+"""
 # KEYS: job, attempts, seen ; ARGV: now, chunk, ttl.  Returns {state before, delivery number,
-# the job's queue, the time the chunk was dispatched ('' if it was not "q")}: the caller moves the
-# queue's watermark with it (_WATERMARK: a key of no job, so not in this script). seen[chunk] =
-# "s <now>" (started), for the sweeper.
-_START = """
+# the job's queue, the dispatch time}: the caller moves the queue's watermark with it (_WATERMARK:
+# a key of no job, so not in this script).
+_START = _START_FN + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', 0, '', ''} end
-if state == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
-end
-local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-local prev = redis.call('HGET', KEYS[3], ARGV[2])
-local sent = ''
-if prev and string.sub(prev, 1, 2) == 'q ' then sent = string.sub(prev, 3) end
-redis.call('HSET', KEYS[3], ARGV[2], 's ' .. ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
+local n, sent = start_chunk(state, KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3])
 return {state, n, redis.call('HGET', KEYS[1], 'queue') or '', sent}
 """
 
@@ -216,7 +224,7 @@ return 1
 # KEYS: job, done, dead, lease ; ARGV: chunk, now, expiry, token, ttl.  Returns {verdict, time}:
 # 'missing' (Redis lost the job), 'cancelled', 'done' (completed, not dead-lettered: nothing to do),
 # 'busy' + the other attempt's lease expiry, or 'ok' + ours (the lease is taken).
-_CLAIM = """
+_CLAIM_LEASE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', '0'} end
 if state == 'cancelled' then return {'cancelled', '0'} end
@@ -230,8 +238,8 @@ if cur then
 end
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[5])
-return {'ok', ARGV[3]}
 """
+_CLAIM = _CLAIM_LEASE + "return {'ok', ARGV[3]}\n"
 
 # KEYS: job, done, dead, lease, attempts, seen, kept (hnq:job:ID:kept:N) ; ARGV: chunk, now, expiry,
 # token, ttl, now (unrounded).  _CLAIM, then (only when the lease is taken) _START in the same
@@ -239,31 +247,8 @@ return {'ok', ARGV[3]}
 # the chunk was not "q"), 1 when an earlier attempt kept records (0: none to read)}; any other
 # verdict as _CLAIM returns it, nothing started. One round trip where a delivery made two (three
 # with the kept records' read).
-_CLAIM_START = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', '0'} end
-if state == 'cancelled' then return {'cancelled', '0'} end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
-  return {'done', '0'}
-end
-local cur = redis.call('HGET', KEYS[4], ARGV[1])
-if cur then
-  local exp, tok = string.match(cur, '^(%S+) (%S+)$')
-  if tok ~= ARGV[4] and tonumber(exp) and tonumber(exp) > tonumber(ARGV[2]) then return {'busy', exp} end
-end
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
-redis.call('EXPIRE', KEYS[4], ARGV[5])
-if state == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[6])
-end
-local n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
-local prev = redis.call('HGET', KEYS[6], ARGV[1])
-local sent = ''
-if prev and string.sub(prev, 1, 2) == 'q ' then sent = string.sub(prev, 3) end
-redis.call('HSET', KEYS[6], ARGV[1], 's ' .. ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[5], ARGV[5])
-redis.call('EXPIRE', KEYS[6], ARGV[5])
+_CLAIM_START = _START_FN + _CLAIM_LEASE + """
+local n, sent = start_chunk(state, KEYS[1], KEYS[5], KEYS[6], ARGV[1], ARGV[6], ARGV[5])
 return {'ok', ARGV[3], state, n, redis.call('HGET', KEYS[1], 'queue') or '', sent, redis.call('EXISTS', KEYS[7])}
 """
 
