@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.connection import SSLConnection
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 SENTINEL_SCHEME = "sentinel"
 SENTINEL_PORT = 26379
@@ -88,6 +89,29 @@ def _sentinel_kwargs(opts: SentinelOptions, **kw) -> dict:
     return out
 
 
+class FollowingConnection(SentinelManagedConnection):
+    """redis-py's connection to a Sentinel's master that asks the sentinels again before EVERY
+    connect, and tries the socket once per attempt (the client's retry policy makes the attempts).
+
+    redis-py (8.2) re-asks the sentinels only in ``connect()``; a command's own retry reconnects
+    through ``connect_check_health()``, which keeps the address of the master it had and retries the
+    socket itself with the whole policy (redis/redis-py#3874): after the master was SIGKILLed, a
+    `submit --wait` whose BLPOP was on it tried the dead address for the job store's ~3 minutes of
+    backoff while the sentinels had promoted the replica within seconds (seen in
+    tests/integration/test_sentinel.py: the job done 6 s after the kill, the CLI 210 s later)."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        if self._sock:
+            return
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+
+
+class FollowingSSLConnection(FollowingConnection, SSLConnection):
+    """:class:`FollowingConnection` over TLS (HARDNET_SENTINEL_TLS)."""
+
+
 def client(url: str, sentinel: SentinelOptions | None = None, **kwargs) -> redis.Redis:
     """A redis-py client for ``url``; ``kwargs`` are connection arguments (decode_responses,
     timeouts, retry, ...). A ``sentinel://`` URL needs ``sentinel`` (ValueError otherwise)."""
@@ -101,10 +125,9 @@ def client(url: str, sentinel: SentinelOptions | None = None, **kwargs) -> redis
         conn["username"] = su.username
     if su.password:
         conn["password"] = su.password
-    if sentinel.tls:
-        conn["ssl"] = True
     sent = Sentinel(su.nodes, sentinel_kwargs=_sentinel_kwargs(sentinel, **kwargs), **conn)
-    return sent.master_for(sentinel.master)
+    return sent.master_for(sentinel.master,
+                           connection_class=FollowingSSLConnection if sentinel.tls else FollowingConnection)
 
 
 def same_master(c: redis.Redis, **overrides) -> redis.Redis:
@@ -112,7 +135,8 @@ def same_master(c: redis.Redis, **overrides) -> redis.Redis:
     arguments changed (e.g. ``decode_responses=False``); it has its own connection pool."""
     pool = c.connection_pool
     if isinstance(pool, SentinelConnectionPool):
-        return pool.sentinel_manager.master_for(pool.service_name, **overrides)
+        return pool.sentinel_manager.master_for(pool.service_name, connection_class=pool.connection_class,
+                                                **overrides)
     return redis.Redis(connection_pool=redis.ConnectionPool(
         **{**pool.connection_kwargs, **overrides}, connection_class=pool.connection_class))
 

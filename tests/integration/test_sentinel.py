@@ -167,3 +167,55 @@ def test_master_killed_a_third_of_the_way_through(sentinels, tmp_path):
     uris = [r["uri"] for r in recs]
     assert len(uris) == N and len(set(uris)) == N, (len(uris), len(set(uris)))
     assert all(r["status"] == "ok" for r in recs)
+
+
+def test_a_command_waiting_on_the_killed_master_follows_the_new_one(sentinels):
+    """hnq.redis_conn.FollowingConnection: a BLPOP waiting on the master when it is killed (what
+    `hardnet wait` does between polls) is retried on the master the sentinels promote. redis-py's own
+    Sentinel connection retried it on the old address (redis/redis-py#3874): every attempt
+    refused until the retry policy gave up (the job store's: ~3 minutes)."""
+    import threading
+
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
+    from hnq.redis_conn import SentinelOptions, client
+
+    master, replica, sents = sentinels
+    url = ";".join(f"sentinel://:{PW}@127.0.0.1:{s.port}/0" for s in sents)
+    # 60 tries 0.5 s apart: far more than a failover takes, and all of them refused without the fix
+    c = client(url, SentinelOptions(master=MASTER, password=SPW), decode_responses=True,
+               socket_timeout=30, socket_connect_timeout=2, retry=Retry(ConstantBackoff(0.5), 60),
+               retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    c.ping()
+    got: list = []
+
+    def wait() -> None:
+        try:
+            got.append(c.blpop(["hnq:test:ended"], timeout=20))
+        except Exception as e:  # noqa: BLE001
+            got.append(e)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    time.sleep(0.5)                                  # the BLPOP is waiting on the master
+    master.kill()
+    watch = Sentinel([("127.0.0.1", s.port) for s in sents], sentinel_kwargs={"password": SPW},
+                     socket_timeout=2)
+    deadline = time.monotonic() + 60
+    while True:                                      # the failover, seen by the sentinels
+        try:
+            if watch.discover_master(MASTER) == ("127.0.0.1", replica.port):
+                break
+        except redis.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "the sentinels did not promote the replica"
+        time.sleep(0.2)
+    new = watch.master_for(MASTER, password=PW, decode_responses=True)
+    while t.is_alive() and not got:                  # until the retried BLPOP waits on the new master
+        new.rpush("hnq:test:ended", "done")
+        t.join(1)
+        if t.is_alive():
+            new.delete("hnq:test:ended")
+        assert time.monotonic() < deadline + 60, "the BLPOP never came back"
+    assert got == [("hnq:test:ended", "done")], got
