@@ -95,12 +95,18 @@ return {e, redis.call('LLEN', KEYS[1])}
 
 # KEYS: active (hnq:active:QUEUE) ; ARGV: now in ms.  The job whose turn it is (the head: highest
 # priority, served least recently), moved to the back of its priority; nil when none. The job stays
-# in the set: a dispatcher that dies holding a turn loses nothing.
+# in the set: a dispatcher that dies holding a turn loses nothing. "The back" is after the last job
+# of its priority even when that one was served in the same millisecond (equal scores would be
+# ordered by job id: two turns in one ms served the same job twice, seen in a full run).
 _TURN = """
 local h = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #h == 0 then return false end
-local rank = math.floor(tonumber(h[2]) / 1e13)
-redis.call('ZADD', KEYS[1], string.format('%.0f', rank * 1e13 + tonumber(ARGV[1])), h[1])
+local base = math.floor(tonumber(h[2]) / 1e13) * 1e13
+local score = base + tonumber(ARGV[1])
+local last = redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. string.format('%.0f', base + 1e13),
+                        string.format('%.0f', base), 'WITHSCORES', 'LIMIT', 0, 1)
+if #last > 0 and last[1] ~= h[1] and tonumber(last[2]) >= score then score = tonumber(last[2]) + 1 end
+redis.call('ZADD', KEYS[1], string.format('%.0f', score), h[1])
 return h[1]
 """
 

@@ -174,3 +174,16 @@ def test_a_chunk_taken_by_a_dispatcher_that_died_is_pushed_back(store, app):
     # a chunk being sent right now (younger than RECOVER_S) is left alone
     store.r.zadd(sending_key(Q), {"j 1 8 00000001": time.time()})
     assert d.recover(Q) == 0
+
+
+def test_turns_in_the_same_millisecond_still_alternate(store, app, monkeypatch):
+    """Every turn at one frozen clock (a fast dispatcher: many turns per ms): the jobs still take
+    turns, not the lowest job id twice (equal scores are ordered by member)."""
+    import hnq.jobs.dispatch as dispatch
+
+    _job(store, "aaa", 4)
+    _job(store, "zzz", 4)
+    monkeypatch.setattr(dispatch.time, "time", lambda: 1_800_000_000.0)
+    assert Dispatcher(store, app, ahead=6).top_up(Q) == 6
+    jobs = [j for j, _ in _queued(store)]
+    assert all(a != b for a, b in zip(jobs, jobs[1:])), jobs
