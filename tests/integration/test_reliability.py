@@ -69,7 +69,17 @@ def env(redis_url, tmp_path):
                     HARDNET_VISIBILITY_TIMEOUT=str(VT), HARDNET_STATE_DIR=str(tmp_path / "state"))
 
 
+# A worker SIGKILLed while chunks are being dispatched can take one more with it: a message pushed
+# while its BRPOP was still registered in Redis is handed to the dead connection (kombu's Redis
+# transport writes the unacked copy only after receiving it). The sweeper re-sends such a chunk
+# (hnq.jobs.sweep, LOST_DISPATCH_S) at its next pass; these tests kill a worker right after its
+# first chunk starts, when dispatch is busiest, so their sweeper passes every 2 s, not 120
+# (docs/reliability.md, "Worker killed outright").
+SIGKILL_SWEEP = {"HARDNET_SWEEP_INTERVAL": "2"}
+
+
 def test_worker_sigkilled_mid_chunk_is_redelivered(env, redis_url, tmp_path):
+    env = dict(env, **SIGKILL_SWEEP)
     _images(tmp_path / "in", 160)
     out = tmp_path / "out"
     w0, w1 = Worker(env, "victim", tmp_path), Worker(env, "survivor", tmp_path)
@@ -101,6 +111,7 @@ def test_worker_sigkilled_mid_chunk_is_redelivered(env, redis_url, tmp_path):
 
 
 def test_all_workers_killed_then_restarted(env, tmp_path):
+    env = dict(env, **SIGKILL_SWEEP)
     _images(tmp_path / "in", 96)
     out = tmp_path / "out"
     ws = [Worker(env, f"a{i}", tmp_path) for i in range(2)]
