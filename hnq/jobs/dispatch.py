@@ -258,7 +258,8 @@ class Dispatcher:
             e, left = self.ready.take(job_id)
             if e is None:
                 if left == 0:
-                    self.ready.leave(job_id, queue, self.store.r.hget(self.store.key(job_id), "priority"))
+                    f = self._fields(job_id)       # cached: no round trip for a job served before
+                    self.ready.leave(job_id, queue, f.priority if f else None)
                 else:       # cancelled or lost: its ready chunks were dropped
                     self.store.r.zrem(akey, job_id)
                 continue
@@ -300,7 +301,8 @@ class Dispatcher:
             if not r.zrem(skey, member):
                 continue                 # another dispatcher recovers it
             job_id, e = member.split(" ", 1)
-            self.ready.put_back(job_id, queue, r.hget(self.store.key(job_id), "priority"), e)
+            f = self._fields(job_id)
+            self.ready.put_back(job_id, queue, f.priority if f else None, e)
             log.warning("job %s: chunk %s was taken by a dispatcher that stopped before sending it; "
                         "sent again", job_id, e.split(" ")[0])
             n += 1

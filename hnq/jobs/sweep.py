@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 from hnq.jobs.dispatch import reactivate, ready_lists
 from hnq.jobs.finish import finalize_or_fail, is_complete_unfinished
@@ -132,8 +131,7 @@ def stalled_chunks(store: JobStore, job_id: str, visibility_timeout: float, *,
     return lost_chunks(store, job_id, visibility_timeout, now=now)
 
 
-def sweep(store: JobStore, visibility_timeout: float, jobs: list[str] | None = None,
-          send: Callable | None = None) -> dict[str, list[int]]:
+def sweep(store: JobStore, visibility_timeout: float, jobs: list[str] | None = None) -> dict[str, list[int]]:
     """One pass over the recent live jobs: re-send stalled chunks, finalise jobs whose every chunk
     is done but which have no final state. Returns {job: chunks re-sent}."""
     sent: dict[str, list[int]] = {}
@@ -151,7 +149,7 @@ def sweep(store: JobStore, visibility_timeout: float, jobs: list[str] | None = N
                 continue
             queue, model, dest = h.get("queue") or "hardnet", h.get("model") or DEFAULT_MODEL, h.get("dest") or None
             for c in stalled:
-                if (send or resend_chunk)(store, queue, job, c, model, dest):
+                if resend_chunk(store, queue, job, c, model, dest):
                     sent.setdefault(job, []).append(c)
             log.warning("job %s: re-sent %d stalled chunk(s) %s", job, len(sent.get(job, [])), sent.get(job, [])[:20])
         except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the sweep
