@@ -79,6 +79,31 @@ def test_the_worker_channel_asks_the_gate(monkeypatch):
     assert transport.SafeChannel.QoS is transport.GatedQoS
 
 
+def test_a_restore_on_a_lost_connection_does_not_stop_the_worker(monkeypatch, caplog):
+    """kombu's close after a lost broker connection restores the unacked messages through a pool
+    it rebuilds from connection info that can be gone (AttributeError: seen killing a worker in a
+    Sentinel failover): warned, not raised; any other error still goes up."""
+    from worker import transport
+
+    qos = transport.GatedQoS.__new__(transport.GatedQoS)
+    qos._delivered = {"tag-1": None, "tag-2": None}
+
+    def gone(self, stderr=None):
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    monkeypatch.setattr(transport.kredis.QoS, "restore_unacked_once", gone)
+    with caplog.at_level("WARNING", logger="hardnet.worker"):
+        qos.restore_unacked_once()
+    assert "could not put this worker's 2 unacknowledged message(s) back" in caplog.text
+
+    def broken(self, stderr=None):
+        raise ValueError("something else")
+
+    monkeypatch.setattr(transport.kredis.QoS, "restore_unacked_once", broken)
+    with pytest.raises(ValueError):
+        qos.restore_unacked_once()
+
+
 @pytest.mark.parametrize("env,pool", [({}, 32), ({"HARDNET_CHUNKS_IN_FLIGHT": "40"}, 40),
                                       ({"HARDNET_MAX_CHUNKS_IN_FLIGHT": "8"}, 8)])
 def test_pool_size(monkeypatch, env, pool):
